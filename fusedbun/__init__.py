@@ -1,0 +1,38 @@
+"""fusedbun: a memory-efficient PyTorch optimizer built one component at a time.
+
+``FusionOptimizer`` (also exported as ``Fusedbun``) fuses SM3's O(n+m) second-moment accumulator with
+Adalite's gradient centralization, epsilon-masked sparse updates, momentum, decoupled weight decay and
+RMS normalization; the second moment is an EMA of squared gradients with Adafactor's decay schedule.
+"""
+
+from fusedbun.adalite import (
+    centralize,
+    decoupled_weight_decay_,
+    eps_mask,
+    momentum_,
+    rms_normalize,
+)
+from fusedbun.hessian import dense_second_moment_, hessian_decay
+from fusedbun.optimizer import FusionOptimizer, fusion
+from fusedbun.param_groups import param_groups_no_decay
+from fusedbun.sm3 import sm3_accumulators, sm3_second_moment_
+
+Fusedbun = FusionOptimizer
+
+__all__ = [
+    "FusionOptimizer",
+    "Fusedbun",
+    "fusion",
+    "centralize",
+    "eps_mask",
+    "hessian_decay",
+    "dense_second_moment_",
+    "sm3_accumulators",
+    "sm3_second_moment_",
+    "rms_normalize",
+    "momentum_",
+    "decoupled_weight_decay_",
+    "param_groups_no_decay",
+]
+
+__version__ = "0.1.0"

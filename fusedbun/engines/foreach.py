@@ -1,0 +1,183 @@
+"""The multi-tensor engine: the reference rule with far fewer passes over memory.
+
+An optimizer step is memory-bound: its time is the bytes it moves. Written as whole-tensor PyTorch ops,
+each of the rule's dozen elementwise steps reads and writes full-size temporaries. This engine keeps the
+arithmetic of :mod:`~fusedbun.engines.single_tensor` and changes only the order of work:
+
+- Tensors of 2 or more dims are processed in blocks of whole rows (slices along dim 0), about
+  ``BLOCK_ELEMS`` numbers each, so a block's temporaries stay in cache. Centralization reduces over
+  dims 1.. and the dim-0 accumulator is a maximum over dims 1.., so both are local to a block; the other
+  accumulators are running maxima across blocks, committed after the last block (their previous values
+  are still needed for ``prev``). Extra memory is a few blocks, not a parameter's size.
+- Tensors of 0 or 1 dims with equal step counts are concatenated and processed as one flat vector, in
+  chunks of at most ``BLOCK_ELEMS`` numbers when they are large, then copied back with ``_foreach_copy_``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedbun.engines.single_tensor import compute_dtype
+from fusedbun.hessian import hessian_decay
+
+__all__ = ["foreach_fusion", "BLOCK_ELEMS"]
+
+BLOCK_ELEMS = 1 << 17  # 128 Ki numbers: 512 KiB in fp32, so a block and its temporaries fit in L2/L3
+
+
+def _update_block(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor | None,
+    second_moment,
+    *,
+    lr: float,
+    eps: float,
+    beta: float,
+    Lambda: float,
+    momentum_beta: float,
+    centralize: bool,
+    use_rms: bool,
+    maximize: bool,
+) -> None:
+    """One step on a block of rows; ``second_moment(g, mask, beta) -> nu`` updates its own state."""
+    dtype = compute_dtype(p)
+    g = g.to(dtype, copy=True)
+    if maximize:
+        g.neg_()
+    if centralize and g.dim() > 1:
+        g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
+    mask = torch.gt(g.abs(), eps)
+    g.mul_(mask)
+    nu = second_moment(g, mask, beta)
+    if use_rms:
+        g.div_(nu.sqrt_().add_(eps))  # nu is a temporary of this block: reuse it as the denominator
+    if momentum_beta > 0:
+        if m.dtype == dtype:
+            g = m.lerp_(g, 1.0 - momentum_beta)
+        else:
+            m.copy_(m.to(dtype).lerp_(g, 1.0 - momentum_beta))
+            g = m.to(dtype)
+    if p.dtype == dtype:
+        if Lambda != 0:
+            p.mul_(1.0 - lr * Lambda)
+        p.add_(g, alpha=-lr)
+    else:
+        q = p.to(dtype)
+        if Lambda != 0:
+            q.mul_(1.0 - lr * Lambda)
+        p.copy_(q.add_(g, alpha=-lr))
+
+
+def _masked_ema(prev: Tensor, g: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """``where(mask, beta * prev + (1 - beta) * g**2, prev)`` in fp32 (a new tensor)."""
+    g32 = g if g.dtype == torch.float32 else g.float()
+    nu = torch.mul(prev, beta).addcmul_(g32, g32, value=1.0 - beta)
+    return torch.where(mask, nu, prev)
+
+
+def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, **hyper) -> None:
+    """Blocked step for a tensor of 2 or more dims with SM3 accumulators ``accs``."""
+    if p.numel() == 0:
+        return
+    rows = p.shape[0]
+    per_block = max(1, BLOCK_ELEMS // max(1, p[0].numel()))
+    dims = tuple(range(p.dim()))
+    # Running maxima for dims >= 1; the old accumulators stay intact until every block has used them.
+    running = [torch.full_like(a, -torch.inf) for a in accs[1:]]
+
+    for r0 in range(0, rows, per_block):
+        rs = slice(r0, r0 + per_block)
+        acc0 = accs[0][rs]
+
+        def second_moment(gb: Tensor, mask: Tensor, beta: float) -> Tensor:
+            prev = acc0
+            for a in accs[1:]:
+                prev = torch.minimum(prev, a)
+            nu = _masked_ema(prev.expand(gb.shape), gb, mask, beta)
+            torch.amax(nu, dim=dims[1:], keepdim=True, out=acc0)
+            for k, run in enumerate(running, start=1):
+                torch.maximum(run, nu.amax(dim=dims[:k] + dims[k + 1 :], keepdim=True), out=run)
+            return nu
+
+        _update_block(p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, **hyper)
+
+    for a, run in zip(accs[1:], running):
+        a.copy_(run)
+
+
+def _dense_flat_(params, grads, bufs, hessians, *, beta: float, **hyper) -> None:
+    """Step 0-D and 1-D tensors together as one flat vector per chunk of at most BLOCK_ELEMS numbers."""
+    chunks, chunk, size = [], [], 0
+    for i, p in enumerate(params):
+        if chunk and size + p.numel() > BLOCK_ELEMS:
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(i)
+        size += p.numel()
+    if chunk:
+        chunks.append(chunk)
+
+    for idx in chunks:
+        ps = [params[i] for i in idx]
+        p = torch.cat([params[i].reshape(-1) for i in idx])
+        g = torch.cat([grads[i].reshape(-1) for i in idx])
+        v = torch.cat([hessians[i].reshape(-1) for i in idx])
+        m = None if bufs[idx[0]] is None else torch.cat([bufs[i].reshape(-1) for i in idx])
+
+        def second_moment(gb: Tensor, mask: Tensor, beta: float) -> Tensor:
+            nu = _masked_ema(v, gb, mask, beta)
+            v.copy_(nu)
+            return nu
+
+        _update_block(p, g, m, second_moment, beta=beta, **hyper)
+        sizes = [t.numel() for t in ps]
+        torch._foreach_copy_(ps, [x.view_as(t) for x, t in zip(p.split(sizes), ps)])
+        torch._foreach_copy_([hessians[i] for i in idx], [x.view_as(t) for x, t in zip(v.split(sizes), ps)])
+        if m is not None:
+            torch._foreach_copy_([bufs[i] for i in idx], [x.view_as(t) for x, t in zip(m.split(sizes), ps)])
+
+
+def foreach_fusion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    exp_hessians: list[Tensor | list[Tensor]],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    eps: float,
+    beta_decay: float,
+    Lambda: float,
+    momentum_beta: float,
+    centralize: bool,
+    use_rms: bool,
+    maximize: bool,
+) -> None:
+    if not params:
+        return
+    hyper = dict(
+        lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize
+    )
+    torch._foreach_add_(state_steps, 1)
+    betas = [hessian_decay(s.item(), beta_decay=beta_decay) for s in state_steps]
+
+    flat: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        if p.dim() >= 2:
+            _sm3_tensor_(p, grads[i], momentum_buffers[i], exp_hessians[i], beta=betas[i], **hyper)
+        else:
+            buf = momentum_buffers[i]
+            key = (p.device, p.dtype, grads[i].dtype, None if buf is None else buf.dtype, betas[i])
+            flat.setdefault(key, []).append(i)
+
+    for key, idx in flat.items():
+        _dense_flat_(
+            [params[i] for i in idx],
+            [grads[i] for i in idx],
+            [momentum_buffers[i] for i in idx],
+            [exp_hessians[i] for i in idx],
+            beta=key[-1],
+            **hyper,
+        )

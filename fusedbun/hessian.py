@@ -1,0 +1,48 @@
+r"""The Hessian-diagonal estimate: an EMA of squared gradients with Adafactor's decay schedule.
+
+For a loss that is a sum of per-example negative log-likelihoods, the expected outer product of the
+gradient is the Fisher information, which equals the expected Hessian at the optimum (and the
+Gauss-Newton matrix for least squares). Its diagonal is :math:`\mathbb{E}[g \odot g]`, which an EMA of
+:math:`g^2` tracks: an *indirect* Hessian-diagonal estimate that costs no second backward pass.
+
+Chapter 4 of the book derives this module.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["hessian_decay", "dense_second_moment_"]
+
+
+def hessian_decay(step: float, *, beta_decay: float) -> float:
+    r"""The EMA decay at step ``t`` (1-based): :math:`\beta_t = 1 - t^{-c}`, with :math:`c` = ``beta_decay``.
+
+    :math:`\beta_1 = 0`, so the first estimate is :math:`g_1^2` itself and no bias correction is needed;
+    :math:`\beta_t \to 1` as :math:`t` grows, so the average lengthens with training. With ``beta_decay=1``
+    it is the running mean of every :math:`g_t^2` so far; smaller values forget faster.
+    """
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    return 1.0 - float(step) ** (-beta_decay)
+
+
+def dense_second_moment_(exp_hessian: Tensor, grad: Tensor, mask: Tensor, *, beta: float) -> Tensor:
+    r"""One masked EMA step of the dense second moment (used for 0-D and 1-D parameters), in place.
+
+    .. math::
+        v \leftarrow \begin{cases} \beta_t v + (1-\beta_t)\, g^2 & \text{where mask} \\
+                                   v & \text{elsewhere (carried over, not decayed)} \end{cases}
+
+    Args:
+        exp_hessian: :math:`v`, fp32, shaped like the parameter; updated in place.
+        grad: the (masked) gradient :math:`g`, any float dtype.
+        mask: ``grad.abs() > eps``, boolean.
+        beta: :math:`\beta_t` from :func:`hessian_decay`.
+
+    Returns:
+        ``exp_hessian`` itself, which is :math:`\nu` for a dense parameter.
+    """
+    updated = exp_hessian.mul(beta).add_(grad.to(exp_hessian.dtype).square(), alpha=1.0 - beta)
+    return exp_hessian.copy_(torch.where(mask, updated, exp_hessian))

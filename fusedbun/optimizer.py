@@ -1,0 +1,348 @@
+"""``FusionOptimizer``: the class that holds the state and composes the components into one step.
+
+The class follows ``torch.optim`` conventions: it gathers each param group's tensors (``_init_group``)
+and hands them to one functional entry point, :func:`fusion`, which dispatches to an engine. Chapters 1
+and 5 of the book build this module.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from fusedbun.engines.foreach import foreach_fusion
+from fusedbun.engines.single_tensor import single_tensor_fusion
+from fusedbun.sm3 import sm3_accumulators
+from fusedbun.sparse import sparse_fusion_
+
+__all__ = ["FusionOptimizer", "fusion"]
+
+_NONFINITE_MODES = ("skip", "raise")
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    lr = group["lr"]
+    lr_value = lr.item() if isinstance(lr, Tensor) else lr
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
+    checks = [
+        ("lr", lr_value, lr_value >= 0, "lr >= 0"),
+        ("eps", group["eps"], group["eps"] >= 0, "eps >= 0"),
+        ("beta_decay", group["beta_decay"], 0 < group["beta_decay"] <= 1, "0 < beta_decay <= 1"),
+        ("momentum_beta", group["momentum_beta"], 0 <= group["momentum_beta"] < 1, "0 <= momentum_beta < 1"),
+        ("Lambda", group["Lambda"], group["Lambda"] >= 0, "Lambda >= 0"),
+    ]
+    for name, value, ok, valid in checks:
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f"Invalid {name}: {value!r}; it must be finite with {valid}")
+    if group["nonfinite"] not in _NONFINITE_MODES:
+        raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; it must be one of {_NONFINITE_MODES}")
+    dtype = group["momentum_dtype"]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"Invalid momentum_dtype: {dtype!r}; it must be None or a floating torch.dtype")
+
+
+class FusionOptimizer(Optimizer):
+    r"""SM3's O(n+m) second moment fused with Adalite's centralization, masking, momentum and decay.
+
+    .. math::
+        \begin{aligned}
+        &\textbf{input: } \eta \text{ (lr)},\ \epsilon \text{ (eps)},\ c \text{ (beta\_decay)},\
+            \lambda \text{ (Lambda)},\ \beta_m \text{ (momentum\_beta)},\ \theta_0 \text{ (params)} \\
+        &\textbf{init: } m_0 \leftarrow 0;\ v_0 \leftarrow 0 \text{ (0-D, 1-D)};\
+            a^{(k)}_0 \leftarrow 0 \in \mathbb{R}^{n_k},\ k = 1..d \text{ (d-D, } d \ge 2) \\
+        &\textbf{for } t = 1, 2, \dots \\
+        &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1});\quad
+            \textbf{if maximize: } g_t \leftarrow -g_t \\
+        &\quad \textbf{if centralize and } d \ge 2:\ g_t \leftarrow g_t - \operatorname{mean}_{1..d-1}(g_t) \\
+        &\quad M_t \leftarrow |g_t| > \epsilon;\quad g_t \leftarrow g_t \odot M_t \\
+        &\quad \beta_t \leftarrow 1 - t^{-c} \\
+        &\quad \textbf{if } d \le 1:\ \nu_t \leftarrow v_t \leftarrow
+            M_t\,?\ \beta_t v_{t-1} + (1-\beta_t) g_t^2 : v_{t-1} \\
+        &\quad \textbf{else: } \mathrm{prev} \leftarrow \min_k a^{(k)}_{t-1};\quad
+            \nu_t \leftarrow M_t\,?\ \beta_t\,\mathrm{prev} + (1-\beta_t) g_t^2 : \mathrm{prev};\quad
+            a^{(k)}_t \leftarrow \max_{\text{all dims but } k} \nu_t \\
+        &\quad u_t \leftarrow g_t / (\sqrt{\nu_t} + \epsilon) \textbf{ if use\_rms else } g_t \\
+        &\quad \textbf{if } \beta_m > 0:\ m_t \leftarrow \beta_m m_{t-1} + (1-\beta_m) u_t;\ u_t \leftarrow m_t \\
+        &\quad \theta_t \leftarrow \theta_{t-1} (1 - \eta\lambda) - \eta\, u_t \\
+        &\textbf{return } \theta_t
+        \end{aligned}
+
+    Args:
+        params: parameters or param groups to optimize.
+        lr: learning rate :math:`\eta` (required; a float or a one-element tensor).
+        eps: the mask threshold and the RMS denominator's guard :math:`\epsilon` (default 1e-8).
+        beta_decay: :math:`c` in :math:`\beta_t = 1 - t^{-c}`, in (0, 1] (default 0.8).
+        Lambda: decoupled weight decay :math:`\lambda` (default 0.01).
+        momentum_beta: EMA momentum :math:`\beta_m` in [0, 1); 0 keeps no buffer (default 0.9).
+        centralize: gradient centralization for tensors of 2 or more dims (default False).
+        use_rms: divide by :math:`\sqrt{\nu}+\epsilon` (default False). The second moment is maintained either way.
+        maximize: maximize the objective instead of minimizing it.
+        foreach: ``True`` for the multi-tensor engine, ``False`` for the single-tensor reference loop,
+            ``None`` (default) for the multi-tensor engine.
+        momentum_dtype: dtype of the momentum buffer; ``None`` (default) uses the parameter's dtype,
+            ``torch.bfloat16`` halves its memory for fp32 parameters. The arithmetic is fp32 either way.
+        nonfinite: what a non-finite gradient does: one holding NaN or Inf, or so large that the sum
+            of its squares overflows fp32 (it would make the second moment Inf for good).
+            ``"skip"`` (default): that parameter is left as it is for this step (parameter, state and
+            step count) and a ``RuntimeWarning`` says so; ``"raise"``: ``step`` raises
+            ``FloatingPointError`` before changing anything.
+
+    State per parameter: ``step`` (a float32 tensor), ``exp_hessian`` (for 0-D and 1-D parameters a fp32
+    tensor shaped like the parameter; otherwise a list of fp32 accumulators, the k-th shaped
+    ``[1, ..., n_k, ..., 1]``, so an (n, m) weight keeps n + m numbers) and ``momentum_buffer`` when
+    ``momentum_beta > 0``. Low-precision parameters are updated with fp32 arithmetic and rounded once.
+    Complex parameters are refused.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor,
+        eps: float = 1e-8,
+        beta_decay: float = 0.8,
+        Lambda: float = 0.01,
+        momentum_beta: float = 0.9,
+        centralize: bool = False,
+        use_rms: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        momentum_dtype: torch.dtype | None = None,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            eps=eps,
+            beta_decay=beta_decay,
+            Lambda=Lambda,
+            momentum_beta=momentum_beta,
+            centralize=centralize,
+            use_rms=use_rms,
+            maximize=maximize,
+            foreach=foreach,
+            momentum_dtype=momentum_dtype,
+            nonfinite=nonfinite,
+        )
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyperparameters(group)
+            for p in group["params"]:
+                if torch.is_complex(p):
+                    raise TypeError(
+                        "FusionOptimizer does not support complex parameters; optimize "
+                        "torch.view_as_real(p) as a real parameter instead"
+                    )
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list, list, list, list, list]:
+        params, grads, momentum_buffers, exp_hessians, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                if p.dim() <= 1:
+                    state["exp_hessian"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                else:
+                    state["exp_hessian"] = sm3_accumulators(p)
+            if group["momentum_beta"] > 0 and "momentum_buffer" not in state:
+                dtype = group["momentum_dtype"] or p.dtype
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            momentum_buffers.append(state.get("momentum_buffer") if group["momentum_beta"] > 0 else None)
+            exp_hessians.append(state["exp_hessian"])
+            steps.append(state["step"])
+        return params, grads, momentum_buffers, exp_hessians, steps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, momentum_buffers, exp_hessians, steps = self._init_group(group)
+            if not params:
+                continue
+            keep = _finite_gradients(grads)
+            if not all(keep):
+                names = [i for i, ok in enumerate(keep) if not ok]
+                if group["nonfinite"] == "raise":
+                    raise FloatingPointError(
+                        f"non-finite gradient in {len(names)} parameter(s) of a param group "
+                        f"(positions {names} among those with gradients); nothing was updated"
+                    )
+                warnings.warn(
+                    f"FusionOptimizer: skipped {len(names)} parameter(s) with non-finite gradients "
+                    f"(positions {names} among those with gradients); their values and state are unchanged",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                params, grads, momentum_buffers, exp_hessians, steps = (
+                    [x for x, ok in zip(seq, keep) if ok]
+                    for seq in (params, grads, momentum_buffers, exp_hessians, steps)
+                )
+            lr = group["lr"]
+            fusion(
+                params,
+                grads,
+                momentum_buffers,
+                exp_hessians,
+                steps,
+                lr=lr.item() if isinstance(lr, Tensor) else lr,
+                eps=group["eps"],
+                beta_decay=group["beta_decay"],
+                Lambda=group["Lambda"],
+                momentum_beta=group["momentum_beta"],
+                centralize=group["centralize"],
+                use_rms=group["use_rms"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+            )
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; state tensors keep the dtype they were saved in (fp32 statistics of a bf16
+        parameter stay fp32), and a state that does not fit the parameters raises ``ValueError``."""
+        saved_groups = state_dict["param_groups"]
+        saved_state = state_dict["state"]
+        groups = self.param_groups
+        if len(saved_groups) != len(groups):
+            raise ValueError(f"the state dict has {len(saved_groups)} param groups, this optimizer {len(groups)}")
+        pairs = []
+        for g, sg in zip(groups, saved_groups):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"a param group of the state dict has {len(sg['params'])} parameters, "
+                    f"the optimizer's has {len(g['params'])}"
+                )
+            pairs.extend(zip(sg["params"], g["params"]))
+        for pid, p in pairs:
+            if pid in saved_state:
+                _check_saved_state(saved_state[pid], p)
+        super().load_state_dict(state_dict)
+        # torch.optim casts floating state to the parameter's dtype; restore the saved dtypes exactly.
+        for pid, p in pairs:
+            if pid not in saved_state:
+                continue
+            state = self.state[p]
+            for key, saved in saved_state[pid].items():
+                if key == "step":
+                    continue
+                if isinstance(saved, Tensor):
+                    state[key] = saved.to(device=p.device, copy=True)
+                elif isinstance(saved, (list, tuple)):
+                    state[key] = [s.to(device=p.device, copy=True) for s in saved]
+
+
+def _check_saved_state(saved: dict[str, Any], p: Tensor) -> None:
+    """Refuse a saved state that cannot belong to ``p`` (another optimizer's, or another layout's)."""
+    if "step" not in saved or "exp_hessian" not in saved:
+        raise ValueError(
+            f"the state dict does not look like FusionOptimizer's: a parameter's state has keys "
+            f"{sorted(saved)}, expected 'step', 'exp_hessian' and, with momentum, 'momentum_buffer'"
+        )
+    hess = saved["exp_hessian"]
+    if p.dim() <= 1:
+        ok = isinstance(hess, Tensor) and hess.shape == p.shape
+        expected = f"a tensor of shape {tuple(p.shape)}"
+    else:
+        expected_shapes = [tuple(a.shape) for a in sm3_accumulators(p.detach().to("meta"))]
+        ok = isinstance(hess, (list, tuple)) and [tuple(h.shape) for h in hess] == expected_shapes
+        expected = f"accumulators of shapes {expected_shapes}"
+    buf = saved.get("momentum_buffer")
+    if buf is not None and (not isinstance(buf, Tensor) or buf.shape != p.shape):
+        ok = False
+        expected += f" and a momentum_buffer of shape {tuple(p.shape)}"
+    if not ok:
+        raise ValueError(
+            f"the state dict does not fit a parameter of shape {tuple(p.shape)}: expected {expected}"
+        )
+
+
+def _finite_gradients(grads: list[Tensor]) -> list[bool]:
+    """One flag per gradient: is the sum of its squares finite?
+
+    False for a NaN or Inf anywhere, and also for a gradient so large that its squares overflow fp32
+    (about |g| > 1e19 / sqrt(numel)): such a gradient would turn the second moment into Inf for good,
+    so it is treated the same way. One foreach 2-norm per device (a single read of the gradients, much
+    cheaper than an inf-norm on CPU) and one device-to-host sync per step.
+    """
+    flags: list[bool] = [True] * len(grads)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, g in enumerate(grads):
+        if g.is_sparse:
+            flags[i] = bool(torch.isfinite(g.coalesce().values().float().square().sum()))
+        else:
+            by_device.setdefault(g.device, []).append(i)
+    for idx in by_device.values():
+        norms = torch._foreach_norm([grads[i] for i in idx], 2)
+        for i, ok in zip(idx, torch.stack(norms).isfinite().tolist()):
+            flags[i] = ok
+    return flags
+
+
+def fusion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    exp_hessians: list[Tensor | list[Tensor]],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    eps: float,
+    beta_decay: float,
+    Lambda: float,
+    momentum_beta: float,
+    centralize: bool,
+    use_rms: bool,
+    maximize: bool,
+    foreach: bool | None = None,
+) -> None:
+    """Functional form of one FusionOptimizer step over lists of tensors (see :class:`FusionOptimizer`).
+
+    Sparse gradients take the lazy row-sparse path; dense ones go to the engine ``foreach`` selects.
+    """
+    hyper = dict(
+        lr=lr,
+        eps=eps,
+        beta_decay=beta_decay,
+        Lambda=Lambda,
+        momentum_beta=momentum_beta,
+        centralize=centralize,
+        use_rms=use_rms,
+        maximize=maximize,
+    )
+    dense = [i for i, g in enumerate(grads) if not g.is_sparse]
+    for i in range(len(grads)):
+        if grads[i].is_sparse:
+            sparse_fusion_(params[i], grads[i], momentum_buffers[i], exp_hessians[i], state_steps[i], **hyper)
+    if not dense:
+        return
+    lists = [[seq[i] for i in dense] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)]
+    engine = single_tensor_fusion if foreach is False else foreach_fusion
+    engine(*lists, **hyper)

@@ -1,0 +1,98 @@
+r"""Row-sparse gradients (``torch.sparse_coo``, e.g. ``nn.Embedding(sparse=True)``) with lazy semantics.
+
+Rows (indices along dim 0) absent from the gradient are not touched: no momentum decay, no weight
+decay, no change to the parameter. Present rows are updated exactly as the dense rule would update them.
+The SM3 accumulators end where the dense rule would leave them for a gradient that is zero outside the
+present rows ``R``. With :math:`A = \max_{r \notin R} a^{(0)}_r`, that is:
+
+- :math:`a^{(0)}_r` for an absent row is unchanged. (Its new value would be
+  :math:`\min(a^{(0)}_r, \max_j a^{(k)}_j)`, and every accumulator's maximum is the same number, the
+  largest :math:`\nu` of the last step, which bounds :math:`a^{(0)}_r`.)
+- :math:`a^{(k)}`, :math:`k \ge 1`, becomes :math:`\max\big(\max_{r \in R} \nu_{r,\dots},\ \min(A, a^{(k)})\big)`:
+  an absent row contributes its carried-over :math:`\mathrm{prev} = \min_k a^{(k)}`, whose maximum over
+  the absent rows is :math:`\min(A, a^{(k)})`.
+
+Work and memory grow with the present rows (times the row size), plus one O(n) maximum over the
+dim-0 accumulator for :math:`A`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedbun.adalite import centralize as centralize_grad
+from fusedbun.adalite import eps_mask, rms_normalize
+from fusedbun.hessian import hessian_decay
+from fusedbun.sm3 import sm3_min
+
+__all__ = ["sparse_fusion_"]
+
+
+def _present_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
+    grad = grad.coalesce()
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            "FusionOptimizer supports row-sparse gradients (sparse_dim == 1, as nn.Embedding gives); "
+            f"got a sparse gradient with sparse_dim == {grad.sparse_dim()}"
+        )
+    return grad.indices()[0], grad.values()
+
+
+def sparse_fusion_(
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    exp_hessian: Tensor | list[Tensor],
+    step: Tensor,
+    *,
+    lr: float,
+    eps: float,
+    beta_decay: float,
+    Lambda: float,
+    momentum_beta: float,
+    centralize: bool,
+    use_rms: bool,
+    maximize: bool,
+) -> None:
+    """One lazy step for a parameter whose gradient is sparse along dim 0."""
+    rows, values = _present_rows(grad)
+    step += 1
+    beta = hessian_decay(step.item(), beta_decay=beta_decay)
+    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+
+    g = values.to(dtype)
+    if maximize:
+        g = -g
+    if centralize and param.dim() > 1:
+        g = centralize_grad(g)  # per row: local to the present rows
+    g, mask = eps_mask(g, eps=eps)
+
+    if param.dim() <= 1:
+        prev = exp_hessian[rows]
+        nu = torch.where(mask, prev.mul(beta).add_(g.float().square(), alpha=1 - beta), prev)
+        exp_hessian[rows] = nu
+    else:
+        acc = exp_hessian
+        absent = acc[0].clone()
+        absent[rows] = -torch.inf
+        carried = absent.max()  # A: the largest dim-0 accumulator among absent rows (-inf if none)
+        prev = sm3_min([acc[0][rows]] + list(acc[1:])).expand(g.shape)
+        nu = torch.where(mask, prev.mul(beta).add_(g.float().square(), alpha=1 - beta), prev)
+        dims = tuple(range(nu.dim()))
+        acc[0][rows] = nu.amax(dim=dims[1:], keepdim=True)
+        for k in range(1, len(acc)):
+            present = nu.amax(dim=dims[:k] + dims[k + 1 :], keepdim=True)
+            acc[k].copy_(torch.maximum(present, torch.minimum(acc[k], carried)))
+
+    u = rms_normalize(g, nu, eps=eps).to(dtype) if use_rms else g
+    if momentum_beta > 0:
+        m = momentum_buffer[rows].to(dtype).lerp_(u, 1 - momentum_beta)
+        momentum_buffer[rows] = m.to(momentum_buffer.dtype)
+        u = momentum_buffer[rows].to(dtype)
+
+    p = param[rows].to(dtype)
+    if Lambda != 0:
+        p.mul_(1 - lr * Lambda)
+    p.add_(u, alpha=-lr)
+    param[rows] = p.to(param.dtype)
