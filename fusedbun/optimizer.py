@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from fusedbun.engines.foreach import foreach_fusion
-from fusedbun.engines.single_tensor import single_tensor_fusion
+from fusedbun.engines import is_dtensor, select_engine
 from fusedbun.sm3 import sm3_accumulators
 from fusedbun.sparse import sparse_fusion_
 
@@ -41,6 +40,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     for name, value, ok, valid in checks:
         if not (ok and math.isfinite(value)):
             raise ValueError(f"Invalid {name}: {value!r}; it must be finite with {valid}")
+    if group.get("fused") and group.get("foreach"):
+        raise ValueError("fused=True and foreach=True are mutually exclusive; set one of them")
     if group["nonfinite"] not in _NONFINITE_MODES:
         raise ValueError(f"Invalid nonfinite: {group['nonfinite']!r}; it must be one of {_NONFINITE_MODES}")
     dtype = group["momentum_dtype"]
@@ -84,8 +85,10 @@ class FusionOptimizer(Optimizer):
         centralize: gradient centralization for tensors of 2 or more dims (default False).
         use_rms: divide by :math:`\sqrt{\nu}+\epsilon` (default False). The second moment is maintained either way.
         maximize: maximize the objective instead of minimizing it.
-        foreach: ``True`` for the multi-tensor engine, ``False`` for the single-tensor reference loop,
-            ``None`` (default) for the multi-tensor engine.
+        foreach: ``True`` for the multi-tensor engine, ``False`` for the single-tensor reference loop.
+        fused: ``True`` for the fused single-pass engine of the parameters' device (an error if it cannot
+            run there), ``False`` never. With ``foreach`` and ``fused`` both ``None`` (default), the fused
+            engine is used where it can run and the multi-tensor engine elsewhere.
         momentum_dtype: dtype of the momentum buffer; ``None`` (default) uses the parameter's dtype,
             ``torch.bfloat16`` halves its memory for fp32 parameters. The arithmetic is fp32 either way.
         nonfinite: what a non-finite gradient does: one holding NaN or Inf, or so large that the sum
@@ -114,6 +117,7 @@ class FusionOptimizer(Optimizer):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: str = "skip",
     ) -> None:
@@ -127,6 +131,7 @@ class FusionOptimizer(Optimizer):
             use_rms=use_rms,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
             momentum_dtype=momentum_dtype,
             nonfinite=nonfinite,
         )
@@ -222,6 +227,7 @@ class FusionOptimizer(Optimizer):
                 use_rms=group["use_rms"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
+                fused=group["fused"],
             )
         return loss
 
@@ -322,10 +328,12 @@ def fusion(
     use_rms: bool,
     maximize: bool,
     foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """Functional form of one FusionOptimizer step over lists of tensors (see :class:`FusionOptimizer`).
 
-    Sparse gradients take the lazy row-sparse path; dense ones go to the engine ``foreach`` selects.
+    Sparse gradients take the lazy row-sparse path; dense ones are grouped by device and each group goes
+    to the engine that :func:`fusedbun.engines.select_engine` picks from ``foreach`` and ``fused``.
     """
     hyper = dict(
         lr=lr,
@@ -337,12 +345,13 @@ def fusion(
         use_rms=use_rms,
         maximize=maximize,
     )
-    dense = [i for i, g in enumerate(grads) if not g.is_sparse]
-    for i in range(len(grads)):
-        if grads[i].is_sparse:
+    by_device: dict[tuple[str, bool], list[int]] = {}
+    for i, g in enumerate(grads):
+        if g.is_sparse:
             sparse_fusion_(params[i], grads[i], momentum_buffers[i], exp_hessians[i], state_steps[i], **hyper)
-    if not dense:
-        return
-    lists = [[seq[i] for i in dense] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)]
-    engine = single_tensor_fusion if foreach is False else foreach_fusion
-    engine(*lists, **hyper)
+        else:
+            by_device.setdefault((params[i].device.type, is_dtensor(params[i])), []).append(i)
+    for (device_type, distributed), idx in by_device.items():
+        lists = [[seq[i] for i in idx] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)]
+        engine = select_engine(device_type, distributed=distributed, foreach=foreach, fused=fused)
+        engine(*lists, **hyper)
