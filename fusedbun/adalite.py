@@ -40,8 +40,11 @@ def eps_mask(grad: Tensor, *, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def rms_normalize(grad: Tensor, nu: Tensor, *, eps: float) -> Tensor:
-    r"""RMS normalization by the second moment: :math:`u = g / (\sqrt{\nu} + \epsilon)`, computed in fp32."""
-    return grad.to(torch.float32) / (nu.sqrt() + eps)
+    r"""RMS normalization by the second moment: :math:`u = g / (\sqrt{\nu} + \epsilon)`.
+
+    Computed in the wider of the two dtypes (``nu`` is fp32, so a bf16 or fp16 gradient is divided in fp32).
+    """
+    return grad / (nu.sqrt() + eps)
 
 
 def momentum_(momentum_buffer: Tensor, update: Tensor, *, momentum_beta: float) -> Tensor:
