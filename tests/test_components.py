@@ -1,0 +1,139 @@
+"""The component functions each chapter introduces, checked against their one-line rules."""
+
+import pytest
+import torch
+
+import fusedbun
+from fusedbun.engines import select_engine
+from fusedbun.engines.foreach import foreach_fusion
+from fusedbun.engines.single_tensor import single_tensor_fusion
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.mark.parametrize("shape", [(3, 4), (2, 3, 5), (4, 1, 2, 3)])
+def test_centralize_removes_the_mean_over_every_dim_but_the_first(shape, gen):
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    c = fusedbun.centralize(g)
+    torch.testing.assert_close(c.mean(dim=tuple(range(1, len(shape)))), torch.zeros(shape[0], dtype=torch.float64))
+    torch.testing.assert_close(g - c, g.mean(dim=tuple(range(1, len(shape))), keepdim=True).expand(shape))
+
+
+@pytest.mark.parametrize("shape", [(), (5,)])
+def test_centralize_leaves_0d_and_1d_tensors_alone(shape, gen):
+    g = torch.randn(shape, generator=gen)
+    assert torch.equal(fusedbun.centralize(g), g)
+
+
+def test_eps_mask_zeroes_exactly_the_entries_at_or_below_eps():
+    g = torch.tensor([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5])
+    masked, mask = fusedbun.eps_mask(g, eps=0.1)
+    assert mask.tolist() == [True, False, False, False, True, True]
+    assert masked.tolist() == pytest.approx([-0.3, 0.0, 0.0, 0.0, 0.2, 0.5])
+    assert g.tolist() == pytest.approx([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5]), "the input must not change"
+
+
+@pytest.mark.parametrize("beta_decay", [0.5, 0.8, 1.0])
+def test_hessian_decay_starts_at_zero_and_grows_towards_one(beta_decay):
+    betas = [fusedbun.hessian_decay(t, beta_decay=beta_decay) for t in range(1, 200)]
+    assert betas[0] == 0.0
+    assert all(b1 < b2 < 1 for b1, b2 in zip(betas, betas[1:]))
+    assert betas[9] == pytest.approx(1 - 10 ** (-beta_decay))
+
+
+def test_hessian_decay_refuses_step_zero():
+    with pytest.raises(ValueError, match="step"):
+        fusedbun.hessian_decay(0, beta_decay=0.8)
+
+
+def test_dense_second_moment_carries_masked_entries_over(gen):
+    v = torch.rand(6, generator=gen)
+    g = torch.randn(6, generator=gen)
+    mask = torch.tensor([True, False, True, False, True, False])
+    out = fusedbun.dense_second_moment_(v.clone(), g, mask, beta=0.7)
+    torch.testing.assert_close(out[mask], 0.7 * v[mask] + 0.3 * g[mask] ** 2)
+    assert torch.equal(out[~mask], v[~mask])
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 4), (2, 1, 3, 2)])
+def test_sm3_accumulators_hold_the_sum_of_dims(shape):
+    accs = fusedbun.sm3_accumulators(torch.empty(shape))
+    assert sum(a.numel() for a in accs) == sum(shape)
+    for k, a in enumerate(accs):
+        assert a.dtype == torch.float32 and a.shape[k] == shape[k] and a.numel() == shape[k]
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 4)])
+def test_sm3_second_moment_is_min_then_max(shape, gen):
+    accs = [a.uniform_(0, 1, generator=gen) for a in fusedbun.sm3_accumulators(torch.empty(shape))]
+    before = [a.clone() for a in accs]
+    g = torch.randn(shape, generator=gen)
+    mask = torch.rand(shape, generator=gen) > 0.3
+    nu = fusedbun.sm3_second_moment_(accs, g * mask, mask, beta=0.6)
+    prev = before[0]
+    for a in before[1:]:
+        prev = torch.minimum(prev, a)
+    expected = torch.where(mask, 0.6 * prev + 0.4 * (g * mask) ** 2, prev.expand(shape))
+    torch.testing.assert_close(nu, expected)
+    for k, a in enumerate(accs):
+        other = tuple(d for d in range(len(shape)) if d != k)
+        torch.testing.assert_close(a, expected.amax(dim=other, keepdim=True))
+
+
+def test_sm3_second_moment_of_an_empty_tensor_is_empty():
+    accs = fusedbun.sm3_accumulators(torch.empty(0, 3))
+    nu = fusedbun.sm3_second_moment_(accs, torch.empty(0, 3), torch.empty(0, 3, dtype=torch.bool), beta=0.5)
+    assert nu.shape == (0, 3)
+
+
+def test_momentum_is_an_ema_and_rounds_once_into_a_bf16_buffer(gen):
+    m = torch.randn(8, generator=gen)
+    u = torch.randn(8, generator=gen)
+    torch.testing.assert_close(fusedbun.momentum_(m.clone(), u, momentum_beta=0.9), 0.9 * m + 0.1 * u)
+    m16 = m.bfloat16()
+    out = fusedbun.momentum_(m16, u, momentum_beta=0.9)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, m.bfloat16().float().lerp(u, 0.1).bfloat16()), "fp32 EMA, one rounding"
+
+
+def test_decoupled_weight_decay_shrinks_by_one_minus_lr_lambda(gen):
+    p = torch.randn(5, generator=gen)
+    torch.testing.assert_close(fusedbun.decoupled_weight_decay_(p.clone(), lr=0.1, Lambda=0.2), p * 0.98)
+    assert torch.equal(fusedbun.decoupled_weight_decay_(p.clone(), lr=0.1, Lambda=0.0), p)
+
+
+def test_rms_normalize_divides_by_sqrt_nu_plus_eps(gen):
+    g = torch.randn(4, 3, generator=gen, dtype=torch.bfloat16)
+    nu = torch.rand(4, 3, generator=gen)
+    u = fusedbun.rms_normalize(g, nu, eps=1e-3)
+    assert u.dtype == torch.float32
+    torch.testing.assert_close(u, g.float() / (nu.sqrt() + 1e-3))
+
+
+def test_param_groups_no_decay_puts_biases_and_norms_in_a_group_without_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    groups = fusedbun.param_groups_no_decay(model, Lambda=0.05, use_rms=True)
+    decay, no_decay = groups
+    assert decay["Lambda"] == 0.05 and no_decay["Lambda"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and len(decay["params"]) == 2
+    assert all(p.dim() <= 1 for p in no_decay["params"]) and len(no_decay["params"]) == 4
+    assert decay["use_rms"] and no_decay["use_rms"]
+    opt = fusedbun.FusionOptimizer(groups, lr=0.1)
+    assert [g["Lambda"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_engine_selection_follows_foreach_and_fused():
+    assert select_engine("cpu", foreach=False, fused=None) is single_tensor_fusion
+    assert select_engine("cpu", foreach=True, fused=None) is foreach_fusion
+    assert select_engine("cpu", foreach=None, fused=False) is foreach_fusion
+    with pytest.raises(ValueError, match="mutually exclusive"):
+        select_engine("cpu", foreach=True, fused=True)
+    with pytest.raises(RuntimeError, match="no fused engine"):
+        select_engine("meta", foreach=None, fused=True)
+
+
+def test_fusedbun_alias_is_the_same_class():
+    assert fusedbun.Fusedbun is fusedbun.FusionOptimizer
