@@ -159,8 +159,14 @@ class FusionOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list, list, list, list, list]:
-        params, grads, momentum_buffers, exp_hessians, steps = [], [], [], [], []
+    def _init_group(self, group: dict[str, Any], params: list, grads: list, momentum_buffers: list, steps: list) -> bool:
+        """Append the group's tensors that have gradients to the lists (creating state on first use).
+
+        Filling lists passed in, rather than returning them, is the ``torch.optim`` convention that
+        ``torch.compile`` relies on: it runs ``_init_group`` eagerly and guards on the tensors appended
+        (which must be tensors or None, so the lists of SM3 accumulators are gathered by the caller).
+        Returns whether any gradient is sparse (a constant of the group, as ``torch.compile`` expects).
+        """
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -177,9 +183,8 @@ class FusionOptimizer(Optimizer):
             params.append(p)
             grads.append(p.grad)
             momentum_buffers.append(state.get("momentum_buffer") if group["momentum_beta"] > 0 else None)
-            exp_hessians.append(state["exp_hessian"])
             steps.append(state["step"])
-        return params, grads, momentum_buffers, exp_hessians, steps
+        return any(g.is_sparse for g in grads)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -189,11 +194,22 @@ class FusionOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Gather every group, check every gradient at once, then step. The check is the step's one host
+        # sync; under torch.compile it is a graph break, which must fall outside any loop (a graph break
+        # inside a loop makes torch.compile give up on the whole step).
+        gathered = []
         for group in self.param_groups:
-            params, grads, momentum_buffers, exp_hessians, steps = self._init_group(group)
+            params, grads, momentum_buffers, steps = [], [], [], []
+            self._init_group(group, params, grads, momentum_buffers, steps)
+            exp_hessians = [self.state[p]["exp_hessian"] for p in params]
+            gathered.append((group, params, grads, momentum_buffers, exp_hessians, steps))
+        keep_all = _finite_gradients([g for item in gathered for g in item[2]])
+
+        work = []
+        for group, params, grads, momentum_buffers, exp_hessians, steps in gathered:
+            keep, keep_all = keep_all[: len(params)], keep_all[len(params) :]
             if not params:
                 continue
-            keep = _finite_gradients(grads)
             if not all(keep):
                 names = [i for i, ok in enumerate(keep) if not ok]
                 if group["nonfinite"] == "raise":
@@ -211,6 +227,9 @@ class FusionOptimizer(Optimizer):
                     [x for x, ok in zip(seq, keep) if ok]
                     for seq in (params, grads, momentum_buffers, exp_hessians, steps)
                 )
+            work.append((group, params, grads, momentum_buffers, exp_hessians, steps))
+
+        for group, params, grads, momentum_buffers, exp_hessians, steps in work:
             lr = group["lr"]
             fusion(
                 params,
@@ -218,7 +237,8 @@ class FusionOptimizer(Optimizer):
                 momentum_buffers,
                 exp_hessians,
                 steps,
-                lr=lr.item() if isinstance(lr, Tensor) else lr,
+                # Under torch.compile a tensor lr stays a tensor: .item() would break the graph.
+                lr=lr.item() if isinstance(lr, Tensor) and not torch.compiler.is_compiling() else lr,
                 eps=group["eps"],
                 beta_decay=group["beta_decay"],
                 Lambda=group["Lambda"],
@@ -345,6 +365,10 @@ def fusion(
         use_rms=use_rms,
         maximize=maximize,
     )
+    if fused is None and foreach is None and torch.compiler.is_compiling():
+        # The fused engines are kernels torch.compile cannot trace (a graph break, inside a loop, would make
+        # it give up on the step); the multi-tensor engine it traces, and fuses by itself.
+        foreach = True
     by_device: dict[tuple[str, bool], list[int]] = {}
     for i, g in enumerate(grads):
         if g.is_sparse:

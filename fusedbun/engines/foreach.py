@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedbun.engines.single_tensor import compute_dtype
-from fusedbun.hessian import hessian_decay
+from fusedbun.engines.single_tensor import compute_dtype, step_decay
 
 __all__ = ["foreach_fusion", "BLOCK_ELEMS"]
 
@@ -161,7 +160,7 @@ def foreach_fusion(
         lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize
     )
     torch._foreach_add_(state_steps, 1)
-    betas = [hessian_decay(s.item(), beta_decay=beta_decay) for s in state_steps]
+    betas = [step_decay(s, beta_decay=beta_decay) for s in state_steps]
 
     flat: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
@@ -169,7 +168,10 @@ def foreach_fusion(
             _sm3_tensor_(p, grads[i], momentum_buffers[i], exp_hessians[i], beta=betas[i], **hyper)
         else:
             buf = momentum_buffers[i]
-            key = (p.device, p.dtype, grads[i].dtype, None if buf is None else buf.dtype, betas[i])
+            # Tensors that share a beta are stepped as one flat vector. Under torch.compile beta is a
+            # tensor, not a value to group by: each tensor is its own group (the compiler fuses them).
+            beta_key = betas[i] if isinstance(betas[i], float) else i
+            key = (p.device, p.dtype, grads[i].dtype, None if buf is None else buf.dtype, beta_key)
             flat.setdefault(key, []).append(i)
 
     for key, idx in flat.items():
@@ -178,6 +180,6 @@ def foreach_fusion(
             [grads[i] for i in idx],
             [momentum_buffers[i] for i in idx],
             [exp_hessians[i] for i in idx],
-            beta=key[-1],
+            beta=betas[idx[0]],
             **hyper,
         )

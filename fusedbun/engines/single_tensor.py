@@ -14,12 +14,24 @@ from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, rms_n
 from fusedbun.hessian import dense_second_moment_, hessian_decay
 from fusedbun.sm3 import sm3_second_moment_
 
-__all__ = ["single_tensor_fusion", "compute_dtype"]
+__all__ = ["single_tensor_fusion", "compute_dtype", "step_decay"]
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
     """The dtype of a step's arithmetic: fp64 for fp64 parameters, fp32 for every other float dtype."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def step_decay(step: Tensor, *, beta_decay: float) -> float | Tensor:
+    """:math:`\beta_t` for a step count held in a 0-d tensor.
+
+    Eagerly a Python float (the count is a CPU tensor, so reading it costs no device sync). Under
+    ``torch.compile`` a 0-d fp64 tensor computed from the count: ``.item()`` would break the graph, and a
+    Python float that changes every step would make the compiled step recompile every step.
+    """
+    if torch.compiler.is_compiling():
+        return 1.0 - step.to(torch.float64).pow(-beta_decay)
+    return hessian_decay(step.item(), beta_decay=beta_decay)
 
 
 def single_tensor_fusion(
@@ -40,7 +52,7 @@ def single_tensor_fusion(
 ) -> None:
     for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
         step += 1
-        beta = hessian_decay(step.item(), beta_decay=beta_decay)
+        beta = step_decay(step, beta_decay=beta_decay)
         dtype = compute_dtype(param)
 
         # 1-3: maximize, centralize, mask; all on an fp32 (or fp64) copy, never on p.grad itself.
