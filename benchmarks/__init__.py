@@ -1,0 +1,1 @@
+"""Benchmarks of fusedbun against its peers: ``python -m benchmarks.compare --help``."""
