@@ -392,14 +392,20 @@ def machine_info(device: torch.device) -> dict:
     return info
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
+        out = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _fusion_engine(device: torch.device) -> str:
+    """The engine FusionOptimizer's defaults select on ``device`` (its function's qualified name)."""
+    from fusedbun.engines import select_engine
+
+    engine = select_engine(device.type, distributed=False, foreach=None, fused=None)
+    return f"{engine.__module__}.{engine.__qualname__}"
 
 
 # ---------------------------------------------------------------- files
@@ -482,7 +488,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         meta=dict(
             command="python -m benchmarks.compare " + shlex.join(argv),
             date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            git_commit=_git_commit(),
+            git_commit=_git("rev-parse", "HEAD"),
+            # package files that differ from that commit when the run started (empty: none)
+            git_uncommitted_package_files=(_git("status", "--porcelain", "--", "fusedbun") or "").splitlines(),
+            fusion_engine=_fusion_engine(device),
             machine=machine_info(device),
             versions={
                 "python": platform.python_version(),
