@@ -1,0 +1,373 @@
+/*
+ * The fused CPU step of FusionOptimizer: each tensor is read and written once per step.
+ *
+ * Per element of a parameter viewed as (rows, row_len) it reads p, g, the momentum m and writes p, m
+ * (20 bytes for fp32 p, g, m); the SM3 accumulators are O(rows + row_len) and stay in cache. The rule
+ * is the one of fusedbun/engines/single_tensor.py, computed in fp32 in the same order of operations:
+ *
+ *   g    = (maximize ? -g : g) - (centralize ? row mean : 0)
+ *   mask = |g| > eps;  g = g * mask
+ *   prev = SM3: min(a0[i], rest[j])            dense (0-D/1-D): v[i]
+ *   nu   = mask ? beta * prev + (1 - beta) * g^2 : prev
+ *          SM3: new a0[i] = max_j nu, column maxima max_i nu -> colmax[j]    dense: v[i] = nu
+ *   u    = use_rms ? g / (sqrt(nu) + eps) : g
+ *   m    = lerp(m, u, 1 - momentum_beta), rounded to m's dtype;  u = m (the momentum as stored)
+ *   p    = p * (1 - lr * Lambda) - lr * u, rounded once to p's dtype
+ *
+ * rest[j] is min over the accumulators of dims 1.. (computed by the caller, O(row_len)); the caller also
+ * turns colmax into the accumulators of dims 1... Rows are split among threads (pthreads) in contiguous
+ * ranges of about equal element counts; each thread keeps its own column maxima, combined at the end.
+ *
+ * Compiled at first use by fusedbun/engines/fused_cpu.py; the layout of fb_task and fb_hyper is mirrored
+ * there with ctypes.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FB_TILE 512   /* elements per tile: the tile's fp32 temporaries stay in L1 */
+#define FB_LANES 16   /* independent partial results for the sums and maxima, so they vectorize */
+
+enum { FB_F32 = 0, FB_BF16 = 1, FB_F16 = 2 };
+enum { FB_DENSE = 0, FB_SM3 = 1 };
+enum { FB_CENTRALIZE = 1, FB_USE_RMS = 2, FB_MAXIMIZE = 4 };
+
+typedef struct {
+    void *p;
+    const void *g;
+    void *m;            /* NULL without momentum */
+    float *acc;         /* SM3: a0, one number per row; dense: v, one number per element */
+    const float *rest;  /* SM3: min of the other accumulators, row_len numbers; dense: NULL */
+    float *colmax;      /* SM3: out, max of nu over the rows, row_len numbers; dense: NULL */
+    int64_t rows;       /* SM3: size of dim 0; dense: number of elements */
+    int64_t row_len;    /* SM3: product of the other dims; dense: 1 */
+    int32_t p_dtype, g_dtype, m_dtype, kind;
+    float beta, one_minus_beta;
+} fb_task;
+
+typedef struct {
+    float neg_lr;           /* -lr */
+    float decay;            /* 1 - lr * Lambda */
+    float eps;
+    float momentum_weight;  /* 1 - momentum_beta */
+    int32_t flags;
+    int32_t nthreads;
+} fb_hyper;
+
+/* ---- dtype conversions: fp32 arithmetic, round-to-nearest-even when storing ---------------------- */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)rounded; /* NaN stays NaN */
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0x1fu) {
+        u = sign | 0x7f800000u | (man << 13);          /* Inf, NaN */
+    } else if (exp != 0) {
+        u = sign | ((exp + 112u) << 23) | (man << 13); /* normal: rebias 15 -> 127 */
+    } else {
+        float f = (float)man * 5.9604644775390625e-8f; /* subnormal: man * 2^-24, exact */
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);        /* NaN */
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);       /* rounds to >= 65520: Inf */
+    if (a < 0x38800000u) {                                         /* below 2^-14: subnormal or 0 */
+        float mag;
+        memcpy(&mag, &a, sizeof mag);
+        /* Adding 0.5 shifts the value so that the fp32 adder rounds (to nearest even) at 2^-24. */
+        float shifted = mag + 0.5f;
+        uint32_t s;
+        memcpy(&s, &shifted, sizeof s);
+        return (uint16_t)(sign | (s - 0x3f000000u));
+    }
+    uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);               /* round to nearest even at bit 13 */
+    return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));     /* rebias 127 -> 15 */
+}
+
+static void load_f32(float *restrict dst, const void *src, int32_t dtype, int64_t offset, int n) {
+    if (dtype == FB_BF16) {
+        const uint16_t *s = (const uint16_t *)src + offset;
+        for (int j = 0; j < n; j++) dst[j] = bf16_to_f32(s[j]);
+    } else if (dtype == FB_F16) {
+        const uint16_t *s = (const uint16_t *)src + offset;
+        for (int j = 0; j < n; j++) dst[j] = f16_to_f32(s[j]);
+    } else {
+        memcpy(dst, (const float *)src + offset, (size_t)n * sizeof(float));
+    }
+}
+
+static void store_f32(void *dst, int32_t dtype, int64_t offset, const float *restrict src, int n) {
+    if (dtype == FB_BF16) {
+        uint16_t *d = (uint16_t *)dst + offset;
+        for (int j = 0; j < n; j++) d[j] = f32_to_bf16(src[j]);
+    } else if (dtype == FB_F16) {
+        uint16_t *d = (uint16_t *)dst + offset;
+        for (int j = 0; j < n; j++) d[j] = f32_to_f16(src[j]);
+    } else {
+        memcpy((float *)dst + offset, src, (size_t)n * sizeof(float));
+    }
+}
+
+/* ---- one tile ------------------------------------------------------------------------------------ */
+
+/* Mask, second moment and normalization of one tile; sm3 and use_rms are constants at each call site,
+ * so every variant compiles to its own branch-free vector loop. */
+static inline __attribute__((always_inline)) void second_moment_tile(
+    int n, const float *restrict g, float sign, float mean, float eps, float beta, float omb,
+    float a0, const float *restrict rest, float *restrict col, float *restrict v,
+    float *restrict nu_out, float *restrict u_out, const int sm3, const int use_rms) {
+    for (int j = 0; j < n; j++) {
+        float gj = sign * g[j] - mean;
+        float keep = fabsf(gj) > eps ? 1.0f : 0.0f;
+        gj = gj * keep;
+        float prev;
+        if (sm3) {
+            float r = rest[j];
+            prev = a0 < r ? a0 : r;
+        } else {
+            prev = v[j];
+        }
+        float ema = beta * prev + omb * (gj * gj);
+        float nu = keep != 0.0f ? ema : prev;
+        if (sm3) {
+            float c = col[j];
+            col[j] = nu > c ? nu : c;
+            nu_out[j] = nu;
+        } else {
+            v[j] = nu;
+        }
+        u_out[j] = use_rms ? gj / (sqrtf(nu) + eps) : gj;
+    }
+}
+
+/* Momentum, then the parameter update, for one tile whose update is u. */
+static inline void update_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, float *restrict u) {
+    float mbuf[FB_TILE], pbuf[FB_TILE];
+    const float *restrict step = u;
+    if (t->m != NULL) {
+        float *restrict m = t->m_dtype == FB_F32 ? (float *)t->m + off : mbuf;
+        if (t->m_dtype != FB_F32) load_f32(mbuf, t->m, t->m_dtype, off, n);
+        const float w = h->momentum_weight;
+        /* torch.lerp's two forms, so the rounding matches it: start + w (end - start) for w < 0.5 */
+        if (w < 0.5f) {
+            for (int j = 0; j < n; j++) m[j] = m[j] + w * (u[j] - m[j]);
+        } else {
+            const float wc = 1.0f - w;
+            for (int j = 0; j < n; j++) m[j] = u[j] - (u[j] - m[j]) * wc;
+        }
+        if (t->m_dtype != FB_F32) {
+            store_f32(t->m, t->m_dtype, off, mbuf, n);
+            load_f32(mbuf, t->m, t->m_dtype, off, n); /* the update uses the momentum as stored */
+        }
+        step = m;
+    }
+    float *restrict p = t->p_dtype == FB_F32 ? (float *)t->p + off : pbuf;
+    if (t->p_dtype != FB_F32) load_f32(pbuf, t->p, t->p_dtype, off, n);
+    const float decay = h->decay, neg_lr = h->neg_lr;
+    if (h->decay != 1.0f) {
+        for (int j = 0; j < n; j++) {
+            float q = p[j] * decay;
+            p[j] = q + neg_lr * step[j];
+        }
+    } else {
+        for (int j = 0; j < n; j++) p[j] = p[j] + neg_lr * step[j];
+    }
+    if (t->p_dtype != FB_F32) store_f32(t->p, t->p_dtype, off, pbuf, n);
+}
+
+static inline const float *grad_tile(const fb_task *t, int64_t off, int n, float *restrict buf) {
+    if (t->g_dtype == FB_F32) return (const float *)t->g + off;
+    load_f32(buf, t->g, t->g_dtype, off, n);
+    return buf;
+}
+
+/* ---- one SM3 row, one dense range ----------------------------------------------------------------- */
+
+static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restrict col) {
+    float gbuf[FB_TILE], nubuf[FB_TILE], ubuf[FB_TILE];
+    const int64_t R = t->row_len, base = i * R;
+    const float sign = (h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f;
+    const int use_rms = (h->flags & FB_USE_RMS) != 0;
+    float mean = 0.0f;
+    if (h->flags & FB_CENTRALIZE) {
+        /* The row mean first; the second read of the row comes from cache. */
+        double lanes[FB_LANES] = {0};
+        for (int64_t c = 0; c < R; c += FB_TILE) {
+            int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
+            const float *g = grad_tile(t, base + c, n, gbuf);
+            int j = 0;
+            for (; j + FB_LANES <= n; j += FB_LANES)
+                for (int l = 0; l < FB_LANES; l++) lanes[l] += (double)g[j + l];
+            for (; j < n; j++) lanes[0] += (double)g[j];
+        }
+        double sum = 0.0;
+        for (int l = 0; l < FB_LANES; l++) sum += lanes[l];
+        mean = (float)(sign * sum / (double)R);
+    }
+    const float a0 = t->acc[i];
+    float rowmax[FB_LANES];
+    for (int l = 0; l < FB_LANES; l++) rowmax[l] = -INFINITY;
+    for (int64_t c = 0; c < R; c += FB_TILE) {
+        int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
+        const float *g = grad_tile(t, base + c, n, gbuf);
+        if (use_rms)
+            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
+                               NULL, nubuf, ubuf, 1, 1);
+        else
+            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
+                               NULL, nubuf, ubuf, 1, 0);
+        int j = 0;
+        for (; j + FB_LANES <= n; j += FB_LANES)
+            for (int l = 0; l < FB_LANES; l++) rowmax[l] = nubuf[j + l] > rowmax[l] ? nubuf[j + l] : rowmax[l];
+        for (; j < n; j++) rowmax[0] = nubuf[j] > rowmax[0] ? nubuf[j] : rowmax[0];
+        update_tile(t, h, base + c, n, ubuf);
+    }
+    float mx = rowmax[0];
+    for (int l = 1; l < FB_LANES; l++) mx = rowmax[l] > mx ? rowmax[l] : mx;
+    t->acc[i] = mx;
+}
+
+static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int64_t end) {
+    float gbuf[FB_TILE], ubuf[FB_TILE];
+    const float sign = (h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f;
+    for (int64_t c = begin; c < end; c += FB_TILE) {
+        int n = (int)(end - c < FB_TILE ? end - c : FB_TILE);
+        const float *g = grad_tile(t, c, n, gbuf);
+        if (h->flags & FB_USE_RMS)
+            second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
+                               NULL, ubuf, 0, 1);
+        else
+            second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
+                               NULL, ubuf, 0, 0);
+        update_tile(t, h, c, n, ubuf);
+    }
+}
+
+/* ---- the work split and the threads --------------------------------------------------------------- */
+
+typedef struct {
+    const fb_task *tasks;
+    int64_t ntasks;
+    const fb_hyper *h;
+    const int64_t *elem_offset; /* elements before task k, over all tasks */
+    const int64_t *col_offset;  /* column-maxima numbers before task k, over the SM3 tasks */
+    int64_t total_elems, total_cols;
+    float *scratch;             /* nthreads * total_cols column maxima */
+    int nthreads;
+} fb_plan;
+
+typedef struct {
+    const fb_plan *plan;
+    int thread;
+} fb_worker;
+
+/* First row of task k that belongs to thread `thread`: threads take contiguous ranges of about
+ * total_elems / nthreads elements, rounded to whole rows. Monotone in `thread`, so the ranges partition. */
+static int64_t first_row(const fb_plan *plan, int64_t k, int thread) {
+    const fb_task *t = &plan->tasks[k];
+    if (thread >= plan->nthreads) return t->rows;
+    int64_t start = (int64_t)((double)plan->total_elems * thread / plan->nthreads);
+    int64_t x = start - plan->elem_offset[k];
+    if (x <= 0) return 0;
+    int64_t r = (x + t->row_len - 1) / t->row_len;
+    return r < t->rows ? r : t->rows;
+}
+
+static void *run_worker(void *arg) {
+    const fb_worker *w = (const fb_worker *)arg;
+    const fb_plan *plan = w->plan;
+    for (int64_t k = 0; k < plan->ntasks; k++) {
+        const fb_task *t = &plan->tasks[k];
+        int64_t r0 = first_row(plan, k, w->thread), r1 = first_row(plan, k, w->thread + 1);
+        if (r0 >= r1) continue;
+        if (t->kind == FB_SM3) {
+            float *col = plan->scratch + (int64_t)w->thread * plan->total_cols + plan->col_offset[k];
+            for (int64_t j = 0; j < t->row_len; j++) col[j] = -INFINITY;
+            for (int64_t i = r0; i < r1; i++) sm3_row(t, plan->h, i, col);
+        } else {
+            dense_range(t, plan->h, r0, r1);
+        }
+    }
+    return NULL;
+}
+
+/* One step over `ntasks` tensors. Returns 0, or -1 if memory for the plan could not be allocated
+ * (nothing has been changed then). */
+int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h) {
+    if (ntasks <= 0) return 0;
+    int nthreads = h->nthreads > 0 ? h->nthreads : 1;
+    int64_t *offsets = (int64_t *)malloc(2 * (size_t)ntasks * sizeof(int64_t));
+    if (offsets == NULL) return -1;
+    fb_plan plan = {tasks, ntasks, h, offsets, offsets + ntasks, 0, 0, NULL, nthreads};
+    for (int64_t k = 0; k < ntasks; k++) {
+        offsets[k] = plan.total_elems;
+        offsets[ntasks + k] = plan.total_cols;
+        plan.total_elems += tasks[k].rows * tasks[k].row_len;
+        if (tasks[k].kind == FB_SM3) plan.total_cols += tasks[k].row_len;
+    }
+    plan.scratch = (float *)malloc(((size_t)nthreads * (size_t)plan.total_cols + 1) * sizeof(float));
+    fb_worker *workers = (fb_worker *)malloc((size_t)nthreads * sizeof(fb_worker));
+    pthread_t *threads = (pthread_t *)malloc((size_t)nthreads * sizeof(pthread_t));
+    char *started = (char *)calloc((size_t)nthreads, 1);
+    if (plan.scratch == NULL || workers == NULL || threads == NULL || started == NULL) {
+        free(plan.scratch), free(workers), free(threads), free(started), free(offsets);
+        return -1;
+    }
+    for (int w = 0; w < nthreads; w++) workers[w] = (fb_worker){&plan, w};
+    for (int w = 1; w < nthreads; w++) started[w] = pthread_create(&threads[w], NULL, run_worker, &workers[w]) == 0;
+    run_worker(&workers[0]);
+    for (int w = 1; w < nthreads; w++) {
+        if (started[w])
+            pthread_join(threads[w], NULL);
+        else
+            run_worker(&workers[w]); /* no thread could be started: do its share here */
+    }
+    /* Combine the column maxima of the threads that worked on each SM3 tensor. */
+    for (int64_t k = 0; k < ntasks; k++) {
+        const fb_task *t = &tasks[k];
+        if (t->kind != FB_SM3) continue;
+        int first = 1;
+        for (int w = 0; w < nthreads; w++) {
+            if (first_row(&plan, k, w) >= first_row(&plan, k, w + 1)) continue;
+            const float *col = plan.scratch + (int64_t)w * plan.total_cols + plan.col_offset[k];
+            if (first) {
+                memcpy(t->colmax, col, (size_t)t->row_len * sizeof(float));
+                first = 0;
+            } else {
+                for (int64_t j = 0; j < t->row_len; j++) t->colmax[j] = col[j] > t->colmax[j] ? col[j] : t->colmax[j];
+            }
+        }
+    }
+    free(plan.scratch), free(workers), free(threads), free(started), free(offsets);
+    return 0;
+}
+
+/* The version of this file's interface; the loader checks it. */
+int fb_abi_version(void) { return 1; }
