@@ -21,6 +21,7 @@ date, the seeds and the exact command.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as _dt
 import importlib.metadata
@@ -73,35 +74,39 @@ def _model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> in
     return params + grads + state_bytes(optimizer)
 
 
-def _profiled_peak(events) -> tuple[int, int]:
-    """(peak, peak inside the ``optimizer.step`` range) of the running sum of allocations minus frees,
-    relative to the start, from a CPU profile recorded with ``profile_memory=True``.
+def _profiled_peak(prof) -> tuple[int, int]:
+    """(peak, peak inside the ``optimizer.step`` range) of the running total of CPU allocations minus
+    frees, relative to the start of a profile recorded with ``profile_memory=True``.
 
-    An operator's net allocation (its own, children excluded) is counted at its start when positive and at
-    its end when negative: at the granularity of one operator, the peak is an upper estimate.
+    Every allocation and free is an event with its own timestamp in the profiler's event tree, so the
+    running total is exact in time. Blocks allocated before the profile started and freed during it are
+    not reported by the profiler; they can only make the true peak lower.
     """
-    points = []
-    window = None
-    for e in events:
-        if e.name == "optimizer.step" and window is None:
-            window = (e.time_range.start, e.time_range.end)
-        delta = e.self_cpu_memory_usage
-        if delta > 0:
-            points.append((e.time_range.start, 0, delta))
-        elif delta < 0:
-            points.append((e.time_range.end, 1, delta))
-    points.sort(key=lambda t: (t[0], t[1]))
+    from torch._C._profiler import _EventType
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    nodes = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    window = next(((n.start_time_ns, n.end_time_ns) for n in nodes if n.name == "optimizer.step"), None)
+    allocations = sorted(
+        (n.start_time_ns, n.extra_fields.alloc_size)
+        for n in nodes
+        if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"
+    )
     running = peak = 0
-    in_step_base = None
-    in_step_peak = 0
-    for t, _, delta in points:
-        if window is not None and in_step_base is None and t >= window[0]:
-            in_step_base = running
-        running += delta
+    step_base = None
+    step_peak = 0
+    for t, size in allocations:
+        if window is not None and step_base is None and t >= window[0]:
+            step_base = running
+        running += size
         peak = max(peak, running)
-        if in_step_base is not None and t <= window[1]:
-            in_step_peak = max(in_step_peak, running - in_step_base)
-    return peak, in_step_peak
+        if step_base is not None and t <= window[1]:
+            step_peak = max(step_peak, running - step_base)
+    return peak, step_peak
 
 
 def _rss_kib(field: str) -> int | None:
@@ -115,6 +120,26 @@ def _rss_kib(field: str) -> int | None:
     return None
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 for a moment: torch's CPU profiler prints start/stop lines from C++
+    (``profiler_start``, ``profiler_stop``) that would clutter logs and notebook outputs."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (some embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def peak_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, step: Callable[[], None]) -> dict:
     """Peak memory of one training step ``step()`` (forward, backward, ``optimizer.step()``), gradients
     set to ``None`` before it, in bytes.
@@ -123,9 +148,10 @@ def peak_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, step: C
       own count of live tensor bytes).
     - CPU: live tensor bytes at the start (parameters and ``optimizer.state``, counted tensor by tensor)
       plus the highest running total of allocations minus frees that ``torch.profiler`` records with
-      ``profile_memory=True`` during the step (see :func:`_profiled_peak`); ``opt_step_extra_bytes`` is
-      the same running total inside ``optimizer.step()`` alone, above its value when the step began (the
-      step's temporaries and newly created state). ``rss_delta_bytes`` is the rise of the process's peak
+      ``profile_memory=True`` during the step, each allocation and free at its own time (see
+      :func:`_profiled_peak`). ``opt_step_extra_bytes`` is the same running total inside the range that
+      ``step`` marks with ``torch.profiler.record_function("optimizer.step")``, above its value when that
+      range began: the optimizer step's temporaries and any state it creates. ``rss_delta_bytes`` is the rise of the process's peak
       resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over its size at the
       start: what the OS saw, allocator caching included; ``None`` where that is not available.
     """
@@ -148,9 +174,9 @@ def peak_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, step: C
         )
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    peak, in_step = _profiled_peak(prof.events())
+    peak, in_step = _profiled_peak(prof)
     optimizer.zero_grad(set_to_none=True)
     rss_delta = None
     try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
