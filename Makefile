@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh clone:
 #   make book   environment, install, execute the notebooks, build the HTML book (warnings are errors)
-#   make test   the same environment, then the unit tests and nbval over every notebook
+#   make test   the same environment, then the unit tests, nbval over every notebook, and the browser
+#               check of the built book (tests/browser_check.py; skipped, saying why, without chromium)
 #
 # TORCH is what pip installs first. The default takes a CPU build of torch that this kind of machine
 # keeps on disk (fast, no multi-GB CUDA download); elsewhere override it, e.g. `make test TORCH=torch`.
@@ -12,8 +13,12 @@ BIN     := $(VENV)/bin
 PY      := $(BIN)/python
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
+NPM     ?= npm
+# The browser check drives Debian's chromium. As root with CI=true, `make` installs it with apt-get.
+CHROMIUM ?= /usr/bin/chromium
+NODE_STAMP := node_modules/.installed
 
-.PHONY: env test unit nbval book browser-check bench clean
+.PHONY: env test unit nbval book browser-check chromium bench clean
 
 env: $(STAMP)
 
@@ -26,7 +31,7 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-test: unit nbval
+test: unit nbval browser-check
 
 unit: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -34,11 +39,28 @@ unit: env
 nbval: env
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:randomly book $(PYTEST_ARGS)
 
-book: env
+# MathJax, RequireJS and the widget manager are served with the book (package.json), not loaded from CDNs.
+$(NODE_STAMP): package.json package-lock.json
+	$(NPM) ci --no-audit --no-fund
+	touch $@
+
+book: env $(NODE_STAMP)
 	$(BIN)/jupyter-book build . --warningiserror --keep-going
+
+browser-check: book chromium
+	CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests/browser_check.py $(PYTEST_ARGS)
+
+chromium:
+	@if [ -x "$(CHROMIUM)" ]; then :; \
+	elif [ "$$CI" = true ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "Installing Debian's chromium for the browser check (CI=true, root)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "No browser at $(CHROMIUM): the browser check will be skipped (set CHROMIUM, or run as root with CI=true to install Debian's chromium)"; \
+	fi
 
 bench: env
 	$(PY) benchmarks/step_speed.py
 
 clean:
-	rm -rf $(VENV) _build .pytest_cache
+	rm -rf $(VENV) _build .pytest_cache node_modules
