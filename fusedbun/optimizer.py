@@ -8,6 +8,7 @@ and 5 of the book build this module.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -23,13 +24,30 @@ from fusedbun.sparse import sparse_fusion_
 __all__ = ["FusionOptimizer", "fusion"]
 
 _NONFINITE_MODES = ("skip", "raise")
+_SQRT_FP32_MAX = math.sqrt(torch.finfo(torch.float32).max)
+_FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
     lr = group["lr"]
+    if isinstance(lr, Tensor) and (lr.numel() != 1 or lr.is_complex()):
+        raise ValueError(f"lr as a tensor must hold one real element, got shape {tuple(lr.shape)}, {lr.dtype}")
     lr_value = lr.item() if isinstance(lr, Tensor) else lr
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
+    for name in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta"):
+        value = lr_value if name == "lr" else group[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"Invalid {name}: {value!r}; it must be a real number, not {type(value).__name__}")
+    for name in ("centralize", "use_rms", "maximize"):
+        if not isinstance(group[name], bool):
+            raise TypeError(f"Invalid {name}: {group[name]!r}; it must be True or False")
+    for name in ("foreach", "fused"):
+        if group[name] is not None and not isinstance(group[name], bool):
+            raise TypeError(f"Invalid {name}: {group[name]!r}; it must be None, True or False")
+    if group["use_rms"] and 0 <= group["eps"] < _FP32_TINY:
+        raise ValueError(
+            f"Invalid eps: {group['eps']!r}; with use_rms=True it guards the division by sqrt(nu) + eps, which is "
+            f"formed in fp32, so eps >= {_FP32_TINY:.4g} (the smallest normal fp32 number)"
+        )
     checks = [
         ("lr", lr_value, lr_value >= 0, "lr >= 0"),
         ("eps", group["eps"], group["eps"] >= 0, "eps >= 0"),
@@ -157,7 +175,10 @@ class FusionOptimizer(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                # torch adds "differentiable" to the defaults here; FusionOptimizer has no such option, and a
+                # reloaded optimizer's state_dict must equal the original's
+                if key != "differentiable":
+                    group.setdefault(key, value)
 
     def _init_group(self, group: dict[str, Any], params: list, grads: list, momentum_buffers: list, steps: list) -> bool:
         """Append the group's tensors that have gradients to the lists (creating state on first use).
@@ -172,9 +193,18 @@ class FusionOptimizer(Optimizer):
                 continue
             state = self.state[p]
             if len(state) == 0:
+                if not p.is_floating_point():  # also a parameter put into group["params"] by hand
+                    raise TypeError(
+                        f"FusionOptimizer optimizes floating point parameters, got {p.dtype}; "
+                        "for a complex parameter optimize torch.view_as_real(p) instead"
+                    )
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
                 if p.dim() <= 1:
                     state["exp_hessian"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                elif is_dtensor(p):  # sharded parameter: accumulators are DTensors that follow its sharding
+                    from fusedbun.distributed import dtensor_sm3_accumulators
+
+                    state["exp_hessian"] = dtensor_sm3_accumulators(p)
                 else:
                     state["exp_hessian"] = sm3_accumulators(p)
             if group["momentum_beta"] > 0 and "momentum_buffer" not in state:
@@ -189,6 +219,9 @@ class FusionOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        if not torch.compiler.is_compiling():  # hyperparameters set in a group between steps are checked too
+            for group in self.param_groups:
+                _check_hyperparameters(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -277,7 +310,8 @@ class FusionOptimizer(Optimizer):
                 continue
             state = self.state[p]
             for key, saved in saved_state[pid].items():
-                if key == "step":
+                if key == "step":  # a number (older checkpoints) or a tensor anywhere: a float32 CPU tensor
+                    state[key] = torch.tensor(float(saved), dtype=torch.float32)
                     continue
                 if isinstance(saved, Tensor):
                     state[key] = saved.to(device=p.device, copy=True)
@@ -308,6 +342,19 @@ def _check_saved_state(saved: dict[str, Any], p: Tensor) -> None:
         raise ValueError(
             f"the state dict does not fit a parameter of shape {tuple(p.shape)}: expected {expected}"
         )
+    try:
+        step = float(saved["step"])
+    except (TypeError, ValueError, RuntimeError):
+        step = math.nan
+    if not (math.isfinite(step) and step >= 0 and step == int(step)):
+        raise ValueError(f"the state dict holds an invalid step count {saved['step']!r}; expected a whole number >= 0")
+    checked = [("exp_hessian", h) for h in (hess if isinstance(hess, (list, tuple)) else [hess])]
+    for name, t in checked + ([("momentum_buffer", buf)] if buf is not None else []):
+        if not t.is_floating_point() or not bool(t.isfinite().all()) or (name == "exp_hessian" and bool((t < 0).any())):
+            raise ValueError(
+                f"the state dict holds an invalid {name} for a parameter of shape {tuple(p.shape)}: "
+                "it must be finite floating point (and, for exp_hessian, >= 0)"
+            )
 
 
 def _finite_gradients(grads: list[Tensor]) -> list[bool]:
@@ -323,11 +370,20 @@ def _finite_gradients(grads: list[Tensor]) -> list[bool]:
     for i, g in enumerate(grads):
         if g.is_sparse:
             flags[i] = bool(torch.isfinite(g.coalesce().values().float().square().sum()))
-        else:
-            by_device.setdefault(g.device, []).append(i)
-    for idx in by_device.values():
-        norms = torch._foreach_norm([grads[i] for i in idx], 2)
-        for i, ok in zip(idx, torch.stack(norms).isfinite().tolist()):
+        elif is_dtensor(g):
+            by_device.setdefault("dtensor", []).append(i)
+        else:  # fp16/bf16 norms are taken in fp32: an fp16 norm overflows at 65504, far below fp32's limit
+            by_device.setdefault((g.device, g.dtype in (torch.float16, torch.bfloat16)), []).append(i)
+    if "dtensor" in by_device:  # sharded: every rank must reach the same verdict (see dtensor_finite_flags)
+        from fusedbun.distributed import dtensor_finite_flags
+
+        idx = by_device.pop("dtensor")
+        for i, ok in zip(idx, dtensor_finite_flags([grads[i] for i in idx])):
+            flags[i] = ok
+    for (_, half), idx in by_device.items():
+        norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=torch.float32 if half else None)
+        # below sqrt(fp32 max), the squares fit the fp32 second moment (a norm taken in fp64 included)
+        for i, ok in zip(idx, torch.stack(norms).lt(_SQRT_FP32_MAX).tolist()):
             flags[i] = ok
     return flags
 
