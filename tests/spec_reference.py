@@ -1,0 +1,125 @@
+"""A plain float64 re-derivation of one FusionOptimizer step, written from SPEC.md ("One step") alone.
+
+Nothing here imports or mirrors the package: it is the oracle the specification tests compare against.
+Every line below names the SPEC rule it implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import torch
+
+F64 = torch.float64
+
+Hessian = Union[torch.Tensor, List[torch.Tensor]]
+
+
+@dataclass
+class RefState:
+    """The state of one parameter before a step, in float64 (``None`` fields: fresh, i.e. zeros)."""
+
+    exp_hessian: Optional[Hessian] = None
+    momentum_buffer: Optional[torch.Tensor] = None
+
+
+@dataclass
+class RefStep:
+    """What one step produces, in float64."""
+
+    param: torch.Tensor
+    exp_hessian: Hessian  # dense v for dim <= 1, list of a_k for dim >= 2
+    momentum_buffer: Optional[torch.Tensor]  # None when momentum_beta == 0
+    mask: torch.Tensor  # rule 3
+    nu: torch.Tensor  # rule 4 (full size, temporary)
+    g: torch.Tensor  # gradient after rules 1-3
+    direction: torch.Tensor  # u after rule 5, before momentum
+    u: torch.Tensor  # the direction actually applied in rule 8 (after momentum)
+
+
+def beta_t(t: int, beta_decay: float) -> float:
+    """Rule 4: ``beta_t = 1 - t ** (-beta_decay)`` (t is 1-based, so beta_1 == 0)."""
+    return 1.0 - float(t) ** (-float(beta_decay))
+
+
+def accumulator_shape(shape: Sequence[int], k: int) -> List[int]:
+    """SPEC's a_k: ``[1, ..., shape[k], ..., 1]``."""
+    return [n if i == k else 1 for i, n in enumerate(shape)]
+
+
+def sm3_prev(accumulators: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """Rule 4, dim >= 2: ``prev = min_k a_k`` (broadcast to the full shape)."""
+    prev = accumulators[0].to(F64)
+    for a in accumulators[1:]:
+        prev = torch.minimum(prev, a.to(F64))
+    return prev.expand(*shape).clone()
+
+
+def sm3_cover(nu: torch.Tensor) -> List[torch.Tensor]:
+    """Rule 4, dim >= 2: ``a_k = nu.amax(over every dim but k, keepdim=True)``."""
+    d = nu.dim()
+    return [nu.amax(dim=tuple(i for i in range(d) if i != k), keepdim=True) for k in range(d)]
+
+
+def reference_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: Optional[RefState],
+    t: int,
+    *,
+    lr: float,
+    eps: float = 1e-8,
+    beta_decay: float = 0.8,
+    Lambda: float = 0.01,
+    momentum_beta: float = 0.9,
+    centralize: bool = False,
+    use_rms: bool = False,
+    maximize: bool = False,
+) -> RefStep:
+    """One step of SPEC "One step, for one parameter p with dense gradient g, at step t", in float64."""
+    p = param.detach().to(F64).clone()
+    g = grad.detach().to(F64).clone()
+    if g.is_sparse:
+        g = g.to_dense()
+    state = state if state is not None else RefState()
+
+    # 1. Maximize.
+    if maximize:
+        g = -g
+    # 2. Gradient centralization (only for g.dim() > 1).
+    if centralize and g.dim() > 1:
+        g = g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True)
+    # 3. Sparse update mask, on every parameter.
+    mask = g.abs() > eps
+    g = g * mask
+    # 4. Second moment.
+    b = beta_t(t, beta_decay)
+    if p.dim() <= 1:
+        v = state.exp_hessian.to(F64).clone() if state.exp_hessian is not None else torch.zeros_like(p)
+        v = torch.where(mask, b * v + (1.0 - b) * g * g, v)
+        nu = v
+        new_hessian: Hessian = v
+    else:
+        if state.exp_hessian is None:
+            acc = [torch.zeros(accumulator_shape(p.shape, k), dtype=F64) for k in range(p.dim())]
+        else:
+            acc = [a.to(F64) for a in state.exp_hessian]
+        prev = sm3_prev(acc, p.shape)
+        nu = torch.where(mask, b * prev + (1.0 - b) * g * g, prev)
+        new_hessian = sm3_cover(nu)
+    # 5. RMS normalization.
+    u = g / (nu.sqrt() + eps) if use_rms else g
+    direction = u
+    # 6. Momentum (EMA form); the buffer is zeros before the first step.
+    m = None
+    if momentum_beta > 0:
+        m = state.momentum_buffer.to(F64).clone() if state.momentum_buffer is not None else torch.zeros_like(p)
+        m = momentum_beta * m + (1.0 - momentum_beta) * u
+        u = m
+    # 7. Decoupled weight decay.
+    if Lambda != 0:
+        p = p * (1.0 - lr * Lambda)
+    # 8. Update.
+    p = p - lr * u
+    return RefStep(param=p, exp_hessian=new_hessian, momentum_buffer=m, mask=mask, nu=nu, g=g, direction=direction, u=u)

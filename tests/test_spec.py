@@ -1,0 +1,1110 @@
+"""Specification tests for ``fusedbun.FusionOptimizer``, written from /work/shared/SPEC.md alone.
+
+Each test's name states the property of the contract it checks; each body checks it on fresh random inputs,
+seeded per test (from the test id). The float64 oracle is ``spec_reference.reference_step``.
+
+Reading of SPEC used where it is terse (the places an implementer may want to check first):
+- The momentum buffer is zeros before the first step (the EMA form of rule 6, like Adam's first moment),
+  so the first step moves by ``(1 - momentum_beta) * u``.
+- "fp32 arithmetic" for bf16/fp16 parameters is checked as: the new parameter is the float64 result of
+  the rules rounded once to the parameter dtype (half an ulp), plus, when the momentum buffer is itself
+  low precision, the rounding of that buffer (scaled by lr).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import math
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from spec_reference import (  # noqa: E402
+    RefState,
+    RefStep,
+    accumulator_shape,
+    beta_t,
+    reference_step,
+    sm3_cover,
+    sm3_prev,
+)
+
+import fusedbun  # noqa: E402
+from fusedbun import Fusedbun, FusionOptimizer  # noqa: E402
+
+F64 = torch.float64
+LOW = (torch.bfloat16, torch.float16)
+HP_KEYS = ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms", "maximize")
+ENGINES = pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A generator seeded from the test id (and the global RNG too, for nn.Module initialisation)."""
+    seed = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def shape_id(shape) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+def dtype_id(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def exactly_representable(eps: float) -> bool:
+    return all(float(torch.tensor(eps, dtype=d)) == eps for d in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def make_grad(shape, gen: torch.Generator, eps: float, scale: float = 1.0) -> torch.Tensor:
+    """A float64 gradient whose entries include exact zeros, tiny values (|g| < eps) and, when eps is exactly
+    representable in every parameter dtype, |g| == eps exactly, so the mask of rule 3 matters (its strict
+    ``>`` included). (For an eps such as 0.3, fp32(0.3) > 0.3: whether such a g is masked would depend on the
+    precision of the comparison, which SPEC does not pin down, so those boundary entries are not drawn.)"""
+    g = torch.randn(shape, generator=gen, dtype=F64) * scale
+    r = torch.rand(shape, generator=gen, dtype=F64)
+    tiny = (torch.rand(shape, generator=gen, dtype=F64) * 2 - 1) * eps * 0.9
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0).to(F64)
+    g = torch.where(r < 0.2, torch.zeros_like(g), g)
+    g = torch.where((r >= 0.2) & (r < 0.35), tiny, g)
+    if exactly_representable(eps):
+        g = torch.where((r >= 0.35) & (r < 0.42), sign * eps, g)
+    return g
+
+
+def group_of(opt, p) -> Dict[str, Any]:
+    for group in opt.param_groups:
+        if any(q is p for q in group["params"]):
+            return group
+    raise AssertionError("parameter not in any group")
+
+
+def group_hp(group) -> Dict[str, Any]:
+    return {k: group[k] for k in HP_KEYS}
+
+
+def steps_taken(opt, p) -> int:
+    st = opt.state.get(p, None)
+    if not st or "step" not in st:
+        return 0
+    return int(float(st["step"]))
+
+
+def hessian_of(opt, p):
+    """The exp_hessian state in the documented layout (checked)."""
+    st = opt.state[p]
+    assert "exp_hessian" in st, f"no 'exp_hessian' in state (keys: {sorted(st)})"
+    h = st["exp_hessian"]
+    if p.dim() <= 1:
+        assert isinstance(h, torch.Tensor), f"exp_hessian of a {p.dim()}-D param must be a tensor, got {type(h)}"
+        assert tuple(h.shape) == tuple(p.shape), f"exp_hessian shape {tuple(h.shape)} != param shape {tuple(p.shape)}"
+        assert h.dtype == torch.float32, f"exp_hessian dtype {h.dtype}, SPEC keeps accumulators in fp32"
+        return h
+    assert isinstance(h, (list, tuple)), f"exp_hessian of a {p.dim()}-D param must be a list of a_k, got {type(h)}"
+    assert len(h) == p.dim(), f"{len(h)} accumulators for a {p.dim()}-D param"
+    for k, a in enumerate(h):
+        assert list(a.shape) == accumulator_shape(p.shape, k), f"a_{k} shape {list(a.shape)} != {accumulator_shape(p.shape, k)}"
+        assert a.dtype == torch.float32, f"a_{k} dtype {a.dtype}, SPEC keeps accumulators in fp32"
+    return list(h)
+
+
+def snapshot(opt, p) -> Tuple[int, Optional[RefState]]:
+    """(steps taken, state as float64 copies), read before a step."""
+    t = steps_taken(opt, p)
+    if t == 0:
+        return 0, None
+    st = opt.state[p]
+    h = st.get("exp_hessian")
+    if isinstance(h, torch.Tensor):
+        h = h.detach().to(F64).clone()
+    elif h is not None:
+        h = [a.detach().to(F64).clone() for a in h]
+    m = st.get("momentum_buffer")
+    m = m.detach().to(F64).clone() if m is not None else None
+    return t, RefState(exp_hessian=h, momentum_buffer=m)
+
+
+def half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half the spacing of ``dtype`` numbers around |x| (x in float64); subnormal spacing near zero."""
+    fi = torch.finfo(dtype)
+    nmant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}[dtype]
+    emin = int(round(math.log2(fi.tiny))) + 1
+    _, e = torch.frexp(x.detach().to(F64).abs())
+    e = torch.clamp(e, min=emin)
+    return torch.ldexp(torch.full_like(x, 0.5, dtype=F64), (e - 1 - nmant).to(torch.int64))
+
+
+def assert_within(name: str, got: torch.Tensor, expected: torch.Tensor, tol: torch.Tensor) -> None:
+    got64 = got.detach().to(F64)
+    expected = expected.to(F64)
+    assert tuple(got64.shape) == tuple(expected.shape), f"{name}: shape {tuple(got64.shape)} != {tuple(expected.shape)}"
+    err = (got64 - expected).abs()
+    bad = ~(err <= tol)
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0]) if got64.dim() else ()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {got64.numel()} entries off. First at {idx}: "
+            f"got {got64[idx].item():.10g}, expected {expected[idx].item():.10g}, "
+            f"|diff| {err[idx].item():.3g} > tol {tol.expand_as(err)[idx].item():.3g}"
+        )
+
+
+@dataclass
+class Expectation:
+    p: torch.Tensor
+    t: int
+    ref: RefStep
+    hp: Dict[str, Any]
+    pre_p: torch.Tensor
+    pre_m: Optional[torch.Tensor]
+    momentum_dtype: torch.dtype
+
+
+def expect_step(opt, p, momentum_dtype: Optional[torch.dtype] = None) -> Expectation:
+    """Call before ``opt.step()``: the reference result of the coming step for ``p``."""
+    hp = group_hp(group_of(opt, p))
+    t0, pre = snapshot(opt, p)
+    ref = reference_step(p, p.grad, pre, t0 + 1, **hp)
+    pre_m = pre.momentum_buffer if pre is not None and pre.momentum_buffer is not None else torch.zeros(p.shape, dtype=F64)
+    return Expectation(p, t0 + 1, ref, hp, p.detach().to(F64).clone(), pre_m, momentum_dtype or p.dtype)
+
+
+def verify(opt, e: Expectation, what: str = "", rows: Optional[torch.Tensor] = None) -> None:
+    """Call after ``opt.step()``: parameter, step counter, exp_hessian and momentum match the reference.
+
+    ``rows`` (sparse gradients): a bool mask over dim 0 of the rows present in the gradient; the parameter and
+    momentum are then compared with the dense rule on those rows only, and must be bit-for-bit unchanged on
+    the others; the accumulators are compared everywhere."""
+    p, ref, hp = e.p, e.ref, e.hp
+    sel = (lambda x: x[rows]) if rows is not None else (lambda x: x)
+    tag = f"{what}step {e.t}"
+    lr, mb = hp["lr"], hp["momentum_beta"]
+    rel = 1e-12 if p.dtype == F64 else 1e-6
+    # u's own error (fp32 accumulators, fp32 arithmetic), relative to the terms that make it.
+    u_err = 1e-5 * (ref.u.abs() + e.pre_m.abs() + ref.direction.abs() + ref.g.abs())
+
+    assert steps_taken(opt, p) == e.t, f"{tag}: state['step'] is {steps_taken(opt, p)}, expected {e.t}"
+
+    # exp_hessian: fp32, no cancellation in rule 4 -> relative tolerance.
+    h = hessian_of(opt, p)
+    if p.dim() <= 1:
+        assert_within(f"{tag} exp_hessian", h, ref.exp_hessian, 2e-6 * ref.exp_hessian.abs() + 1e-30)
+    else:
+        for k, (a, ra) in enumerate(zip(h, ref.exp_hessian)):
+            assert_within(f"{tag} exp_hessian a_{k}", a, ra, 2e-6 * ra.abs() + 1e-30)
+
+    # momentum
+    m_round = torch.zeros((), dtype=F64)
+    st = opt.state[p]
+    if mb > 0:
+        assert "momentum_buffer" in st, f"{tag}: no momentum_buffer with momentum_beta={mb}"
+        m = st["momentum_buffer"]
+        assert m.dtype == e.momentum_dtype, f"{tag}: momentum_buffer dtype {m.dtype}, expected {e.momentum_dtype}"
+        tol_m = u_err.clone()
+        if e.momentum_dtype in LOW:
+            m_round = 1.01 * torch.maximum(half_ulp(ref.momentum_buffer, e.momentum_dtype), half_ulp(m, e.momentum_dtype))
+            tol_m = tol_m + m_round
+        elif e.momentum_dtype == torch.float32:
+            tol_m = tol_m + 1e-6 * ref.momentum_buffer.abs()
+        assert_within(f"{tag} momentum_buffer", sel(m), sel(ref.momentum_buffer), sel(tol_m))
+        if rows is not None:
+            assert torch.equal(m.detach().to(F64)[~rows], e.pre_m[~rows]), f"{tag}: momentum rows absent from the sparse gradient changed"
+    else:
+        assert st.get("momentum_buffer") is None, f"{tag}: a momentum_buffer exists with momentum_beta=0"
+
+    # parameter: one final rounding to its dtype, fp32 arithmetic before it
+    tol_p = rel * (e.pre_p.abs() + ref.param.abs()) + lr * (u_err + m_round)
+    if p.dtype in LOW:
+        tol_p = tol_p + 1.01 * torch.maximum(half_ulp(ref.param, p.dtype), half_ulp(p, p.dtype))
+    assert_within(f"{tag} param ({p.dtype})", sel(p), sel(ref.param), sel(tol_p))
+    if rows is not None:
+        assert torch.equal(p.detach().to(F64)[~rows], e.pre_p[~rows]), f"{tag}: param rows absent from the sparse gradient changed"
+
+
+def step_and_verify(opt, params, what: str = "", momentum_dtype=None) -> None:
+    exps = [expect_step(opt, p, momentum_dtype) for p in params if p.grad is not None]
+    opt.step()
+    for e in exps:
+        verify(opt, e, what)
+
+
+def set_grad(p: torch.Tensor, g64: torch.Tensor) -> None:
+    p.grad = g64.to(p.dtype).clone()
+
+
+def as_list(h):
+    return [h] if isinstance(h, torch.Tensor) else list(h)
+
+
+def assert_same_tree(a, b, path="state") -> None:
+    """Bit-for-bit equality of nested state (tensors: dtype, shape and bits)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), f"{path}: {type(a)} vs {type(b)}"
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} vs {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        if not torch.equal(a, b):
+            d = (a.double() - b.double()).abs()
+            where = tuple(int(i) for i in (d == d.max()).nonzero()[0])
+            raise AssertionError(f"{path}: not bit-identical, max |diff| {d.max().item():.3g} at {where}")
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: {a!r} vs {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} vs {b!r}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. One step: every rule against the float64 re-derivation
+# ----------------------------------------------------------------------------------------------------------
+
+SHAPES = [(), (5,), (7, 5), (3, 4, 5), (2, 3, 4, 5)]
+FLAGS = list(itertools.product([False, True], repeat=3))
+STEP_SCALES = [1.0, 0.5, 2.0, 1.0]  # gradient scale per step: nu evolves, more or fewer entries masked
+
+
+def flag_id(flags) -> str:
+    return "-".join(n for n, on in zip(("centralize", "rms", "maximize"), flags) if on) or "plain"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
+@pytest.mark.parametrize("Lambda", [0.0, 0.01], ids=["wd0", "wd.01"])
+@pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
+@pytest.mark.parametrize("centralize,use_rms,maximize", FLAGS, ids=[flag_id(f) for f in FLAGS])
+@ENGINES
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+def test_every_step_follows_the_spec_rules_on_every_shape_flag_and_dtype(
+    shape, foreach, centralize, use_rms, maximize, momentum_beta, Lambda, dtype, gen
+):
+    eps = 0.25  # large, exactly representable in every dtype: many entries masked, |g| == eps among them
+    p = torch.randn(shape, generator=gen, dtype=F64).to(dtype).requires_grad_()
+    opt = FusionOptimizer(
+        [p], lr=0.1, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize,
+        use_rms=use_rms, maximize=maximize, foreach=foreach,
+    )
+    for scale in STEP_SCALES:
+        set_grad(p, make_grad(shape, gen, eps, scale))
+        step_and_verify(opt, [p])
+
+
+@pytest.mark.parametrize("centralize,use_rms", [(False, False), (True, True), (False, True)], ids=["plain", "centralize-rms", "rms"])
+@ENGINES
+@pytest.mark.parametrize("shape", [(), (6,), (7, 5), (3, 4, 5), (2, 3, 4, 5), (1, 6), (6, 1)], ids=shape_id)
+def test_default_hyperparameters_follow_the_spec_rules(shape, foreach, centralize, use_rms, gen):
+    """Defaults eps=1e-8, beta_decay=0.8, Lambda=0.01, momentum_beta=0.9: exact zeros are the masked entries."""
+    p = torch.randn(shape, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.05, centralize=centralize, use_rms=use_rms, foreach=foreach)
+    g0 = opt.param_groups[0]
+    assert (g0["eps"], g0["beta_decay"], g0["Lambda"], g0["momentum_beta"], g0["maximize"]) == (1e-8, 0.8, 0.01, 0.9, False)
+    for scale in STEP_SCALES:
+        set_grad(p, make_grad(shape, gen, 1e-8, scale))
+        step_and_verify(opt, [p])
+
+
+@pytest.mark.parametrize("beta_decay", [0.3, 0.5, 1.0])
+@ENGINES
+@pytest.mark.parametrize("shape", [(9,), (4, 6), (2, 3, 4)], ids=shape_id)
+def test_second_moment_decay_follows_one_minus_t_to_the_minus_beta_decay(shape, foreach, beta_decay, gen):
+    p = torch.randn(shape, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.05, eps=1 / 64, beta_decay=beta_decay, use_rms=True, foreach=foreach)
+    for t in range(1, 7):
+        set_grad(p, make_grad(shape, gen, 1 / 64, 1.0 + 0.5 * t))
+        step_and_verify(opt, [p])
+
+
+@ENGINES
+@pytest.mark.parametrize("shape", [(6,), (7, 5), (2, 3, 4)], ids=shape_id)
+def test_first_step_second_moment_is_g_squared_because_beta_1_is_zero(shape, foreach, gen):
+    eps = 0.25
+    p = torch.randn(shape, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.1, eps=eps, foreach=foreach)
+    g = make_grad(shape, gen, eps).float()
+    p.grad = g.clone()
+    opt.step()
+    nu = torch.where(g.abs() > eps, g * g, torch.zeros_like(g))
+    h = hessian_of(opt, p)
+    expected = [nu] if p.dim() <= 1 else sm3_cover(nu)
+    for k, (a, ea) in enumerate(zip(as_list(h), expected)):
+        torch.testing.assert_close(a, ea.float(), rtol=1e-6, atol=0, msg=lambda m: f"a_{k} after step 1 (beta_1=0): {m}")
+
+
+@ENGINES
+def test_masked_entries_keep_their_dense_second_moment_unchanged_not_decayed(foreach, gen):
+    eps = 0.25
+    p = torch.randn(12, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.1, eps=eps, momentum_beta=0.0, Lambda=0.0, foreach=foreach)
+    g1 = torch.randn(12, generator=gen).sign() * (1.0 + torch.rand(12, generator=gen))  # all |g| > eps
+    p.grad = g1.clone()
+    opt.step()
+    v1 = hessian_of(opt, p).clone()
+    torch.testing.assert_close(v1, g1 * g1, rtol=1e-6, atol=0)
+
+    g2 = torch.randn(12, generator=gen) * 2
+    g2[[0, 3, 7]] = 0.0
+    g2[[1, 8]] = torch.tensor([0.1, -0.2])
+    g2[[2, 5]] = torch.tensor([eps, -eps])  # |g| == eps is masked: the mask is strict
+    g2[[4, 6, 9, 10, 11]] = torch.tensor([1.5, -0.7, 0.26, -3.0, 0.9])
+    masked = g2.abs() <= eps
+    p_before = p.detach().clone()
+    p.grad = g2.clone()
+    opt.step()
+    v2 = hessian_of(opt, p)
+    assert torch.equal(v2[masked], v1[masked]), f"masked entries' second moment changed: {v1[masked]} -> {v2[masked]}"
+    b2 = beta_t(2, 0.8)
+    expected = b2 * v1.double() + (1 - b2) * g2.double() ** 2
+    torch.testing.assert_close(v2[~masked].double(), expected[~masked], rtol=1e-6, atol=0)
+    # use_rms=False, no momentum, no decay: u = g * mask, so masked entries of p do not move.
+    assert torch.equal(p.detach()[masked], p_before[masked]), "masked entries of p moved"
+    torch.testing.assert_close(p.detach()[~masked], p_before[~masked] - 0.1 * g2[~masked], rtol=1e-6, atol=1e-7)
+
+
+def _alternative_prev(acc, shape, how):
+    if how == "max":
+        prev = acc[0]
+        for a in acc[1:]:
+            prev = torch.maximum(prev, a)
+    elif how == "mean":
+        prev = sum(a.expand(*shape) for a in acc) / len(acc)
+    elif how == "first":
+        prev = acc[0]
+    elif how == "last":
+        prev = acc[-1]
+    return prev.expand(*shape)
+
+
+@ENGINES
+@pytest.mark.parametrize("shape", [(5, 4), (3, 4, 2)], ids=shape_id)
+def test_sm3_second_moment_starts_from_the_min_over_cover_accumulators(shape, foreach, gen):
+    eps = 1e-3
+    p = torch.randn(shape, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.1, eps=eps, momentum_beta=0.0, Lambda=0.0, use_rms=True, foreach=foreach)
+    p.grad = torch.randn(shape, generator=gen) * torch.rand(shape, generator=gen) * 3 + 0.0
+    p.grad[p.grad.abs() <= eps] = 1.0
+    opt.step()
+    acc = [a.double().clone() for a in hessian_of(opt, p)]
+
+    g2 = torch.randn(shape, generator=gen)
+    keep = torch.rand(shape, generator=gen) < 0.4
+    g2 = torch.where(keep, g2, torch.zeros_like(g2))  # ~60% masked
+    p_before = p.detach().double().clone()
+    p.grad = g2.clone()
+    opt.step()
+    b2 = beta_t(2, 0.8)
+    g2d = g2.double()
+    mask = g2d.abs() > eps
+
+    def expected_for(prev):
+        nu = torch.where(mask, b2 * prev + (1 - b2) * g2d ** 2, prev)
+        return nu, sm3_cover(nu)
+
+    prev = sm3_prev(acc, shape)
+    nu, expected = expected_for(prev)
+    # the check below can tell min from the other natural choices on these inputs:
+    for how in ("max", "mean", "first", "last"):
+        _, alt = expected_for(_alternative_prev(acc, shape, how).clone())
+        assert any(not torch.allclose(x, y, rtol=1e-4) for x, y in zip(alt, expected)), f"inputs do not separate min from {how}"
+    for k, (a, ea) in enumerate(zip(hessian_of(opt, p), expected)):
+        torch.testing.assert_close(a.double(), ea, rtol=1e-6, atol=0, msg=lambda m: f"a_{k} after step 2: {m}")
+    # and the update used that nu: u = g / (sqrt(nu) + eps) on unmasked entries
+    torch.testing.assert_close(p.detach().double(), p_before - 0.1 * g2d * mask / (nu.sqrt() + eps), rtol=1e-6, atol=1e-7)
+
+
+@ENGINES
+@pytest.mark.parametrize("shape", [(4, 6), (3, 2, 5)], ids=shape_id)
+def test_fully_masked_step_leaves_the_sm3_accumulators_where_min_then_amax_puts_them(shape, foreach, gen):
+    """With every entry masked, nu = prev = min_k a_k and a_k = amax(nu). For accumulators that are themselves
+    maxima of an earlier nu this gives a_k back exactly (nothing is decayed)."""
+    p = torch.randn(shape, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.1, eps=1e-3, foreach=foreach)
+    for _ in range(2):
+        p.grad = torch.randn(shape, generator=gen) * (torch.rand(shape, generator=gen) * 4) + 1e-2
+        opt.step()
+    acc = [a.double().clone() for a in hessian_of(opt, p)]
+    p.grad = torch.zeros(shape)
+    opt.step()
+    expected = sm3_cover(sm3_prev(acc, shape))
+    for k, (a, ea, a_old) in enumerate(zip(hessian_of(opt, p), expected, acc)):
+        torch.testing.assert_close(a.double(), ea, rtol=0, atol=0, msg=lambda m: f"a_{k} after an all-masked step: {m}")
+        assert torch.equal(a.double(), a_old), f"a_{k} changed on an all-masked step"
+
+
+@ENGINES
+@pytest.mark.parametrize("shape", [(8,), (5, 3)], ids=shape_id)
+def test_momentum_buffer_starts_at_zero_so_the_first_step_moves_by_one_minus_beta(shape, foreach, gen):
+    p = torch.randn(shape, generator=gen).requires_grad_()
+    p0 = p.detach().clone()
+    opt = FusionOptimizer([p], lr=0.1, eps=1e-8, momentum_beta=0.9, Lambda=0.0, foreach=foreach)
+    g = torch.randn(shape, generator=gen)
+    p.grad = g.clone()
+    opt.step()
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], 0.1 * g, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(p.detach(), p0 - 0.1 * 0.1 * g, rtol=1e-6, atol=1e-8)
+
+
+@ENGINES
+@pytest.mark.parametrize("momentum_dtype", [torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("pdtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_momentum_dtype_sets_the_buffer_dtype_and_math_stays_fp32(pdtype, momentum_dtype, foreach, gen):
+    shapes = [(7, 5), (6,), (2, 3, 4)]
+    params = [torch.randn(s, generator=gen).to(pdtype).requires_grad_() for s in shapes]
+    opt = FusionOptimizer(params, lr=0.1, eps=0.25, use_rms=True, centralize=True, momentum_dtype=momentum_dtype, foreach=foreach)
+    for scale in STEP_SCALES:
+        for p in params:
+            set_grad(p, make_grad(p.shape, gen, 0.25, scale))
+        step_and_verify(opt, params, momentum_dtype=momentum_dtype)
+
+
+def test_foreach_none_picks_an_engine_that_follows_the_spec(gen):
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in [(7, 5), (5,), ()]]
+    opt = FusionOptimizer(params, lr=0.1, eps=0.25, use_rms=True, momentum_beta=0.9)  # foreach left as None
+    for scale in STEP_SCALES:
+        for p in params:
+            set_grad(p, make_grad(p.shape, gen, 0.25, scale))
+        step_and_verify(opt, params)
+
+
+def test_fusedbun_is_the_same_class_as_fusionoptimizer():
+    assert Fusedbun is FusionOptimizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. The two engines agree
+# ----------------------------------------------------------------------------------------------------------
+
+MANY_SHAPES = [(), (1,), (5,), (1, 1), (7, 5), (1, 6), (6, 1), (3, 4, 5), (2, 3, 4, 5), (2, 1, 3, 1), (33, 17)]
+MANY_DTYPES = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.float64, torch.float32]
+
+
+@pytest.mark.parametrize("Lambda", [0.0, 0.01], ids=["wd0", "wd.01"])
+@pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
+@pytest.mark.parametrize("centralize,use_rms,maximize", FLAGS, ids=[flag_id(f) for f in FLAGS])
+def test_foreach_and_single_tensor_engines_give_the_same_steps(centralize, use_rms, maximize, momentum_beta, Lambda, gen):
+    init = [torch.randn(s, generator=gen).to(MANY_DTYPES[i % len(MANY_DTYPES)]) for i, s in enumerate(MANY_SHAPES)]
+    runs = {}
+    grads = [[make_grad(s, gen, 1 / 64, sc) for s in MANY_SHAPES] for sc in STEP_SCALES]
+    for foreach in (False, True):
+        params = [x.clone().requires_grad_() for x in init]
+        opt = FusionOptimizer(
+            params, lr=0.05, eps=1 / 64, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize,
+            use_rms=use_rms, maximize=maximize, foreach=foreach,
+        )
+        for t, gs in enumerate(grads):
+            for i, (p, g) in enumerate(zip(params, gs)):
+                # at step 2 a third of the parameters have no gradient
+                p.grad = None if (t == 1 and i % 3 == 0) else g.to(p.dtype)
+            opt.step()
+        runs[foreach] = (params, opt)
+    (ps, os_), (pf, of) = runs[False], runs[True]
+    for i, (a, b) in enumerate(zip(ps, pf)):
+        tag = f"param {i} {tuple(a.shape)} {a.dtype}"
+        if a.dtype in LOW:
+            tol = 2 * half_ulp(a.detach(), a.dtype) + 1e-5 * a.detach().double().abs()
+        else:
+            tol = 1e-5 * a.detach().double().abs() + 1e-6
+        assert_within(f"{tag} single vs foreach", b, a.detach().double(), tol)
+        sa, sb = os_.state[a], of.state[b]
+        assert steps_taken(os_, a) == steps_taken(of, b) == (3 if i % 3 == 0 else 4), f"{tag}: step counters"
+        for k, (x, y) in enumerate(zip(as_list(hessian_of(os_, a)), as_list(hessian_of(of, b)))):
+            assert_within(f"{tag} exp_hessian[{k}]", y, x.double(), 1e-5 * x.double().abs() + 1e-12)
+        if momentum_beta > 0:
+            ma, mb_ = sa["momentum_buffer"], sb["momentum_buffer"]
+            assert ma.dtype == mb_.dtype == a.dtype
+            tol = (2 * half_ulp(ma, ma.dtype) if ma.dtype in LOW else 0) + 1e-5 * ma.double().abs() + 1e-6
+            assert_within(f"{tag} momentum", mb_, ma.double(), tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. State memory
+# ----------------------------------------------------------------------------------------------------------
+
+
+@ENGINES
+@pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
+@pytest.mark.parametrize("shape", [(7, 5), (16, 3), (3, 4, 5), (2, 3, 4, 5), (1, 6), (6,), ()], ids=shape_id)
+def test_state_holds_sum_of_dims_numbers_beyond_the_momentum(shape, momentum_beta, foreach, gen):
+    p = torch.randn(shape, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.1, momentum_beta=momentum_beta, use_rms=True, foreach=foreach)
+    for _ in range(2):
+        p.grad = torch.randn(shape, generator=gen)
+        opt.step()
+    st = opt.state[p]
+    h = hessian_of(opt, p)
+    n_hessian = sum(a.numel() for a in as_list(h))
+    expected = p.numel() if p.dim() <= 1 else sum(shape)
+    assert n_hessian == expected, f"exp_hessian holds {n_hessian} numbers, SPEC: {expected}"
+    if momentum_beta == 0:
+        assert "momentum_buffer" not in st or st["momentum_buffer"] is None, "momentum_buffer kept with momentum_beta == 0"
+    else:
+        assert tuple(st["momentum_buffer"].shape) == tuple(shape)
+    # Nothing else of parameter size is kept between steps.
+    others = {k: v for k, v in st.items() if k not in ("momentum_buffer", "exp_hessian", "step")}
+    extra = 0
+    for k, v in others.items():
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, torch.Tensor):
+                extra += x.numel()
+    if p.dim() >= 2 and sum(shape) < p.numel():
+        assert extra < p.numel(), f"state keys {sorted(others)} hold {extra} more numbers (param has {p.numel()})"
+    step = st["step"]
+    assert not isinstance(step, torch.Tensor) or step.numel() == 1
+
+
+@ENGINES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_accumulators_are_fp32_and_momentum_has_the_param_dtype(dtype, foreach, gen):
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in [(), (5,), (4, 3), (2, 3, 4)]]
+    opt = FusionOptimizer(params, lr=0.1, foreach=foreach)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(dtype)
+    opt.step()
+    for p in params:
+        hessian_of(opt, p)  # layout and fp32 checked there
+        assert opt.state[p]["momentum_buffer"].dtype == dtype
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Optimizer protocol: closure, schedulers, param groups, deepcopy, zero_grad, GradScaler, grad None
+# ----------------------------------------------------------------------------------------------------------
+
+
+@ENGINES
+def test_closure_is_called_once_under_enable_grad_and_its_loss_is_returned(foreach, gen):
+    model = nn.Linear(4, 3)
+    x = torch.randn(6, 4, generator=gen)
+    opt = FusionOptimizer(model.parameters(), lr=0.1, foreach=foreach)
+    calls: List[bool] = []
+    losses: List[torch.Tensor] = []
+    params = list(model.parameters())
+
+    def closure():
+        calls.append(torch.is_grad_enabled())
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        losses.append(loss)
+        return loss
+
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        ret = opt.step(closure)
+    assert calls == [True], f"closure calls (grad enabled?): {calls}"
+    assert ret is losses[0], f"step returned {ret!r}, not the closure's loss {losses[0]!r}"
+    # and the step used the gradient the closure produced
+    for p, b in zip(params, before):
+        ref = reference_step(b, p.grad, None, 1, **group_hp(opt.param_groups[0]))
+        torch.testing.assert_close(p.detach().double(), ref.param, rtol=1e-6, atol=1e-7)
+
+
+@ENGINES
+@pytest.mark.parametrize("sched", ["StepLR", "LambdaLR"])
+def test_lr_scheduler_changes_lr_and_the_update_scales_with_it(sched, foreach, gen):
+    p = torch.randn(6, 4, generator=gen).requires_grad_()
+    q = torch.randn(5, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p, q], lr=0.2, eps=1 / 64, use_rms=True, foreach=foreach)
+    if sched == "StepLR":
+        s = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        lrs = [0.2 * 0.5**k for k in range(5)]
+    else:
+        s = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 / (1 + 3 * e))
+        lrs = [0.2 / (1 + 3 * k) for k in range(5)]
+    for k in range(5):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lrs[k])
+        for x in (p, q):
+            x.grad = torch.randn(x.shape, generator=gen)
+        step_and_verify(opt, [p, q], f"lr={lrs[k]:.4g} ")
+        s.step()
+    # same gradients, no momentum/decay: displacement is exactly proportional to lr
+    a = torch.randn(3, 4, generator=gen)
+    ps = [a.clone().requires_grad_() for _ in range(2)]
+    o = [FusionOptimizer([x], lr=0.1, momentum_beta=0, Lambda=0, use_rms=True, foreach=foreach) for x in ps]
+    sc = torch.optim.lr_scheduler.LambdaLR(o[1], lambda e: 0.25)
+    g = torch.randn(3, 4, generator=gen)
+    for x, oo in zip(ps, o):
+        x.grad = g.clone()
+        oo.step()
+    torch.testing.assert_close((ps[1].detach() - a), 0.25 * (ps[0].detach() - a), rtol=1e-5, atol=1e-8)
+
+
+@ENGINES
+def test_add_param_group_uses_its_own_hyperparameters_and_its_own_step_count(foreach, gen):
+    p = torch.randn(5, 4, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p], lr=0.05, foreach=foreach)
+    for _ in range(2):
+        p.grad = torch.randn(5, 4, generator=gen)
+        step_and_verify(opt, [p])
+    q = torch.randn(3, 6, generator=gen).requires_grad_()
+    r = torch.randn(7, generator=gen).requires_grad_()
+    opt.add_param_group({"params": [q, r], "lr": 0.3, "eps": 0.25, "Lambda": 0.1, "momentum_beta": 0.5,
+                         "centralize": True, "use_rms": True, "maximize": True, "beta_decay": 0.5})
+    g = opt.param_groups[1]
+    assert (g["lr"], g["eps"], g["Lambda"], g["momentum_beta"], g["beta_decay"]) == (0.3, 0.25, 0.1, 0.5, 0.5)
+    assert g["centralize"] and g["use_rms"] and g["maximize"]
+    opt.add_param_group({"params": [torch.zeros(2, 2, requires_grad=True)]})
+    g3 = opt.param_groups[2]
+    assert (g3["lr"], g3["eps"], g3["Lambda"], g3["momentum_beta"], g3["beta_decay"]) == (0.05, 1e-8, 0.01, 0.9, 0.8), \
+        "a group added without hyperparameters takes the defaults"
+    for _ in range(3):
+        for x in (p, q, r):
+            set_grad(x, make_grad(x.shape, gen, 0.25))
+        step_and_verify(opt, [p, q, r])
+    assert steps_taken(opt, p) == 5 and steps_taken(opt, q) == 3 and steps_taken(opt, r) == 3
+
+
+@ENGINES
+def test_deepcopy_of_model_and_optimizer_continues_with_identical_steps(foreach, gen):
+    model = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 2))
+    opt = FusionOptimizer(model.parameters(), lr=0.05, use_rms=True, centralize=True, foreach=foreach)
+    xs = [torch.randn(4, 5, generator=gen) for _ in range(5)]
+
+    def train(m, o, data):
+        for x in data:
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+
+    train(model, opt, xs[:2])
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert all(a is not b for a, b in zip(model.parameters(), model2.parameters()))
+    train(model, opt, xs[2:])
+    train(model2, opt2, xs[2:])
+    for (n, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), f"{n} differs after deepcopy"
+    assert_same_tree(opt.state_dict()["state"], opt2.state_dict()["state"])
+
+
+@ENGINES
+def test_zero_grad_sets_grads_to_none_by_default(foreach, gen):
+    model = nn.Linear(3, 2)
+    opt = FusionOptimizer(model.parameters(), lr=0.1, foreach=foreach)
+    model(torch.randn(4, 3, generator=gen)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.randn(4, 3, generator=gen)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+
+
+@ENGINES
+def test_grad_scaler_on_cpu_steps_with_unscaled_grads_and_skips_inf_steps(foreach, gen):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 2))
+    ref_model = copy.deepcopy(model)
+    opt = FusionOptimizer(model.parameters(), lr=0.1, use_rms=True, foreach=foreach)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    x = torch.randn(8, 4, generator=gen)
+    ref_model(x).pow(2).mean().backward()  # unscaled gradient
+    before = [p.detach().clone() for p in model.parameters()]
+
+    scaler.scale(model(x).pow(2).mean()).backward()
+    scaler.step(opt)
+    scaler.update()
+    hp = group_hp(opt.param_groups[0])
+    for p, b, rp in zip(model.parameters(), before, ref_model.parameters()):
+        ref = reference_step(b, rp.grad, None, 1, **hp)
+        torch.testing.assert_close(p.detach().double(), ref.param, rtol=1e-5, atol=1e-7)
+    assert all(steps_taken(opt, p) == 1 for p in model.parameters())
+
+    # an inf gradient: the whole step is skipped, the scale backs off
+    opt.zero_grad()
+    scale = scaler.get_scale()
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    params_before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(x).pow(2).mean()).backward()
+    next(model.parameters()).grad[0, 0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < scale
+    for p, b in zip(model.parameters(), params_before):
+        assert torch.equal(p.detach(), b)
+    assert_same_tree(opt.state_dict()["state"], state_before)
+
+
+@ENGINES
+def test_parameters_without_grad_are_untouched_and_get_no_state(foreach, gen):
+    a = torch.randn(4, 3, generator=gen).requires_grad_()
+    b = torch.randn(5, generator=gen).requires_grad_()
+    c = torch.randn(2, 3, 2, generator=gen).requires_grad_()
+    opt = FusionOptimizer([a, b, c], lr=0.1, Lambda=0.5, foreach=foreach)  # decay would move them
+    b0, c0 = b.detach().clone(), c.detach().clone()
+    a.grad = torch.randn(4, 3, generator=gen)
+    step_and_verify(opt, [a])
+    assert torch.equal(b, b0) and torch.equal(c, c0)
+    assert len(opt.state.get(b, {})) == 0 and len(opt.state.get(c, {})) == 0, "state created for grad-less params"
+    # the per-parameter step count starts when a gradient first arrives
+    c.grad = torch.randn(2, 3, 2, generator=gen)
+    a.grad = torch.randn(4, 3, generator=gen)
+    step_and_verify(opt, [a, c])
+    assert steps_taken(opt, a) == 2 and steps_taken(opt, c) == 1 and torch.equal(b, b0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Sparse gradients
+# ----------------------------------------------------------------------------------------------------------
+
+SPARSE_BATCHES = [[0, 1, 1, 3], [2, 3, 7, 7, 7], [0, 9, 9, 5], [1], [4, 6, 0, 2, 8, 8]]
+
+
+@pytest.mark.parametrize("Lambda", [0.0, 0.01], ids=["wd0", "wd.01"])
+@pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
+@pytest.mark.parametrize("centralize,use_rms,maximize", FLAGS, ids=[flag_id(f) for f in FLAGS])
+@ENGINES
+def test_sparse_gradient_updates_present_rows_as_the_dense_rule_and_leaves_absent_rows(
+    foreach, centralize, use_rms, maximize, momentum_beta, Lambda, gen
+):
+    hp = dict(lr=0.1, eps=0.05, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize)
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = FusionOptimizer(emb.parameters(), foreach=foreach, **hp)
+    w = emb.weight
+    for t, rows in enumerate(SPARSE_BATCHES, start=1):
+        idx = torch.tensor(rows)
+        coef = torch.randn(len(rows), 4, generator=gen)
+        coef[0, 0] = 0.01  # one small entry: masked in a present row
+        opt.zero_grad()
+        (emb(idx) * coef).sum().backward()
+        assert w.grad.is_sparse
+        g_dense = w.grad.to_dense()
+        present = torch.zeros(10, dtype=torch.bool)
+        present[idx] = True
+        t0, pre = snapshot(opt, w)
+        assert t0 == t - 1
+        ref = reference_step(w, g_dense, pre, t, **hp)  # the dense rule, gradient zero outside present rows
+        # the implementation's own dense rule from the same state, as a second witness
+        wd = w.detach().clone().requires_grad_()
+        od = FusionOptimizer([wd], foreach=foreach, **hp)
+        if t > 1:
+            od.load_state_dict(copy.deepcopy(opt.state_dict()))
+        wd.grad = g_dense.clone()
+        od.step()
+        w_before = w.detach().clone()
+        m_before = opt.state[w]["momentum_buffer"].clone() if momentum_beta > 0 and t > 1 else None
+
+        opt.step()
+        tag = f"step {t} rows {sorted(set(rows))}"
+        wn = w.detach()
+        assert torch.equal(wn[~present], w_before[~present]), f"{tag}: absent rows of the weight changed"
+        assert_within(f"{tag} present rows vs float64 dense rule", wn[present], ref.param[present],
+                      1e-6 * (ref.param[present].abs() + 1))
+        dense_rows = wd.detach()[present].double()
+        assert_within(f"{tag} present rows vs dense engine", wn[present], dense_rows, 1e-6 * (dense_rows.abs() + 1))
+        assert steps_taken(opt, w) == t
+        for k, (a, ra, da) in enumerate(zip(hessian_of(opt, w), ref.exp_hessian, hessian_of(od, wd))):
+            assert_within(f"{tag} a_{k} vs float64 dense rule", a, ra, 1e-6 * ra.abs() + 1e-30)
+            assert_within(f"{tag} a_{k} vs dense engine", a, da.double(), 1e-6 * da.double().abs() + 1e-30)
+        if momentum_beta > 0:
+            m = opt.state[w]["momentum_buffer"]
+            if m_before is not None:
+                assert torch.equal(m[~present], m_before[~present]), f"{tag}: absent momentum rows changed (decayed?)"
+            else:
+                assert torch.count_nonzero(m[~present]) == 0
+            assert_within(f"{tag} momentum present rows", m[present], ref.momentum_buffer[present],
+                          1e-6 * (ref.momentum_buffer[present].abs() + 1))
+
+
+def sparse_rows(p: torch.Tensor) -> torch.Tensor:
+    rows = torch.zeros(p.shape[0], dtype=torch.bool)
+    rows[p.grad.coalesce().indices()[0]] = True
+    return rows
+
+
+@ENGINES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_sparse_and_dense_params_in_one_group_each_follow_their_rule(dtype, foreach, gen):
+    emb = nn.Embedding(12, 5, sparse=True).to(dtype)
+    lin = nn.Linear(5, 3).to(dtype)
+    params = [emb.weight, *lin.parameters()]
+    opt = FusionOptimizer(params, lr=0.05, eps=1 / 64, use_rms=True, centralize=True, Lambda=0.02, foreach=foreach)
+    for rows in SPARSE_BATCHES:
+        if dtype != torch.float32:
+            # Duplicate indices are summed when the gradient is coalesced; in bf16 that sum is rounded, and
+            # SPEC does not say in which precision it happens. Keep the indices unique here.
+            rows = sorted(set(rows))
+        opt.zero_grad()
+        lin(emb(torch.tensor(rows))).float().pow(2).mean().backward()
+        exps = [expect_step(opt, p) for p in params]
+        present = sparse_rows(emb.weight)
+        opt.step()
+        verify(opt, exps[0], f"sparse rows {sorted(set(rows))} ", rows=present)
+        for e in exps[1:]:
+            verify(opt, e, "dense param next to a sparse one, ")
+
+
+@ENGINES
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_sparse_gradient_with_nonfinite_values_is_skipped_or_refused(mode, foreach, gen):
+    emb = nn.Embedding(8, 3, sparse=True)
+    opt = FusionOptimizer(emb.parameters(), lr=0.1, nonfinite=mode, foreach=foreach)
+    (emb(torch.tensor([0, 2])) * torch.randn(2, 3, generator=gen)).sum().backward()
+    opt.step()
+    w_before = emb.weight.detach().clone()
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    opt.zero_grad()
+    (emb(torch.tensor([1, 2])) * torch.tensor([[1.0, float("nan"), 2.0], [1.0, 1.0, 1.0]])).sum().backward()
+    if mode == "skip":
+        with pytest.warns(RuntimeWarning):
+            opt.step()
+    else:
+        with pytest.raises(FloatingPointError):
+            opt.step()
+    assert torch.equal(emb.weight.detach(), w_before)
+    assert_same_tree(opt.state_dict()["state"], state_before)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Bad hyperparameters
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,value",
+    [("lr", -1e-3), ("eps", -1e-8), ("beta_decay", 0.0), ("beta_decay", -0.1), ("beta_decay", 1.5),
+     ("momentum_beta", -0.1), ("momentum_beta", 1.0), ("Lambda", -0.01)],
+)
+def test_invalid_hyperparameter_raises_value_error_naming_it(name, value):
+    p = torch.zeros(3, requires_grad=True)
+    kwargs = {"lr": 0.1, name: value}
+    with pytest.raises(ValueError, match=name):
+        FusionOptimizer([p], **kwargs)
+
+
+@pytest.mark.parametrize("name,value", [("beta_decay", 1.0), ("momentum_beta", 0.0), ("lr", 0.0), ("Lambda", 0.0), ("eps", 0.0)])
+def test_valid_edge_hyperparameters_are_accepted(name, value, gen):
+    p = torch.randn(4, 3, generator=gen).requires_grad_()
+    p0 = p.detach().clone()
+    kwargs = {"lr": 0.1, "Lambda": 0.5, name: value}
+    opt = FusionOptimizer([p], **kwargs)
+    assert opt.param_groups[0][name] == value
+    p.grad = torch.randn(4, 3, generator=gen)
+    step_and_verify(opt, [p])
+    if name == "lr":
+        assert torch.equal(p.detach(), p0), "lr=0 moved the parameter"
+
+
+def test_nonfinite_mode_other_than_skip_or_raise_is_refused():
+    with pytest.raises(ValueError):
+        FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1, nonfinite="ignore")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=dtype_id)
+def test_complex_parameters_are_refused_with_a_clear_error(dtype):
+    z = torch.zeros(3, dtype=dtype, requires_grad=True)
+    with pytest.raises((TypeError, ValueError), match="(?i)complex"):
+        FusionOptimizer([z], lr=0.1)
+    opt = FusionOptimizer([torch.zeros(3, requires_grad=True)], lr=0.1)
+    with pytest.raises((TypeError, ValueError), match="(?i)complex"):
+        opt.add_param_group({"params": [z]})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Non-finite gradients
+# ----------------------------------------------------------------------------------------------------------
+
+
+@ENGINES
+@pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_skip_mode_skips_a_nonfinite_param_warns_and_updates_the_others(bad, momentum_beta, foreach, gen):
+    a = torch.randn(4, 5, generator=gen).requires_grad_()
+    b = torch.randn(6, generator=gen).requires_grad_()
+    c = torch.randn(3, 2, 2, generator=gen).requires_grad_()
+    opt = FusionOptimizer([a, b, c], lr=0.1, use_rms=True, momentum_beta=momentum_beta, foreach=foreach)
+    for x in (a, b, c):
+        x.grad = torch.randn(x.shape, generator=gen)
+    step_and_verify(opt, [a, b, c])
+
+    # step 2: b's gradient holds one non-finite entry
+    for x in (a, b, c):
+        x.grad = torch.randn(x.shape, generator=gen)
+    b.grad[2] = bad
+    b_before = b.detach().clone()
+    state_b = copy.deepcopy(dict(opt.state[b]))
+    exps = [expect_step(opt, x) for x in (a, c)]
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    for e in exps:
+        verify(opt, e, "finite param next to a skipped one, ")
+    assert torch.equal(b.detach(), b_before), "skipped parameter changed"
+    assert_same_tree(dict(opt.state[b]), state_b, "skipped parameter's state")
+    assert steps_taken(opt, b) == 1
+
+    # step 3: b resumes as its own step 2
+    for x in (a, b, c):
+        x.grad = torch.randn(x.shape, generator=gen)
+    step_and_verify(opt, [a, b, c])
+    assert steps_taken(opt, b) == 2 and steps_taken(opt, a) == 3
+
+
+@ENGINES
+def test_skip_mode_on_the_first_step_leaves_the_param_fresh(foreach, gen):
+    a = torch.randn(3, 4, generator=gen).requires_grad_()
+    a0 = a.detach().clone()
+    opt = FusionOptimizer([a], lr=0.1, foreach=foreach)
+    a.grad = torch.randn(3, 4, generator=gen)
+    a.grad[1, 1] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert torch.equal(a.detach(), a0)
+    assert steps_taken(opt, a) == 0
+    a.grad = torch.randn(3, 4, generator=gen)
+    step_and_verify(opt, [a], "first finite step after a skipped one: ")  # behaves as t = 1 (beta_1 = 0)
+
+
+@ENGINES
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_raise_mode_raises_floating_point_error_before_changing_anything(bad, foreach, gen):
+    a = torch.randn(4, 5, generator=gen).requires_grad_()
+    b = torch.randn(6, generator=gen).requires_grad_()
+    opt = FusionOptimizer([a, b], lr=0.1, nonfinite="raise", foreach=foreach)
+    for x in (a, b):
+        x.grad = torch.randn(x.shape, generator=gen)
+    opt.step()
+    params_before = [a.detach().clone(), b.detach().clone()]
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    a.grad = torch.randn(a.shape, generator=gen)  # finite, and first in the group
+    b.grad = torch.randn(b.shape, generator=gen)
+    b.grad[-1] = bad
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    assert torch.equal(a.detach(), params_before[0]) and torch.equal(b.detach(), params_before[1]), "a parameter changed"
+    assert_same_tree(opt.state_dict()["state"], state_before)
+    b.grad = torch.randn(b.shape, generator=gen)
+    step_and_verify(opt, [a, b], "after the refused step: ")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. state_dict round trip
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 4, 3)  # 3-D weight
+        self.lin = nn.Linear(12, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 2)
+        self.scale = nn.Parameter(torch.tensor(1.0))  # 0-D
+
+    def forward(self, x):
+        h = self.conv(x).flatten(1)
+        return self.head(self.norm(self.lin(h))) * self.scale
+
+
+@pytest.mark.parametrize(
+    "dtype,momentum_dtype",
+    [(torch.float32, None), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
+    ids=["fp32", "bf16-mom-bf16", "bf16", "fp32-mom-bf16"],
+)
+@ENGINES
+def test_state_dict_round_trip_resumes_bit_for_bit(foreach, dtype, momentum_dtype, gen):
+    hp = dict(lr=0.02, eps=1e-3, centralize=True, use_rms=True, momentum_dtype=momentum_dtype, foreach=foreach)
+    xs = [torch.randn(8, 2, 5, generator=gen).to(dtype) for _ in range(6)]
+
+    def train(m, o, data):
+        for x in data:
+            o.zero_grad()
+            m(x).float().pow(2).mean().backward()
+            o.step()
+
+    model_a = Net().to(dtype)
+    model_b = copy.deepcopy(model_a)
+    opt_a = FusionOptimizer(model_a.parameters(), **hp)
+    train(model_a, opt_a, xs)
+
+    opt_b = FusionOptimizer(model_b.parameters(), **hp)
+    train(model_b, opt_b, xs[:3])
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    torch.manual_seed(12345)
+    model_c = Net().to(dtype)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c = FusionOptimizer(model_c.parameters(), **hp)
+    opt_c.load_state_dict(ckpt["opt"])
+    for p in model_c.parameters():
+        hessian_of(opt_c, p)  # exp_hessian still fp32 after loading
+        m = opt_c.state[p]["momentum_buffer"]
+        assert m.dtype == (momentum_dtype or dtype), f"momentum_buffer dtype {m.dtype} after loading"
+    train(model_c, opt_c, xs[3:])
+
+    for (n, a), c in zip(model_a.named_parameters(), model_c.parameters()):
+        assert torch.equal(a, c), f"{n}: resumed run differs from the uninterrupted one"
+    assert_same_tree(opt_a.state_dict()["state"], opt_c.state_dict()["state"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Hyperparameters per group, changed between steps
+# ----------------------------------------------------------------------------------------------------------
+
+
+@ENGINES
+def test_hyperparameters_changed_in_the_group_between_steps_take_effect(foreach, gen):
+    p = torch.randn(6, 5, generator=gen).requires_grad_()
+    q = torch.randn(7, generator=gen).requires_grad_()
+    opt = FusionOptimizer([p, q], lr=0.1, eps=1 / 64, Lambda=0.0, foreach=foreach)
+    changes = [
+        {},
+        {"Lambda": 0.2},
+        {"lr": 0.03, "use_rms": True},
+        {"centralize": True, "maximize": True, "eps": 0.375},
+        {"beta_decay": 0.4, "momentum_beta": 0.5},
+        {"Lambda": 0.0, "use_rms": False, "maximize": False},
+    ]
+    for k, ch in enumerate(changes):
+        opt.param_groups[0].update(ch)
+        for x in (p, q):
+            set_grad(x, make_grad(x.shape, gen, opt.param_groups[0]["eps"]))
+        step_and_verify(opt, [p, q], f"after setting {ch}: ")
+
+
+@ENGINES
+def test_each_group_uses_its_own_hyperparameters(foreach, gen):
+    ps = [torch.randn(s, generator=gen).requires_grad_() for s in [(5, 4), (4,), (3, 2, 3), (6, 2)]]
+    groups = [
+        {"params": [ps[0], ps[1]]},
+        {"params": [ps[2]], "lr": 0.02, "Lambda": 0.0, "momentum_beta": 0.0, "use_rms": True, "centralize": True},
+        {"params": [ps[3]], "eps": 0.375, "maximize": True, "beta_decay": 1.0, "Lambda": 0.3},
+    ]
+    opt = FusionOptimizer(groups, lr=0.1, foreach=foreach)
+    for _ in range(3):
+        for x in ps:
+            set_grad(x, make_grad(x.shape, gen, 0.375))
+        step_and_verify(opt, ps)
+
+
+def test_param_groups_no_decay_gives_one_d_params_zero_lambda(gen):
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    groups = fusedbun.param_groups_no_decay(model, Lambda=0.05)
+    seen = [p for g in groups for p in g["params"]]
+    assert len(seen) == len(list(model.parameters())) and {id(p) for p in seen} == {id(p) for p in model.parameters()}
+    opt = FusionOptimizer(groups, lr=0.1, momentum_beta=0.0)
+    for p in model.parameters():
+        lam = group_of(opt, p)["Lambda"]
+        assert lam == (0.0 if p.dim() <= 1 else 0.05), f"{tuple(p.shape)}: Lambda {lam}"
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # all masked: only weight decay moves a parameter
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        expected = b if p.dim() <= 1 else b * (1 - 0.1 * 0.05)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)
