@@ -1,0 +1,36 @@
+"""Shared fixtures: the engines every conformance test runs on."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _fused_cpu_reason() -> str:
+    try:  # a failure here must not break the collection of every test: it becomes the skip reason
+        from fusedbun.engines import fused_cpu
+
+        return fused_cpu.unavailable_reason()
+    except Exception as exc:  # noqa: BLE001
+        return f"fusedbun.engines.fused_cpu failed: {type(exc).__name__}: {exc}"
+
+
+FUSED_CPU_REASON = _fused_cpu_reason()
+
+# Constructor keywords that pin each engine: the single-tensor reference loop, the multi-tensor engine and,
+# where it can run on this machine, the fused CPU engine (skipped with its reason otherwise).
+ENGINE_PARAMS = [
+    pytest.param({"foreach": False}, id="single"),
+    pytest.param({"foreach": True}, id="foreach"),
+    pytest.param(
+        {"fused": True},
+        id="fused",
+        marks=pytest.mark.skipif(bool(FUSED_CPU_REASON), reason=f"fused CPU engine unavailable: {FUSED_CPU_REASON}"),
+    ),
+]
+AVAILABLE_ENGINES = [p.values[0] for p in ENGINE_PARAMS if not (p.id == "fused" and FUSED_CPU_REASON)]
+
+
+@pytest.fixture(params=ENGINE_PARAMS)
+def engine(request) -> dict:
+    """Keyword arguments of FusionOptimizer that select one engine (a fresh dict per test)."""
+    return dict(request.param)
