@@ -507,9 +507,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                           ("cpu" if args.device == "auto" else args.device))
     torch.set_num_threads(args.threads)
 
-    previous = []
-    if args.resume and args.out.exists():
-        previous = json.loads(args.out.read_text())["runs"]
+    previous_doc = json.loads(args.out.read_text()) if args.resume and args.out.exists() else None
+    previous = previous_doc["runs"] if previous_doc else []
     doc = dict(
         meta=dict(
             command="python -m benchmarks.compare " + shlex.join(argv),
@@ -555,6 +554,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         runs=[],
         summary=[],
     )
+
+    if previous_doc:
+        # Resuming may also add tasks or optimizers to an existing file: what this command does not plan
+        # to run is kept as it was, and the earlier commands stay on record.
+        old_meta = {k: v for k, v in previous_doc["meta"].items() if k != "history"}
+        doc["meta"]["history"] = previous_doc["meta"].get("history", []) + [old_meta]
+        doc["tasks"] = {**previous_doc["tasks"], **doc["tasks"]}
+        doc["optimizers"] = {**previous_doc["optimizers"], **doc["optimizers"]}
+        planned = {(t, o) for t in args.tasks for o in args.optimizers}
+        doc["runs"] = [r for r in previous if (r["task"], r["optimizer"]) not in planned]
 
     def key(task, opt, phase, lr, seed):
         return (task, opt, phase, round(math.log10(lr), 6), seed)

@@ -110,3 +110,18 @@ def test_dense_second_moment_ablation_updates_the_real_parameters():
     (view,) = opt.param_groups[0]["params"]
     assert opt.state[view]["exp_hessian"].numel() == 12
     assert state_bytes(opt) == 4 + 4 * 12 + 4 * 12
+
+
+def test_resume_with_another_optimizer_keeps_the_recorded_ones(results, tmp_path):
+    out, argv = results
+    copy = tmp_path / "extended.json"
+    copy.write_text(out.read_text())
+    argv = [str(copy) if a == str(out) else a for a in argv]
+    i = argv.index("--optimizers")
+    argv[i + 1 : i + 3] = ["sgd_momentum"]
+    doc = compare.main(argv + ["--resume"])
+    assert {r["optimizer"] for r in doc["runs"]} == {"fusion_rms", "adamw", "sgd_momentum"}
+    assert len(doc["runs"]) == 12
+    assert {s["optimizer"] for s in doc["summary"]} == {"fusion_rms", "adamw", "sgd_momentum"}
+    assert set(doc["optimizers"]) == {"fusion_rms", "adamw", "sgd_momentum"}
+    assert doc["meta"]["history"][0]["command"].endswith(" ".join(results[1]))
