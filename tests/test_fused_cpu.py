@@ -324,12 +324,12 @@ def test_a_failing_compile_is_reported_with_the_compilers_message(fresh_loader, 
 
 
 def test_concurrent_builds_into_one_cache_directory_give_one_working_library(kernel, tmp_path):
-    cc = fused_cpu.find_compiler()
+    cc, flags = fused_cpu.find_compiler(), fused_cpu._FLAG_SETS[-1]
     paths, errors = [], []
 
     def build():
         try:
-            paths.append(fused_cpu._compile(cc, tmp_path))
+            paths.append(fused_cpu._compile(cc, tmp_path, flags))
         except Exception as e:  # reported below
             errors.append(e)
 
@@ -341,10 +341,44 @@ def test_concurrent_builds_into_one_cache_directory_give_one_working_library(ker
     assert not errors, errors
     assert len(set(paths)) == 1 and paths[0].parent == tmp_path
     assert sorted(f.name for f in tmp_path.iterdir()) == [paths[0].name], "temporary files were left behind"
-    assert fused_cpu._compile(cc, tmp_path) == paths[0]  # the second use is a cache hit
+    assert fused_cpu._compile(cc, tmp_path, flags) == paths[0]  # the second use is a cache hit
     import ctypes
 
     assert ctypes.CDLL(str(paths[0])).fb_abi_version() == fused_cpu._ABI_VERSION
+
+
+def test_an_openmp_build_that_would_bring_a_second_runtime_is_refused_for_posix_threads(
+    kernel, fresh_loader, monkeypatch
+):
+    # Pretend that loading the OpenMP build mapped another OpenMP library into the process.
+    calls = []
+
+    def runtimes():
+        calls.append(None)
+        return {"/torch/lib/libgomp.so.1"} | ({"/elsewhere/libomp.so"} if len(calls) % 2 == 0 else set())
+
+    monkeypatch.setattr(fused_cpu, "_openmp_runtimes", runtimes)
+    assert fused_cpu.unavailable_reason() == ""
+    assert fused_cpu.threading_backend() == "pthreads"
+    assert "-fopenmp" not in fused_cpu._FLAG_SETS[2]
+
+
+def test_openmp_and_posix_thread_builds_give_identical_steps(kernel, fresh_loader, monkeypatch, three_threads):
+    shapes = [(131, 1029), (3, 50, 700), (150_000,)]
+    gen = torch.Generator().manual_seed(23)
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = make_grads(shapes, 2, gen, skip_second=False)
+    runs = {}
+    for name, flag_sets in (("first choice", fused_cpu._FLAG_SETS), ("pthreads", fused_cpu._FLAG_SETS[2:])):
+        monkeypatch.setattr(fused_cpu, "_FLAG_SETS", flag_sets)
+        monkeypatch.setattr(fused_cpu, "_loaded", None)
+        runs[name] = (fused_cpu.threading_backend(),
+                      run_steps(init, grads, engine=dict(fused=True), lr=0.1, use_rms=True, centralize=True))
+    assert runs["pthreads"][0] == "pthreads"
+    (pa, oa), (pb, ob) = runs["first choice"][1], runs["pthreads"][1]
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        assert torch.equal(oa.state[a]["momentum_buffer"], ob.state[b]["momentum_buffer"])
 
 
 def test_importing_fusedbun_compiles_nothing(tmp_path):

@@ -15,16 +15,21 @@
  *   p    = p * (1 - lr * Lambda) - lr * u, rounded once to p's dtype
  *
  * rest[j] is min over the accumulators of dims 1.. (computed by the caller, O(row_len)); the caller also
- * turns colmax into the accumulators of dims 1... Rows are split among threads (pthreads) in contiguous
- * ranges of about equal element counts; each thread keeps its own column maxima, combined at the end.
+ * turns colmax into the accumulators of dims 1... Rows are split among threads in contiguous ranges of
+ * about equal element counts (threads of torch's OpenMP runtime when built with -fopenmp, else POSIX
+ * threads); each thread keeps its own column maxima, combined at the end, in scratch memory that the
+ * caller allocates (so every byte the step uses is visible to torch's memory profiler).
  *
  * Compiled at first use by fusedbun/engines/fused_cpu.py; the layout of fb_task and fb_hyper is mirrored
  * there with ctypes.
  */
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
 #include <pthread.h>
+#endif
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define FB_TILE 512   /* elements per tile: the tile's fp32 temporaries stay in L1 */
@@ -208,6 +213,92 @@ static inline const float *grad_tile(const fb_task *t, int64_t off, int n, float
     return buf;
 }
 
+/* The common case in one loop per tile: fp32 p and g, momentum absent, fp32 or bf16, and the lerp form of
+ * weights below 0.5 (momentum_beta > 0.5). sm3, use_rms and mom are constants at each call site, so each
+ * of the 12 variants compiles to its own vector loop. Same arithmetic as second_moment_tile + update_tile. */
+enum { FB_MOM_NONE = 0, FB_MOM_F32 = 1, FB_MOM_BF16 = 2 };
+
+static inline __attribute__((always_inline)) void fast_tile_variant(
+    const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
+    const float *restrict rest, float *restrict col, float *restrict nu_out, const int sm3, const int use_rms,
+    const int mom) {
+    const float *restrict g = (const float *)t->g + off;
+    float *restrict p = (float *)t->p + off;
+    float *restrict m32 = mom == FB_MOM_F32 ? (float *)t->m + off : NULL;
+    uint16_t *restrict m16 = mom == FB_MOM_BF16 ? (uint16_t *)t->m + off : NULL;
+    float *restrict v = sm3 ? NULL : t->acc + off;
+    const float eps = h->eps, beta = t->beta, omb = t->one_minus_beta;
+    const float w = h->momentum_weight, decay = h->decay, neg_lr = h->neg_lr;
+    for (int j = 0; j < n; j++) {
+        float gj = sign * g[j] - mean;
+        float keep = fabsf(gj) > eps ? 1.0f : 0.0f;
+        gj = gj * keep;
+        float prev;
+        if (sm3) {
+            float r = rest[j];
+            prev = a0 < r ? a0 : r;
+        } else {
+            prev = v[j];
+        }
+        float ema = beta * prev + omb * (gj * gj);
+        float nu = keep != 0.0f ? ema : prev;
+        if (sm3) {
+            float c = col[j];
+            col[j] = nu > c ? nu : c;
+            nu_out[j] = nu;
+        } else {
+            v[j] = nu;
+        }
+        float u = use_rms ? gj / (sqrtf(nu) + eps) : gj;
+        if (mom == FB_MOM_F32) {
+            float mj = m32[j];
+            mj = mj + w * (u - mj);
+            m32[j] = mj;
+            u = mj;
+        } else if (mom == FB_MOM_BF16) {
+            float mj = bf16_to_f32(m16[j]);
+            mj = mj + w * (u - mj);
+            uint16_t stored = f32_to_bf16(mj);
+            m16[j] = stored;
+            u = bf16_to_f32(stored); /* the update uses the momentum as stored */
+        }
+        float q = p[j] * decay;
+        p[j] = q + neg_lr * u;
+    }
+}
+
+static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
+    if (t->p_dtype != FB_F32 || t->g_dtype != FB_F32) return 0;
+    if (t->m == NULL) return 1;
+    return (t->m_dtype == FB_F32 || t->m_dtype == FB_BF16) && h->momentum_weight < 0.5f;
+}
+
+static void fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
+                      const float *restrict rest, float *restrict col, float *restrict nu_out) {
+    const int sm3 = t->kind == FB_SM3, rms = (h->flags & FB_USE_RMS) != 0;
+    const int mom = t->m == NULL ? FB_MOM_NONE : t->m_dtype == FB_F32 ? FB_MOM_F32 : FB_MOM_BF16;
+#define FB_FAST(SM3, RMS, MOM) fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, nu_out, SM3, RMS, MOM)
+#define FB_FAST_MOM(SM3, RMS)                   \
+    do {                                        \
+        if (mom == FB_MOM_NONE)                 \
+            FB_FAST(SM3, RMS, FB_MOM_NONE);     \
+        else if (mom == FB_MOM_F32)             \
+            FB_FAST(SM3, RMS, FB_MOM_F32);      \
+        else                                    \
+            FB_FAST(SM3, RMS, FB_MOM_BF16);     \
+    } while (0)
+    if (sm3 && rms)
+        FB_FAST_MOM(1, 1);
+    else if (sm3)
+        FB_FAST_MOM(1, 0);
+    else if (rms)
+        FB_FAST_MOM(0, 1);
+    else
+        FB_FAST_MOM(0, 0);
+#undef FB_FAST_MOM
+#undef FB_FAST
+}
+
 /* ---- one SM3 row, one dense range ----------------------------------------------------------------- */
 
 static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restrict col) {
@@ -232,22 +323,27 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
         mean = (float)(sign * sum / (double)R);
     }
     const float a0 = t->acc[i];
+    const int fast = fast_tile_applies(t, h);
     float rowmax[FB_LANES];
     for (int l = 0; l < FB_LANES; l++) rowmax[l] = -INFINITY;
     for (int64_t c = 0; c < R; c += FB_TILE) {
         int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
-        const float *g = grad_tile(t, base + c, n, gbuf);
-        if (use_rms)
-            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
-                               NULL, nubuf, ubuf, 1, 1);
-        else
-            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
-                               NULL, nubuf, ubuf, 1, 0);
+        if (fast) {
+            fast_tile(t, h, base + c, n, sign, mean, a0, t->rest + c, col + c, nubuf);
+        } else {
+            const float *g = grad_tile(t, base + c, n, gbuf);
+            if (use_rms)
+                second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
+                                   NULL, nubuf, ubuf, 1, 1);
+            else
+                second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
+                                   NULL, nubuf, ubuf, 1, 0);
+        }
         int j = 0;
         for (; j + FB_LANES <= n; j += FB_LANES)
             for (int l = 0; l < FB_LANES; l++) rowmax[l] = nubuf[j + l] > rowmax[l] ? nubuf[j + l] : rowmax[l];
         for (; j < n; j++) rowmax[0] = nubuf[j] > rowmax[0] ? nubuf[j] : rowmax[0];
-        update_tile(t, h, base + c, n, ubuf);
+        if (!fast) update_tile(t, h, base + c, n, ubuf);
     }
     float mx = rowmax[0];
     for (int l = 1; l < FB_LANES; l++) mx = rowmax[l] > mx ? rowmax[l] : mx;
@@ -257,8 +353,13 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
 static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int64_t end) {
     float gbuf[FB_TILE], ubuf[FB_TILE];
     const float sign = (h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f;
+    const int fast = fast_tile_applies(t, h);
     for (int64_t c = begin; c < end; c += FB_TILE) {
         int n = (int)(end - c < FB_TILE ? end - c : FB_TILE);
+        if (fast) {
+            fast_tile(t, h, c, n, sign, 0.0f, 0.0f, NULL, NULL, NULL);
+            continue;
+        }
         const float *g = grad_tile(t, c, n, gbuf);
         if (h->flags & FB_USE_RMS)
             second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
@@ -276,10 +377,8 @@ typedef struct {
     const fb_task *tasks;
     int64_t ntasks;
     const fb_hyper *h;
-    const int64_t *elem_offset; /* elements before task k, over all tasks */
-    const int64_t *col_offset;  /* column-maxima numbers before task k, over the SM3 tasks */
     int64_t total_elems, total_cols;
-    float *scratch;             /* nthreads * total_cols column maxima */
+    float *scratch; /* nthreads * total_cols column maxima, from the caller */
     int nthreads;
 } fb_plan;
 
@@ -288,13 +387,13 @@ typedef struct {
     int thread;
 } fb_worker;
 
-/* First row of task k that belongs to thread `thread`: threads take contiguous ranges of about
- * total_elems / nthreads elements, rounded to whole rows. Monotone in `thread`, so the ranges partition. */
-static int64_t first_row(const fb_plan *plan, int64_t k, int thread) {
-    const fb_task *t = &plan->tasks[k];
+/* First row of a task (whose elements start at elem_offset over all tasks) that belongs to thread
+ * `thread`: threads take contiguous ranges of about total_elems / nthreads elements, rounded to whole
+ * rows. Monotone in `thread`, so the ranges partition every task's rows. */
+static int64_t first_row(const fb_plan *plan, const fb_task *t, int64_t elem_offset, int thread) {
     if (thread >= plan->nthreads) return t->rows;
     int64_t start = (int64_t)((double)plan->total_elems * thread / plan->nthreads);
-    int64_t x = start - plan->elem_offset[k];
+    int64_t x = start - elem_offset;
     if (x <= 0) return 0;
     int64_t r = (x + t->row_len - 1) / t->row_len;
     return r < t->rows ? r : t->rows;
@@ -303,71 +402,97 @@ static int64_t first_row(const fb_plan *plan, int64_t k, int thread) {
 static void *run_worker(void *arg) {
     const fb_worker *w = (const fb_worker *)arg;
     const fb_plan *plan = w->plan;
+    int64_t elem_offset = 0, col_offset = 0;
     for (int64_t k = 0; k < plan->ntasks; k++) {
         const fb_task *t = &plan->tasks[k];
-        int64_t r0 = first_row(plan, k, w->thread), r1 = first_row(plan, k, w->thread + 1);
-        if (r0 >= r1) continue;
-        if (t->kind == FB_SM3) {
-            float *col = plan->scratch + (int64_t)w->thread * plan->total_cols + plan->col_offset[k];
-            for (int64_t j = 0; j < t->row_len; j++) col[j] = -INFINITY;
-            for (int64_t i = r0; i < r1; i++) sm3_row(t, plan->h, i, col);
-        } else {
-            dense_range(t, plan->h, r0, r1);
+        int64_t r0 = first_row(plan, t, elem_offset, w->thread), r1 = first_row(plan, t, elem_offset, w->thread + 1);
+        if (r0 < r1) {
+            if (t->kind == FB_SM3) {
+                float *col = plan->scratch + (int64_t)w->thread * plan->total_cols + col_offset;
+                for (int64_t j = 0; j < t->row_len; j++) col[j] = -INFINITY;
+                for (int64_t i = r0; i < r1; i++) sm3_row(t, plan->h, i, col);
+            } else {
+                dense_range(t, plan->h, r0, r1);
+            }
         }
+        elem_offset += t->rows * t->row_len;
+        if (t->kind == FB_SM3) col_offset += t->row_len;
     }
     return NULL;
 }
 
-/* One step over `ntasks` tensors. Returns 0, or -1 if memory for the plan could not be allocated
- * (nothing has been changed then). */
-int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h) {
+/* One step over `ntasks` tensors, on h->nthreads threads (the calling one included). `scratch` holds
+ * nthreads times the summed row_len of the SM3 tasks, in floats. Allocates nothing on the heap.
+ * Returns the number of threads used. */
+int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h, float *scratch) {
     if (ntasks <= 0) return 0;
     int nthreads = h->nthreads > 0 ? h->nthreads : 1;
-    int64_t *offsets = (int64_t *)malloc(2 * (size_t)ntasks * sizeof(int64_t));
-    if (offsets == NULL) return -1;
-    fb_plan plan = {tasks, ntasks, h, offsets, offsets + ntasks, 0, 0, NULL, nthreads};
+    fb_plan plan = {tasks, ntasks, h, 0, 0, scratch, nthreads};
     for (int64_t k = 0; k < ntasks; k++) {
-        offsets[k] = plan.total_elems;
-        offsets[ntasks + k] = plan.total_cols;
         plan.total_elems += tasks[k].rows * tasks[k].row_len;
         if (tasks[k].kind == FB_SM3) plan.total_cols += tasks[k].row_len;
     }
-    plan.scratch = (float *)malloc(((size_t)nthreads * (size_t)plan.total_cols + 1) * sizeof(float));
-    fb_worker *workers = (fb_worker *)malloc((size_t)nthreads * sizeof(fb_worker));
-    pthread_t *threads = (pthread_t *)malloc((size_t)nthreads * sizeof(pthread_t));
-    char *started = (char *)calloc((size_t)nthreads, 1);
-    if (plan.scratch == NULL || workers == NULL || threads == NULL || started == NULL) {
-        free(plan.scratch), free(workers), free(threads), free(started), free(offsets);
-        return -1;
+#ifdef _OPENMP
+    /* torch's own OpenMP runtime (the loader checks that this library shares it): its worker threads,
+     * already running and spinning after torch's last parallel region, take the shares at once. */
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp single
+        plan.nthreads = omp_get_num_threads(); /* the runtime may give fewer threads than asked */
+        fb_worker w = {&plan, omp_get_thread_num()};
+        run_worker(&w);
     }
+    nthreads = plan.nthreads;
+    int used = nthreads;
+#else
+    fb_worker workers[nthreads];
+    pthread_t threads[nthreads];
+    char started[nthreads];
     for (int w = 0; w < nthreads; w++) workers[w] = (fb_worker){&plan, w};
     for (int w = 1; w < nthreads; w++) started[w] = pthread_create(&threads[w], NULL, run_worker, &workers[w]) == 0;
     run_worker(&workers[0]);
+    int used = 1;
     for (int w = 1; w < nthreads; w++) {
-        if (started[w])
+        if (started[w]) {
             pthread_join(threads[w], NULL);
-        else
+            used++;
+        } else {
             run_worker(&workers[w]); /* no thread could be started: do its share here */
-    }
-    /* Combine the column maxima of the threads that worked on each SM3 tensor. */
-    for (int64_t k = 0; k < ntasks; k++) {
-        const fb_task *t = &tasks[k];
-        if (t->kind != FB_SM3) continue;
-        int first = 1;
-        for (int w = 0; w < nthreads; w++) {
-            if (first_row(&plan, k, w) >= first_row(&plan, k, w + 1)) continue;
-            const float *col = plan.scratch + (int64_t)w * plan.total_cols + plan.col_offset[k];
-            if (first) {
-                memcpy(t->colmax, col, (size_t)t->row_len * sizeof(float));
-                first = 0;
-            } else {
-                for (int64_t j = 0; j < t->row_len; j++) t->colmax[j] = col[j] > t->colmax[j] ? col[j] : t->colmax[j];
-            }
         }
     }
-    free(plan.scratch), free(workers), free(threads), free(started), free(offsets);
-    return 0;
+#endif
+    /* Combine the column maxima of the threads that worked on each SM3 tensor. */
+    int64_t elem_offset = 0, col_offset = 0;
+    for (int64_t k = 0; k < ntasks; k++) {
+        const fb_task *t = &tasks[k];
+        if (t->kind == FB_SM3) {
+            int first = 1;
+            for (int w = 0; w < nthreads; w++) {
+                if (first_row(&plan, t, elem_offset, w) >= first_row(&plan, t, elem_offset, w + 1)) continue;
+                const float *col = scratch + (int64_t)w * plan.total_cols + col_offset;
+                if (first) {
+                    memcpy(t->colmax, col, (size_t)t->row_len * sizeof(float));
+                    first = 0;
+                } else {
+                    for (int64_t j = 0; j < t->row_len; j++)
+                        t->colmax[j] = col[j] > t->colmax[j] ? col[j] : t->colmax[j];
+                }
+            }
+            col_offset += t->row_len;
+        }
+        elem_offset += t->rows * t->row_len;
+    }
+    return used;
 }
 
 /* The version of this file's interface; the loader checks it. */
-int fb_abi_version(void) { return 1; }
+int fb_abi_version(void) { return 3; }
+
+/* 1 if built with OpenMP (threads from the OpenMP runtime), 0 for POSIX threads started per step. */
+int fb_uses_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

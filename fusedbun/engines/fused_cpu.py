@@ -13,15 +13,19 @@ Whole-tensor PyTorch ops move several times that. This engine runs the step as o
   are combined after the pass and reduced here to the new ``a_k``, ``k >= 1`` (O(R)). With centralization
   the row mean is taken first; that second read of a row comes from cache.
 - A 0-D or 1-D tensor has a dense second moment ``v``: ``prev = v``, and ``nu`` is written back.
-- Rows are split among ``torch.get_num_threads()`` POSIX threads inside the C call, in contiguous ranges
-  of about equal element counts. (A C-level OpenMP runtime is avoided: torch already loads its own.)
+- Rows are split among ``torch.get_num_threads()`` threads inside the C call, in contiguous ranges of
+  about equal element counts. The kernel is built with ``-fopenmp`` and must then bind to the OpenMP
+  runtime that torch has loaded (``libgomp.so.1`` in torch's wheels): it uses torch's own worker threads,
+  which are already awake after torch's last parallel region. If loading it would bring in a second
+  OpenMP runtime (two thread pools fighting over the cores), or the compiler has no OpenMP, a build that
+  starts POSIX threads per step is used instead (:func:`threading_backend` says which).
 - fp32, bf16 and fp16 parameters and gradients, fp32/bf16/fp16 momentum; the arithmetic is fp32, the
   stores round to nearest even, the update uses the momentum as stored. Other tensors (fp64 parameters,
   non-contiguous tensors, other dtypes or devices) are stepped by the multi-tensor engine
   (:func:`fusedbun.engines.foreach.foreach_fusion`) in the same call, so any input gives the same rule.
 
 The C file is compiled at first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``), ``-O3`` and, where it works, ``-march=native``, into a cache directory (``$FUSEDBUN_CACHE_DIR``,
+``clang``), ``-O3`` and, where they work, ``-fopenmp`` and ``-march=native``, into a cache directory (``$FUSEDBUN_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/fusedbun`` or ``~/.cache/fusedbun``), under a name keyed by a hash of the source,
 the compiler, its flags and the CPU. It is written to a temporary name and renamed into place, so two
 processes compiling at once do not clash. Without a working compiler, :func:`unavailable_reason` says
@@ -31,6 +35,7 @@ why and the optimizer uses the multi-tensor engine; importing :mod:`fusedbun` ne
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -46,14 +51,21 @@ from torch import Tensor
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.hessian import hessian_decay
 
-__all__ = ["fused_fusion", "unavailable_reason", "library_path", "find_compiler", "cache_dir", "SOURCE"]
+__all__ = ["fused_fusion", "unavailable_reason", "library_path", "threading_backend", "find_compiler", "cache_dir",
+           "SOURCE"]
 
 SOURCE = Path(__file__).resolve().parent.parent / "_csrc" / "fused_step.c"
-_ABI_VERSION = 1
+_ABI_VERSION = 3
 _COMMON_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
                  "-ffp-contract=off")  # no FMA contraction: the same roundings as the reference's separate ops
-# Tried in order: the first flag set that compiles is used.
-_FLAG_SETS = (_COMMON_FLAGS + ("-march=native",), _COMMON_FLAGS)
+# Tried in order; the first that compiles, loads and (for OpenMP) shares torch's OpenMP runtime is used.
+_FLAG_SETS = (
+    _COMMON_FLAGS + ("-fopenmp", "-march=native"),
+    _COMMON_FLAGS + ("-fopenmp",),
+    _COMMON_FLAGS + ("-march=native",),
+    _COMMON_FLAGS,
+)
+_OPENMP_LIBS = ("libgomp", "libomp", "libiomp")
 _COMPILE_TIMEOUT_S = 120
 _MIN_ELEMS_PER_THREAD = 1 << 16  # below this a thread costs more to start than it saves
 
@@ -128,6 +140,7 @@ def _cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+@functools.lru_cache(maxsize=None)
 def _compiler_identity(cc: str) -> str:
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
@@ -140,41 +153,72 @@ class _BuildError(Exception):
     pass
 
 
-def _compile(cc: str, directory: Path) -> Path:
-    """Compile SOURCE (cached by a hash of source, compiler, flags and CPU); return the library's path."""
+def _compile(cc: str, directory: Path, flags: tuple[str, ...]) -> Path:
+    """Compile SOURCE with ``flags`` into ``directory``, or return the cached build: its name is a hash of
+    the source, the compiler, the flags and the CPU. Raises ``_BuildError`` with the compiler's message."""
     source = SOURCE.read_bytes()
-    compiler = _compiler_identity(cc)
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode(), _cpu_identity().encode()])).hexdigest()[:20]
-        target = directory / f"fused_step-{key}.so"
-        if target.exists():
-            return target
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".fused_step-", suffix=".so.tmp", dir=directory)
-        os.close(fd)
-        try:
-            cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
-            if out.returncode == 0:
-                os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
-                return target
-            errors.append(f"$ {' '.join(cmd)}\n{(out.stderr or out.stdout).strip()[-2000:]}")
-        except (OSError, subprocess.SubprocessError) as e:
-            errors.append(f"{cc}: {e}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise _BuildError("compiling the fused CPU kernel failed:\n" + "\n".join(errors))
+    key = hashlib.sha256(b"\0".join([source, _compiler_identity(cc).encode(), " ".join(flags).encode(),
+                                     platform.machine().encode(), _cpu_identity().encode()])).hexdigest()[:20]
+    target = directory / f"fused_step-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".fused_step-", suffix=".so.tmp", dir=directory)
+    os.close(fd)
+    cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
+        if out.returncode != 0:
+            raise _BuildError(f"$ {' '.join(cmd)}\n{(out.stderr or out.stdout).strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
+        return target
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _BuildError(f"$ {' '.join(cmd)}\n{e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _openmp_runtimes() -> set[str] | None:
+    """Files of OpenMP runtimes mapped into this process, or ``None`` where the OS does not say."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split(None, 5)[-1].strip() for line in f if line.count(" ") >= 5}
+    except OSError:
+        return None
+    return {p for p in paths if os.path.basename(p).startswith(_OPENMP_LIBS)}
 
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, str, Path | None] | None = None  # (library, reason, path), once tried
 
 
+def _load_build(cc: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Path]:
+    try:
+        path = _compile(cc, cache_dir(), flags)
+    except OSError:  # the cache directory is not writable: a per-user temporary one
+        user = os.getuid() if hasattr(os, "getuid") else "user"
+        path = _compile(cc, Path(tempfile.gettempdir()) / f"fusedbun-{user}", flags)
+    before = _openmp_runtimes() if "-fopenmp" in flags else None
+    if "-fopenmp" in flags and before is None:
+        raise _BuildError("cannot check which OpenMP runtime an OpenMP build would use here")
+    lib = ctypes.CDLL(str(path))
+    if "-fopenmp" in flags:
+        # Two OpenMP runtimes in one process fight over the cores; the build must bind to torch's.
+        added = _openmp_runtimes() - before
+        if added or not before:
+            raise _BuildError(f"the OpenMP build does not share torch's OpenMP runtime ({sorted(before)}): "
+                              f"it loaded {sorted(added)}")
+    if lib.fb_abi_version() != _ABI_VERSION:
+        raise _BuildError(f"{path} has interface version {lib.fb_abi_version()}, expected {_ABI_VERSION}")
+    lib.fb_fused_step.argtypes = [ctypes.POINTER(_Task), ctypes.c_int64, ctypes.POINTER(_Hyper), ctypes.c_void_p]
+    lib.fb_fused_step.restype = ctypes.c_int
+    return lib, path
+
+
 def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
-    """Compile (or find in the cache) and load the kernel, once per process."""
+    """Compile (or find in the cache) and load the kernel, once per process: the first flag set of
+    ``_FLAG_SETS`` that compiles and loads wins."""
     global _loaded
     with _lock:
         if _loaded is not None:
@@ -183,21 +227,24 @@ def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
         if cc is None:
             _loaded = (None, "no C compiler found (set $CC, or install cc, gcc or clang)", None)
             return _loaded
-        try:
+        errors = []
+        for flags in _FLAG_SETS:
             try:
-                path = _compile(cc, cache_dir())
-            except OSError:  # the cache directory is not writable: a per-user temporary one
-                fallback = Path(tempfile.gettempdir()) / f"fusedbun-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-                path = _compile(cc, fallback)
-            lib = ctypes.CDLL(str(path))
-            if lib.fb_abi_version() != _ABI_VERSION:
-                raise _BuildError(f"{path} has interface version {lib.fb_abi_version()}, expected {_ABI_VERSION}")
-            lib.fb_fused_step.argtypes = [ctypes.POINTER(_Task), ctypes.c_int64, ctypes.POINTER(_Hyper)]
-            lib.fb_fused_step.restype = ctypes.c_int
+                lib, path = _load_build(cc, flags)
+            except (_BuildError, OSError) as e:
+                errors.append(str(e))
+                continue
             _loaded = (lib, "", path)
-        except (_BuildError, OSError) as e:
-            _loaded = (None, str(e), None)
+            return _loaded
+        _loaded = (None, "compiling the fused CPU kernel failed:\n" + "\n".join(errors), None)
         return _loaded
+
+
+def threading_backend() -> str:
+    """How the kernel runs on several threads: ``"openmp"`` (torch's own OpenMP runtime) or ``"pthreads"``;
+    ``""`` when the engine cannot run."""
+    lib = _load()[0]
+    return "" if lib is None else ("openmp" if lib.fb_uses_openmp() else "pthreads")
 
 
 def unavailable_reason() -> str:
@@ -271,7 +318,7 @@ def fused_fusion(
     tasks = (_Task * len(fused))()
     keep_alive: list[Tensor] = []  # temporaries the kernel reads or writes, alive until it returns
     reduce_after: list[tuple[Tensor, list[Tensor]]] = []  # (column maxima, accumulators of dims >= 1) for 3-D+
-    n, total = 0, 0
+    n, total, cols = 0, 0, 0
     for i, step in zip(fused, steps):
         p, g = params[i], grads[i]
         if p.numel() == 0:
@@ -290,6 +337,7 @@ def fused_fusion(
         else:
             accs = exp_hessians[i]
             t.kind, t.rows, t.row_len = _SM3, p.shape[0], p.numel() // p.shape[0]
+            cols += t.row_len
             t.acc = accs[0].data_ptr()
             if p.dim() == 2:
                 # rest is a_1 itself; the combined column maxima are the new a_1, written after the pass.
@@ -312,8 +360,9 @@ def fused_fusion(
     nthreads = max(1, min(torch.get_num_threads(), total // _MIN_ELEMS_PER_THREAD))
     h = _Hyper(neg_lr=-lr, decay=1.0 - lr * Lambda, eps=eps, momentum_weight=1.0 - momentum_beta,
                flags=flags, nthreads=nthreads)
-    if lib.fb_fused_step(tasks, n, ctypes.byref(h)) != 0:
-        raise MemoryError("the fused CPU engine could not allocate its O(sum of dims) scratch space")
+    # Per-thread column maxima, O(threads * sum of row lengths); allocated here so torch accounts for it.
+    scratch = torch.empty(max(1, nthreads * cols), dtype=torch.float32)
+    lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
 
     for colmax, accs in reduce_after:
         d = colmax.dim()
