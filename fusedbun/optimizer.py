@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -286,7 +287,17 @@ class FusionOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; state tensors keep the dtype they were saved in (fp32 statistics of a bf16
-        parameter stay fp32), and a state that does not fit the parameters raises ``ValueError``."""
+        parameter stay fp32), and a state that does not fit the parameters raises ``ValueError``.
+
+        Load pre-hooks run first (as in ``torch.optim``), so a hook that migrates an older layout is
+        validated and loaded like any other state dict; post-hooks run after the dtypes are restored.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        pre_hooks, post_hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
         saved_groups = state_dict["param_groups"]
         saved_state = state_dict["state"]
         groups = self.param_groups
@@ -303,7 +314,12 @@ class FusionOptimizer(Optimizer):
         for pid, p in pairs:
             if pid in saved_state:
                 _check_saved_state(saved_state[pid], p)
-        super().load_state_dict(state_dict)
+        # The hooks already ran (pre) or run below (post): the base class must not run them again.
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
         # torch.optim casts floating state to the parameter's dtype; restore the saved dtypes exactly.
         for pid, p in pairs:
             if pid not in saved_state:
@@ -317,6 +333,8 @@ class FusionOptimizer(Optimizer):
                     state[key] = saved.to(device=p.device, copy=True)
                 elif isinstance(saved, (list, tuple)):
                     state[key] = [s.to(device=p.device, copy=True) for s in saved]
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
 
 def _check_saved_state(saved: dict[str, Any], p: Tensor) -> None:

@@ -581,12 +581,6 @@ def test_load_state_dict_hooks_run_and_can_edit_the_groups(engine):
     assert sd["param_groups"][0]["lr"] == LR, "the caller's state dict was modified"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: FusionOptimizer.load_state_dict validates and restores state from the state dict as passed, "
-    "before and after torch's load_state_dict pre-hooks run, so a pre-hook's edits to the per-parameter state are "
-    "overwritten and a migration hook cannot rescue an older layout",
-)
 def test_load_state_dict_pre_hook_edits_to_the_state_are_kept(engine):
     params = make_params(20)
     opt = FusionOptimizer(params, lr=LR, **engine)
