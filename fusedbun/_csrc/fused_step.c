@@ -3,11 +3,12 @@
  *
  * Per element of a parameter viewed as (rows, row_len) it reads p, g, the momentum m and writes p, m
  * (20 bytes for fp32 p, g, m); the SM3 accumulators are O(rows + row_len) and stay in cache. The rule
- * is the one of fusedbun/engines/single_tensor.py, computed in fp32 in the same order of operations:
+ * is the one of fusedbun/engines/single_tensor.py, computed in fp32 in the same order of operations
+ * (a multiply and an add may fuse into one FMA, as in torch's vectorized kernels):
  *
  *   g    = (maximize ? -g : g) - (centralize ? row mean : 0)
  *   mask = |g| > eps;  g = g * mask
- *   prev = SM3: min(a0[i], rest[j])            dense (0-D/1-D): v[i]
+ *   prev = SM3: min(a0[i], rest[j]) (all >= 0)  dense (0-D/1-D): v[i]
  *   nu   = mask ? beta * prev + (1 - beta) * g^2 : prev
  *          SM3: new a0[i] = max_j nu, column maxima max_i nu -> colmax[j]    dense: v[i] = nu
  *   u    = use_rms ? g / (sqrt(nu) + eps) : g
@@ -116,6 +117,20 @@ static inline uint16_t f32_to_f16(float f) {
     return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));     /* rebias 127 -> 15 */
 }
 
+/* min(a, b) for a, b >= 0, taken on the bit patterns: for non-negative floats the order of the patterns as
+ * integers is the order of the floats. The SM3 accumulators are >= 0 by construction (they start at +0 and
+ * are maxima of nu >= 0). In the loops below, a float select here would merge with the mask selects into a
+ * chain of mask-register operations; this compiles to one integer vector min. */
+static inline float min_nonneg(float a, float b) {
+    int32_t ia, ib;
+    memcpy(&ia, &a, sizeof ia);
+    memcpy(&ib, &b, sizeof ib);
+    int32_t im = ia < ib ? ia : ib;
+    float m;
+    memcpy(&m, &im, sizeof m);
+    return m;
+}
+
 static void load_f32(float *restrict dst, const void *src, int32_t dtype, int64_t offset, int n) {
     if (dtype == FB_BF16) {
         const uint16_t *s = (const uint16_t *)src + offset;
@@ -154,8 +169,7 @@ static inline __attribute__((always_inline)) void second_moment_tile(
         gj = gj * keep;
         float prev;
         if (sm3) {
-            float r = rest[j];
-            prev = a0 < r ? a0 : r;
+            prev = min_nonneg(a0, rest[j]);
         } else {
             prev = v[j];
         }
@@ -214,14 +228,15 @@ static inline const float *grad_tile(const fb_task *t, int64_t off, int n, float
 }
 
 /* The common case in one loop per tile: fp32 p and g, momentum absent, fp32 or bf16, and the lerp form of
- * weights below 0.5 (momentum_beta > 0.5). sm3, use_rms and mom are constants at each call site, so each
- * of the 12 variants compiles to its own vector loop. Same arithmetic as second_moment_tile + update_tile. */
+ * weights below 0.5 (momentum_beta > 0.5). sm3, use_rms, mom and shift (maximize or centralize) are
+ * constants at each call site, so each of the 24 variants compiles to its own vector loop, with the row
+ * maximum as a vector reduction. Same arithmetic as second_moment_tile + update_tile. */
 enum { FB_MOM_NONE = 0, FB_MOM_F32 = 1, FB_MOM_BF16 = 2 };
 
-static inline __attribute__((always_inline)) void fast_tile_variant(
+static inline __attribute__((always_inline)) float fast_tile_variant(
     const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
-    const float *restrict rest, float *restrict col, float *restrict nu_out, const int sm3, const int use_rms,
-    const int mom) {
+    const float *restrict rest, float *restrict col, const int sm3, const int use_rms, const int mom,
+    const int shift) {
     const float *restrict g = (const float *)t->g + off;
     float *restrict p = (float *)t->p + off;
     float *restrict m32 = mom == FB_MOM_F32 ? (float *)t->m + off : NULL;
@@ -229,23 +244,24 @@ static inline __attribute__((always_inline)) void fast_tile_variant(
     float *restrict v = sm3 ? NULL : t->acc + off;
     const float eps = h->eps, beta = t->beta, omb = t->one_minus_beta;
     const float w = h->momentum_weight, decay = h->decay, neg_lr = h->neg_lr;
+    float rowmax = -INFINITY;
+#pragma omp simd reduction(max : rowmax)
     for (int j = 0; j < n; j++) {
-        float gj = sign * g[j] - mean;
-        float keep = fabsf(gj) > eps ? 1.0f : 0.0f;
-        gj = gj * keep;
+        float gj = shift ? sign * g[j] - mean : g[j];
+        const int keep = fabsf(gj) > eps;
+        gj = keep ? gj : 0.0f;
         float prev;
         if (sm3) {
-            float r = rest[j];
-            prev = a0 < r ? a0 : r;
+            prev = min_nonneg(a0, rest[j]);
         } else {
             prev = v[j];
         }
         float ema = beta * prev + omb * (gj * gj);
-        float nu = keep != 0.0f ? ema : prev;
+        float nu = keep ? ema : prev;
         if (sm3) {
             float c = col[j];
             col[j] = nu > c ? nu : c;
-            nu_out[j] = nu;
+            rowmax = nu > rowmax ? nu : rowmax;
         } else {
             v[j] = nu;
         }
@@ -265,6 +281,7 @@ static inline __attribute__((always_inline)) void fast_tile_variant(
         float q = p[j] * decay;
         p[j] = q + neg_lr * u;
     }
+    return rowmax;
 }
 
 static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
@@ -273,30 +290,24 @@ static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
     return (t->m_dtype == FB_F32 || t->m_dtype == FB_BF16) && h->momentum_weight < 0.5f;
 }
 
-static void fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
-                      const float *restrict rest, float *restrict col, float *restrict nu_out) {
+/* Returns the maximum of nu over the tile (SM3 tensors). */
+static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
+                       const float *restrict rest, float *restrict col) {
     const int sm3 = t->kind == FB_SM3, rms = (h->flags & FB_USE_RMS) != 0;
+    const int shift = (h->flags & (FB_MAXIMIZE | FB_CENTRALIZE)) != 0;
     const int mom = t->m == NULL ? FB_MOM_NONE : t->m_dtype == FB_F32 ? FB_MOM_F32 : FB_MOM_BF16;
-#define FB_FAST(SM3, RMS, MOM) fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, nu_out, SM3, RMS, MOM)
-#define FB_FAST_MOM(SM3, RMS)                   \
-    do {                                        \
-        if (mom == FB_MOM_NONE)                 \
-            FB_FAST(SM3, RMS, FB_MOM_NONE);     \
-        else if (mom == FB_MOM_F32)             \
-            FB_FAST(SM3, RMS, FB_MOM_F32);      \
-        else                                    \
-            FB_FAST(SM3, RMS, FB_MOM_BF16);     \
-    } while (0)
-    if (sm3 && rms)
-        FB_FAST_MOM(1, 1);
-    else if (sm3)
-        FB_FAST_MOM(1, 0);
-    else if (rms)
-        FB_FAST_MOM(0, 1);
-    else
-        FB_FAST_MOM(0, 0);
-#undef FB_FAST_MOM
-#undef FB_FAST
+    const int variant = sm3 * 24 + rms * 12 + shift * 6 + mom * 2; /* + 0: keeps the switch dense */
+    switch (variant) {
+#define FB_CASE(SM3, RMS, SHIFT, MOM)                                                                  \
+    case SM3 * 24 + RMS * 12 + SHIFT * 6 + MOM * 2:                                                   \
+        return fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, SM3, RMS, MOM, SHIFT);
+#define FB_CASES(SM3, RMS, SHIFT) FB_CASE(SM3, RMS, SHIFT, 0) FB_CASE(SM3, RMS, SHIFT, 1) FB_CASE(SM3, RMS, SHIFT, 2)
+        FB_CASES(0, 0, 0) FB_CASES(0, 0, 1) FB_CASES(0, 1, 0) FB_CASES(0, 1, 1)
+        FB_CASES(1, 0, 0) FB_CASES(1, 0, 1) FB_CASES(1, 1, 0) FB_CASES(1, 1, 1)
+#undef FB_CASES
+#undef FB_CASE
+    }
+    return NAN; /* unreachable */
 }
 
 /* ---- one SM3 row, one dense range ----------------------------------------------------------------- */
@@ -329,7 +340,9 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
     for (int64_t c = 0; c < R; c += FB_TILE) {
         int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
         if (fast) {
-            fast_tile(t, h, base + c, n, sign, mean, a0, t->rest + c, col + c, nubuf);
+            float mx = fast_tile(t, h, base + c, n, sign, mean, a0, t->rest + c, col + c);
+            rowmax[0] = mx > rowmax[0] ? mx : rowmax[0];
+            continue;
         } else {
             const float *g = grad_tile(t, base + c, n, gbuf);
             if (use_rms)
@@ -343,7 +356,7 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
         for (; j + FB_LANES <= n; j += FB_LANES)
             for (int l = 0; l < FB_LANES; l++) rowmax[l] = nubuf[j + l] > rowmax[l] ? nubuf[j + l] : rowmax[l];
         for (; j < n; j++) rowmax[0] = nubuf[j] > rowmax[0] ? nubuf[j] : rowmax[0];
-        if (!fast) update_tile(t, h, base + c, n, ubuf);
+        update_tile(t, h, base + c, n, ubuf);
     }
     float mx = rowmax[0];
     for (int l = 1; l < FB_LANES; l++) mx = rowmax[l] > mx ? rowmax[l] : mx;
@@ -357,7 +370,7 @@ static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int6
     for (int64_t c = begin; c < end; c += FB_TILE) {
         int n = (int)(end - c < FB_TILE ? end - c : FB_TILE);
         if (fast) {
-            fast_tile(t, h, c, n, sign, 0.0f, 0.0f, NULL, NULL, NULL);
+            fast_tile(t, h, c, n, sign, 0.0f, 0.0f, NULL, NULL);
             continue;
         }
         const float *g = grad_tile(t, c, n, gbuf);
