@@ -115,6 +115,11 @@ _SPECS = [
         lambda m, lr: DenseSecondMomentFusion(m.parameters(), lr=lr, use_rms=True),
         note="ablation: the SM3 cover replaced by a per-element second moment (Adam-sized state)",
     ),
+    OptimizerSpec(
+        "fusion_rms_nomomentum", "ablation: FusionOptimizer (use_rms), no momentum", "fusedbun", 1e-3,
+        lambda m, lr: fusedbun.FusionOptimizer(m.parameters(), lr=lr, use_rms=True, momentum_beta=0.0),
+        note="ablation: momentum_beta=0, so the state is the n+m accumulators (and dense vectors) only",
+    ),
     OptimizerSpec("adamw", "AdamW", "torch.optim", 1e-3, lambda m, lr: torch.optim.AdamW(m.parameters(), lr=lr)),
     OptimizerSpec("adam", "Adam", "torch.optim", 1e-3, lambda m, lr: torch.optim.Adam(m.parameters(), lr=lr)),
     OptimizerSpec(
