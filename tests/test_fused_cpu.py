@@ -285,6 +285,19 @@ def test_fp64_and_non_contiguous_tensors_go_to_the_foreach_engine_with_the_same_
     assert {(torch.float64, True), (torch.float32, False)} <= set(seen)
 
 
+def test_autograd_sees_the_in_place_update_as_with_torch_optimizers(kernel):
+    p = torch.randn(4, 3, requires_grad=True)
+    loss = (p * p).sum()  # saves p for backward
+    p.grad = torch.randn(4, 3)
+    opt = FusionOptimizer([p], lr=0.1, fused=True)
+    versions = (p._version,)
+    opt.step()
+    assert p._version > versions[0]
+    assert opt.state[p]["momentum_buffer"]._version > 0 and all(a._version > 0 for a in opt.state[p]["exp_hessian"])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_default_engine_on_cpu_is_the_fused_one_when_it_can_run(kernel):
     assert select_engine("cpu", foreach=None, fused=None) is fused_cpu.fused_fusion
     assert select_engine("cpu", foreach=True, fused=None) is not fused_cpu.fused_fusion

@@ -264,18 +264,21 @@ def library_path() -> Path | None:
 
 def _fusable(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
     """Can the C kernel step this tensor? Otherwise it goes to the multi-tensor engine."""
-    if p.device.type != "cpu" or p.dtype not in _DTYPE_CODES or g.dtype not in _DTYPE_CODES:
+    codes = _DTYPE_CODES
+    if not (p.is_cpu and g.is_cpu and p.dtype in codes and g.dtype in codes and g.layout is torch.strided):
         return False
-    if g.layout != torch.strided or g.device != p.device or g.shape != p.shape:
+    if g.shape != p.shape or not (p.is_contiguous() and g.is_contiguous()):
         return False
-    if not (p.is_contiguous() and g.is_contiguous()):
+    if m is not None and not (m.is_cpu and m.dtype in codes and m.shape == p.shape and m.is_contiguous()):
         return False
-    if m is not None and (m.dtype not in _DTYPE_CODES or not m.is_contiguous() or m.shape != p.shape):
+    if p.dim() <= 1:
+        hess = (hess,)
+    elif len(hess) != p.dim():
         return False
-    accs = [hess] if p.dim() <= 1 else list(hess)
-    if p.dim() >= 2 and len(accs) != p.dim():
-        return False
-    return all(a.dtype == torch.float32 and a.device == p.device and a.is_contiguous() for a in accs)
+    for a in hess:
+        if a.dtype is not torch.float32 or not a.is_cpu or not a.is_contiguous():
+            return False
+    return True
 
 
 def fused_fusion(
@@ -327,23 +330,17 @@ def fused_fusion(
             continue  # nothing to update; accumulators cover nothing (as in the reference)
         m = momentum_buffers[i] if momentum_beta > 0 else None
         beta = hessian_decay(step.item(), beta_decay=beta_decay)
-        t = tasks[n]
-        t.p, t.g = p.data_ptr(), g.data_ptr()
-        t.m = None if m is None else m.data_ptr()
-        t.p_dtype, t.g_dtype = _DTYPE_CODES[p.dtype], _DTYPE_CODES[g.dtype]
-        t.m_dtype = 0 if m is None else _DTYPE_CODES[m.dtype]
-        t.beta, t.one_minus_beta = beta, 1.0 - beta
         if p.dim() <= 1:
-            t.kind, t.rows, t.row_len = _DENSE, p.numel(), 1
-            t.acc = exp_hessians[i].data_ptr()
+            kind, rows, row_len = _DENSE, p.numel(), 1
+            acc, rest_ptr = exp_hessians[i].data_ptr(), None
         else:
             accs = exp_hessians[i]
-            t.kind, t.rows, t.row_len = _SM3, p.shape[0], p.numel() // p.shape[0]
-            cols += t.row_len
-            t.acc = accs[0].data_ptr()
+            kind, rows, row_len = _SM3, p.shape[0], p.numel() // p.shape[0]
+            cols += row_len
+            acc = accs[0].data_ptr()
             if p.dim() == 2:
                 # rest is a_1 itself; the combined column maxima are the new a_1, written after the pass.
-                t.rest = t.colmax = accs[1].data_ptr()
+                rest_ptr = colmax_ptr = accs[1].data_ptr()
             else:
                 rest = accs[1]
                 for a in accs[2:]:
@@ -351,8 +348,13 @@ def fused_fusion(
                 rest = rest.expand((1, *p.shape[1:])).contiguous()
                 colmax = torch.empty(p.shape[1:], dtype=torch.float32)
                 keep_alive += [rest, colmax]
-                t.rest, t.colmax = rest.data_ptr(), colmax.data_ptr()
+                rest_ptr, colmax_ptr = rest.data_ptr(), colmax.data_ptr()
                 reduce_after.append((colmax, accs[1:]))
+        tasks[n] = _Task(
+            p.data_ptr(), g.data_ptr(), None if m is None else m.data_ptr(), acc, rest_ptr,
+            colmax_ptr if kind == _SM3 else None, rows, row_len, _DTYPE_CODES[p.dtype], _DTYPE_CODES[g.dtype],
+            0 if m is None else _DTYPE_CODES[m.dtype], kind, beta, 1.0 - beta,
+        )
         n += 1
         total += p.numel()
     if n == 0:
@@ -365,6 +367,12 @@ def fused_fusion(
     # Per-thread column maxima, O(threads * sum of row lengths); allocated here so torch accounts for it.
     scratch = torch.empty(max(1, nthreads * cols), dtype=torch.float32)
     lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
+    # The kernel wrote through raw pointers; tell autograd, as torch's in-place ops do, so that a tensor
+    # saved for backward and then stepped is reported instead of silently used.
+    written = [params[i] for i in fused]
+    written += [momentum_buffers[i] for i in fused if momentum_beta > 0]
+    written += [a for i in fused for a in ([exp_hessians[i]] if params[i].dim() <= 1 else exp_hessians[i])]
+    torch.autograd.graph.increment_version(written)
 
     for colmax, accs in reduce_after:
         d = colmax.dim()
