@@ -1,11 +1,414 @@
-"""Placeholder until the fused cuda engine lands: it reports itself unavailable, so nothing selects it."""
+"""The fused CUDA engine: one FusionOptimizer step in a single pass over each tensor, in Triton.
+
+An optimizer step is memory-bound: per element of a 2-D fp32 weight the rule must read ``p``, ``g`` and
+the momentum ``m`` and write ``p`` and ``m``, 20 bytes (16 with a bf16 momentum), because the new SM3
+accumulators are maxima of ``nu`` and ``nu`` needs only the previous accumulators and ``g``. The kernel
+(:mod:`fusedbun.engines.triton_kernels`) does exactly that pass; the accumulator maxima are reduced in
+the same pass with atomic max into a zeroed buffer (O(n + m) numbers), copied over the accumulators
+afterwards. Per step and per group of tensors that share dtypes and rank class there is one launch,
+whatever the number of tensors, driven by a table of element offsets and sizes on the device.
+
+- The host work of a step is small and never waits for the device. The tables of a set of tensors are
+  built once and kept (a *plan*), keyed by the tensors' addresses, shapes and dtypes: while those stay the
+  same (the usual case, also when gradients are freed and reallocated at the same addresses) a step only
+  zeroes the new accumulators, launches the kernel and copies the accumulators back.
+- ``beta_t`` is computed on the host from the step counts, which stay float32 CPU tensors, and passed as a
+  kernel argument when all tensors of a launch share it; otherwise per tensor, through the table. The
+  counts are incremented after the launch, while the device works. Step counts found on a CUDA device
+  (as ``torch.compile`` leaves them) are handled there, still without a sync.
+- Centralization needs the row means first: one ``torch.mean`` per centralized tensor of 2 or more dims
+  (an extra read of its gradient), in fp32.
+- fp32, bf16 and fp16 parameters, gradients and momentum in any combination; arithmetic in fp32; each
+  store rounds to nearest even once; the update uses the momentum as stored.
+- Tensors the kernel does not take (fp64 parameters, non-contiguous tensors or accumulators, more than
+  ``MAX_NDIM`` dims, other dtypes) are stepped by the multi-tensor engine in the same call.
+
+Triton is an optional dependency (``pip install fusedbun[triton]``); it is imported only when this engine
+is first used, so :mod:`fusedbun` imports on machines without it.
+"""
 
 from __future__ import annotations
 
+import struct
+from collections import OrderedDict
+from contextlib import nullcontext
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+from fusedbun.engines.foreach import foreach_fusion
+from fusedbun.hessian import hessian_decay
+
+__all__ = ["fused_fusion", "unavailable_reason", "KernelConfig", "CONFIG"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_NDIM = 6  # must match triton_kernels.MAX_NDIM (kept here so that this module imports without Triton)
+_MAX_PLANS = 16
+
+
+class KernelConfig:
+    """Tile shape of the kernel: a program owns ``rows_per_tile`` rows by ``block_cols`` columns and walks
+    them ``elems_per_iter // block_cols`` rows at a time; 0-D and 1-D tensors are cut into rows of
+    ``dense_cols`` numbers. ``prefetch`` issues the next rows' loads before working on the current ones.
+
+    The defaults were the fastest of a sweep on an H100 (``benchmarks/gpu_step.py --sweep``): with 128
+    columns a warp holds whole rows, so a row's maximum needs no exchange between warps, and with the
+    next rows' loads in flight while a block is worked on, the kernel keeps the memory busy."""
+
+    def __init__(
+        self, *, rows_per_tile=256, block_cols=128, elems_per_iter=2048, dense_cols=1024, num_warps=4, prefetch=True,
+        direct_launch=True,
+    ):
+        self.rows_per_tile = rows_per_tile
+        self.block_cols = block_cols
+        self.elems_per_iter = elems_per_iter
+        self.dense_cols = dense_cols
+        self.num_warps = num_warps
+        self.prefetch = prefetch
+        # After a plan's first launch, launch the compiled kernel it keeps directly, past Triton's dispatch
+        # (which re-derives the kernel from the arguments every time); any error falls back to the dispatch.
+        self.direct_launch = direct_launch
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+    def key(self) -> tuple:
+        return tuple(sorted(vars(self).items()))
+
+
+CONFIG = KernelConfig()
+
+
+@lru_cache(maxsize=None)
+def _triton_import_error() -> str:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"Triton is not importable ({type(exc).__name__}: {exc}); install it with `pip install triton`"
+    return ""
+
 
 def unavailable_reason() -> str:
-    return "the fused cuda engine is not built yet"
+    """``""`` when Triton imports and a CUDA device is present, else why this engine cannot run."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return _triton_import_error()
 
 
-def fused_fusion(*args, **kwargs) -> None:
-    raise RuntimeError(unavailable_reason())
+def _f32_bits(x: float) -> int:
+    """The bit pattern of ``x`` rounded to float32, as a non-negative int (for an int64 table slot)."""
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _kernel_takes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
+    if p.dtype not in _KERNEL_DTYPES or g.dtype not in _KERNEL_DTYPES or p.dim() > _MAX_NDIM:
+        return False
+    if m is not None and (m.dtype not in _KERNEL_DTYPES or not m.is_contiguous() or m.device != p.device):
+        return False
+    if g.device != p.device or not (p.is_contiguous() and g.is_contiguous()):
+        return False
+    accs = (hess,) if isinstance(hess, Tensor) else hess
+    return all(a.is_contiguous() and a.dtype == torch.float32 and a.device == p.device for a in accs)
+
+
+def _block_cols(n_cols: int, cap: int) -> int:
+    """Columns per block: the smallest of 16, 64 and ``cap`` that covers a row, else ``cap`` (few sizes, so
+    few kernel variants to compile)."""
+    for bc in sorted({16, 64, cap}):
+        if n_cols <= bc:
+            return bc
+    return cap
+
+
+class _Offsets:
+    """Element offsets of tensors of one dtype from a base tensor, and whether all are 16-byte aligned."""
+
+    def __init__(self, base: Tensor):
+        self.base = base
+        self.address = base.data_ptr()
+        self.size = base.element_size()
+        self.aligned = True
+
+    def __call__(self, t: Tensor) -> int:
+        delta = t.data_ptr() - self.address
+        if delta % self.size:  # cannot happen for tensors of one dtype, which are aligned to their size
+            raise RuntimeError("fused cuda engine: a tensor is not aligned to its element size")
+        self.aligned &= t.data_ptr() % 16 == 0
+        return delta // self.size
+
+    def shift(self) -> int:
+        """log2 of the elements in 16 bytes when every tensor seen is 16-byte aligned, else 0."""
+        return (16 // self.size).bit_length() - 1 if self.aligned else 0
+
+
+class _Plan:
+    """What one launch needs that does not change from step to step, for one list of tensors: the tables
+    on the device, and the buffers for the new accumulators (zeroed between steps) and the row means.
+
+    A plan keeps no reference to the tensors themselves: the table holds element offsets from the first
+    tensor of each kind, and each launch passes the current first tensors as the bases.
+    """
+
+    def __init__(self, items, *, ndim: int, bc: int, centralize: bool, config: KernelConfig):
+        from fusedbun.engines import triton_kernels as tk
+
+        p0, g0, m0, h0 = items[0]
+        device = p0.device
+        dense = ndim == 1
+        self.ndim, self.bc, self.centralize = ndim, bc, centralize and not dense
+        self.br = max(1, config.elems_per_iter // bc)
+        self.rows_per_tile = max(config.rows_per_tile, self.br)
+        self.num_warps, self.prefetch, self.direct_launch = config.num_warps, config.prefetch, config.direct_launch
+        self.compiled: dict[tuple, object] = {}
+        self.has_momentum = m0 is not None
+        self.new_accs = self.means = None
+        if not dense:
+            self.new_accs = torch.zeros(sum(a.numel() for item in items for a in item[3]), dtype=torch.float32, device=device)
+        if self.centralize:
+            self.means = torch.empty(sum(item[0].shape[0] for item in items), dtype=torch.float32, device=device)
+
+        p_off, g_off, f_off = _Offsets(p0), _Offsets(g0), _Offsets(h0 if dense else h0[0])
+        m_off = _Offsets(m0) if self.has_momentum else None
+        cols_aligned = True
+        table: list[int] = []
+        grid_rows, grid_cols = [], []
+        self.copy_src, self.mean_jobs = [], []
+        acc_pos = mean_pos = 0
+        for p, g, m, hess in items:
+            row = [0] * tk.META_WIDTH
+            row[tk.P], row[tk.G] = p_off(p), g_off(g)
+            if self.has_momentum:
+                row[tk.M] = m_off(m)
+            if dense:
+                rows, cols = -(-p.numel() // bc), bc
+                cols_aligned &= p.numel() % 16 == 0
+                row[tk.ACC0_OLD] = f_off(hess)
+            else:
+                rows, cols = p.shape[0], p.numel() // p.shape[0]
+                cols_aligned &= cols % 16 == 0
+                sizes = [a.numel() for a in hess]
+                views = self.new_accs[acc_pos : acc_pos + sum(sizes)].split(sizes)
+                row[tk.ACC0_OLD], row[tk.ACC0_NEW] = f_off(hess[0]), acc_pos
+                stride, pos = cols, acc_pos + sizes[0]
+                for k in range(1, p.dim()):
+                    stride //= p.shape[k]
+                    base = tk.DIM_BASE + tk.DIM_SLOTS * (k - 1)
+                    row[base : base + 4] = [p.shape[k], stride, f_off(hess[k]), pos]
+                    pos += sizes[k]
+                acc_pos += sum(sizes)
+                self.copy_src.extend(v.view_as(a) for v, a in zip(views, hess))
+                if self.centralize:
+                    row[tk.MEAN] = f_off(self.means[mean_pos:])
+                    self.mean_jobs.append((rows, cols, self.means[mean_pos : mean_pos + rows]))
+                    mean_pos += rows
+            row[tk.ROWS], row[tk.COLS], row[tk.NUMEL] = rows, cols, p.numel()
+            table.extend(row)
+            grid_rows.append(-(-rows // self.rows_per_tile))
+            grid_cols.append(-(-cols // bc))
+        pinned = device.type == "cuda"
+        self.meta = _to_device(torch.tensor(table, dtype=torch.int64, pin_memory=pinned), device)
+        self.meta = self.meta.view(len(items), tk.META_WIDTH)
+        self.tiles = _to_device(_tile_table(grid_rows, grid_cols, pinned), device)
+        self.grid = (sum(r * c for r, c in zip(grid_rows, grid_cols)), 1, 1)
+        self.shifts = dict(
+            P_SHIFT=p_off.shift() if cols_aligned else 0,
+            G_SHIFT=g_off.shift() if cols_aligned else 0,
+            M_SHIFT=m_off.shift() if self.has_momentum and cols_aligned else 0,
+            V_SHIFT=f_off.shift() if dense and cols_aligned else 0,
+            COLS_SHIFT=4 if cols_aligned else 0,
+        )
+
+    def set_betas(self, betas: list[float] | None, device_betas: tuple[Tensor, Tensor] | None, index: list[int]):
+        """Per-tensor decays into the table: from host floats (one small copy) or from device tensors."""
+        from fusedbun.engines import triton_kernels as tk
+
+        if betas is not None:
+            bits = [[_f32_bits(b), _f32_bits(1.0 - b)] for b in betas]
+            src = torch.tensor(bits, dtype=torch.int64, pin_memory=self.meta.is_cuda)
+            self.meta[:, tk.BETA : tk.BETA + 2].copy_(src, non_blocking=True)
+        else:
+            at = _to_device(torch.tensor(index, pin_memory=self.meta.is_cuda), self.meta.device)
+            self.meta[:, tk.BETA] = device_betas[0][at].view(torch.int32).to(torch.int64)
+            self.meta[:, tk.ONE_MINUS_BETA] = device_betas[1][at].view(torch.int32).to(torch.int64)
+
+    def launch(self, p0, g0, m0, h0, grads, hessians, *, beta: float | None, hyper: dict) -> None:
+        """One step of the plan's tensors; ``p0, g0, m0, h0`` are the current first tensors (the bases of
+        the offsets), ``grads`` and ``hessians`` the current lists (for the row means and the copy back)."""
+        from fusedbun.engines import triton_kernels as tk
+
+        for (rows, cols, out), g in zip(self.mean_jobs, grads):
+            torch.mean(g.view(rows, cols), dim=1, dtype=torch.float32, out=out)
+        f32_base = h0 if self.ndim == 1 else h0[0]
+        lr = float(hyper["lr"])
+        args = (
+            self.tiles,
+            self.meta,
+            p0,
+            g0,
+            m0 if self.has_momentum else p0,
+            f32_base,
+            (f32_base if self.new_accs is None else self.new_accs).view(torch.int32),
+            lr,
+            1.0 - lr * hyper["Lambda"],
+            hyper["eps"],
+            1.0 - hyper["momentum_beta"],
+            0.0 if beta is None else beta,
+            0.0 if beta is None else 1.0 - beta,
+        )
+        constexprs = dict(
+            NDIM=self.ndim,
+            HAS_MOMENTUM=self.has_momentum,
+            CENTRALIZE=self.centralize,
+            MAXIMIZE=hyper["maximize"],
+            USE_RMS=hyper["use_rms"],
+            ROWS_PER_TILE=self.rows_per_tile,
+            BR=self.br,
+            BC=self.bc,
+            PREFETCH=self.prefetch,
+            PER_TENSOR_BETA=beta is None,
+            **self.shifts,
+        )
+        variant = (hyper["maximize"], hyper["use_rms"], beta is None)
+        compiled = self.compiled.get(variant) if self.direct_launch else None
+        launched = False
+        if compiled is not None:
+            try:  # the launcher takes every argument in signature order, constexprs included (Triton 3.x)
+                names = tk.fusion_step_kernel.arg_names
+                compiled[self.grid](*args, *(constexprs[n] for n in names[len(args) :]))
+                launched = True
+            except (TypeError, IndexError, AttributeError, KeyError):  # another Triton's launcher: use the dispatch
+                self.direct_launch = False
+        if not launched:
+            compiled = tk.fusion_step_kernel[self.grid](*args, **constexprs, num_warps=self.num_warps)
+            self.compiled[variant] = compiled
+        if self.new_accs is not None:  # the new maxima over the accumulators; zero for the next step
+            torch._foreach_copy_([a for h in hessians for a in h], self.copy_src)
+            self.new_accs.zero_()
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+def _tile_table(grid_rows: list[int], grid_cols: list[int], pinned: bool) -> Tensor:
+    """(tensor, row block, column block) for every program of a launch."""
+    entries = []
+    for t, (nr, nc) in enumerate(zip(grid_rows, grid_cols)):
+        for rb in range(nr):
+            for cb in range(nc):
+                entries.extend((t, rb, cb))
+    return torch.tensor(entries, dtype=torch.int32, pin_memory=pinned)
+
+
+class _StepPlan:
+    """For one list of tensors: which of them the multi-tensor engine steps, and the kernel launches for
+    the others (a plan, and the positions of its tensors in the list)."""
+
+    def __init__(self, params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig):
+        takes = [_kernel_takes(p, g, m, h) for p, g, m, h in zip(params, grads, momentum_buffers, exp_hessians)]
+        self.fallback = [i for i, ok in enumerate(takes) if not ok]
+        self.kernel_positions = [i for i, ok in enumerate(takes) if ok]
+        groups: dict[tuple, list[int]] = {}
+        for i in self.kernel_positions:
+            p, g, m = params[i], grads[i], momentum_buffers[i]
+            if p.numel() == 0:
+                continue  # nothing to update; its accumulators cover nothing (as in the reference)
+            if p.dim() <= 1:
+                ndim, bc = 1, config.dense_cols
+            else:
+                ndim, bc = p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
+            key = (p.device, p.dtype, g.dtype, None if m is None else m.dtype, bc, ndim)
+            groups.setdefault(key, []).append(i)
+        self.launches = []
+        for (*_, bc, ndim), idx in groups.items():
+            items = [(params[i], grads[i], momentum_buffers[i], exp_hessians[i]) for i in idx]
+            self.launches.append((_Plan(items, ndim=ndim, bc=bc, centralize=centralize, config=config), idx))
+
+
+_STEP_PLANS: OrderedDict = OrderedDict()
+
+
+def _step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig) -> _StepPlan:
+    """The cached plan of these tensors, or a new one. The key holds every address, shape, dtype and
+    layout fact the plan depends on, so a plan is reused only for tensors laid out as when it was built
+    (gradients freed and reallocated at the same addresses reuse it)."""
+    parts = [config.key(), centralize]
+    for p, g, m, h in zip(params, grads, momentum_buffers, exp_hessians):
+        parts += (p.data_ptr(), p.shape, p.dtype, g.data_ptr(), g.dtype, g.is_contiguous())  # addresses imply devices
+        parts.append(0 if m is None else (m.data_ptr(), m.dtype))
+        parts.append(h.data_ptr() if isinstance(h, Tensor) else tuple(a.data_ptr() for a in h))
+    key = tuple(parts)
+    plan = _STEP_PLANS.get(key)
+    if plan is None:
+        plan = _StepPlan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=config)
+        _STEP_PLANS[key] = plan
+        while len(_STEP_PLANS) > _MAX_PLANS:
+            _STEP_PLANS.popitem(last=False)
+    else:
+        _STEP_PLANS.move_to_end(key)
+    return plan
+
+
+@torch.compiler.disable
+def fused_fusion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    exp_hessians: list[Tensor | list[Tensor]],
+    state_steps: list[Tensor],
+    *,
+    lr: float,
+    eps: float,
+    beta_decay: float,
+    Lambda: float,
+    momentum_beta: float,
+    centralize: bool,
+    use_rms: bool,
+    maximize: bool,
+) -> None:
+    """One step of the rule over lists of CUDA tensors (the engine signature; see :mod:`fusedbun.engines`)."""
+    if not params:
+        return
+    hyper = dict(
+        lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize
+    )
+    if momentum_beta <= 0:
+        momentum_buffers = [None] * len(params)
+    plan = _step_plan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=CONFIG)
+    if plan.fallback:
+        lists = (params, grads, momentum_buffers, exp_hessians, state_steps)
+        foreach_fusion(*([seq[i] for i in plan.fallback] for seq in lists), beta_decay=beta_decay, **hyper)
+    steps = [state_steps[i] for i in plan.kernel_positions]
+    on_host = all(s.device.type == "cpu" for s in steps)
+    if on_host:  # the counts after this step (read without a sync); the tensors are incremented after the launches
+        counts = {i: float(state_steps[i]) + 1.0 for i in plan.kernel_positions}
+    elif steps:  # counts on a device: incremented and turned into beta_t there (fp64, rounded to fp32)
+        torch._foreach_add_(steps, 1)
+        dev = params[plan.kernel_positions[0]].device
+        b = 1.0 - torch.stack([s.to(dev, torch.float64) for s in state_steps]).pow(-beta_decay)
+        device_betas = (b.float(), (1.0 - b).float())
+    for launch, idx in plan.launches:
+        beta = None
+        if not on_host:
+            launch.set_betas(None, device_betas, idx)
+        elif all(counts[i] == counts[idx[0]] for i in idx):
+            beta = hessian_decay(counts[idx[0]], beta_decay=beta_decay)
+        else:
+            launch.set_betas([hessian_decay(counts[i], beta_decay=beta_decay) for i in idx], None, idx)
+        i0 = idx[0]
+        device = params[i0].device
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+            launch.launch(
+                params[i0],
+                grads[i0],
+                momentum_buffers[i0],
+                exp_hessians[i0],
+                [grads[i] for i in idx] if launch.centralize else (),
+                [exp_hessians[i] for i in idx] if launch.ndim > 1 else (),
+                beta=beta,
+                hyper=hyper,
+            )
+    if on_host and steps:
+        torch._foreach_add_(steps, 1)

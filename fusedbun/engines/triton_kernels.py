@@ -1,0 +1,236 @@
+"""Triton kernel of the fused CUDA engine: one FusionOptimizer step in a single pass over each tensor.
+
+Imported only by :mod:`fusedbun.engines.fused_cuda` once Triton is known to be importable; importing
+:mod:`fusedbun` never imports this module.
+
+One launch steps many tensors of one dtype combination and rank class. The host passes two tables:
+
+- ``meta``: one row of ``META_WIDTH`` int64 per tensor (layout below): where the parameter, gradient,
+  momentum, row means and accumulators are, the sizes, and ``beta_t`` and ``1 - beta_t`` as fp32 bit
+  patterns (step counts may differ per tensor, so the decay does too). A location is an element offset
+  from a base pointer of the same dtype passed as a kernel argument: Triton knows a pointer argument's
+  alignment, and keeps it through ``base + offset`` when the offset is known to be a multiple of 16 bytes,
+  so loads and stores are 16 bytes wide. (An address read from memory and cast to a pointer loses that.)
+- ``tiles``: one row of 3 int32 per program: (tensor, row block, column block).
+
+A tensor of ``d >= 2`` dims is viewed as ``(n0, C)``, ``C`` the product of its other dims. A program owns
+``ROWS_PER_TILE`` rows by ``BC`` columns and walks them ``BR`` rows at a time. Per element it forms
+``prev = min(a0[row], a1[i1], ...)``, ``nu``, the update, and writes ``p`` and ``m``; per row it takes the
+maximum of ``nu`` over its columns, and per column the maximum over its rows (elementwise in registers
+while it walks, reduced once at the end). Those partial maxima go to the *new* accumulators by atomic max
+on the int32 bit patterns: every ``nu`` is >= +0.0, and for such floats the integer order is the float
+order. Maxima do not depend on the order in which programs arrive, so the result is deterministic. The
+old accumulators are only read, so every program sees the previous step's values.
+
+A 0-D or 1-D tensor keeps a dense ``v``: ``prev = v``, and ``nu`` is written back in place. It is viewed as
+rows of ``BC`` numbers (the last row masked), so the same walk serves.
+
+Each block's loads (g, m, p and the previous second moment) are issued before any of its work, and with
+``PREFETCH`` the next block's loads are issued before the current block is worked on: the row maxima
+synchronize the program's warps (a reduction and a change of layout before the atomic), and without
+loads in flight across that point the memory would idle while the warps wait.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Layout of a row of the meta table (int64 slots). Locations are element offsets from the base pointers.
+P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW = range(11)
+DIM_BASE = 11  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
+DIM_SLOTS = 4
+MAX_NDIM = 6
+META_WIDTH = DIM_BASE + DIM_SLOTS * (MAX_NDIM - 1)
+
+# The same numbers as constexpr globals, which is how a Triton kernel may read module constants.
+_P, _G, _M, _MEAN, _ROWS, _COLS, _NUMEL = (tl.constexpr(v) for v in (P, G, M, MEAN, ROWS, COLS, NUMEL))
+_BETA, _ONE_MINUS_BETA, _ACC0_OLD, _ACC0_NEW = (tl.constexpr(v) for v in (BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW))
+_DIM_BASE, _DIM_SLOTS, _META_WIDTH = tl.constexpr(DIM_BASE), tl.constexpr(DIM_SLOTS), tl.constexpr(META_WIDTH)
+
+
+@triton.jit
+def _offset(row, slot: tl.constexpr, SHIFT: tl.constexpr):
+    """An element offset from the table; with SHIFT > 0 the host guarantees it is a multiple of
+    2**SHIFT elements (16 bytes), and the shifts tell the compiler so."""
+    offset = tl.load(row + slot)
+    if SHIFT > 0:
+        offset = (offset >> SHIFT) << SHIFT
+    return offset
+
+
+@triton.jit
+def _load_f32(row, slot: tl.constexpr):
+    # A float32 stored as its bit pattern in the low half of an int64 slot.
+    return tl.load(row + slot).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dim_index(row, cols, k: tl.constexpr, NDIM: tl.constexpr):
+    """Each column's index along dim k (k >= 1) of the tensor viewed as (n0, C)."""
+    index = cols
+    if NDIM > 2:
+        base = _DIM_BASE + _DIM_SLOTS * (k - 1)
+        index = ((cols // tl.load(row + base + 1).to(tl.int32)) % tl.load(row + base).to(tl.int32)).to(tl.int32)
+    return index
+
+
+@triton.jit
+def _load_block(r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old,
+                NDIM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BR: tl.constexpr):
+    """Load the block of rows r0 .. r0 + BR: g, m, p as stored, and the previous second moment (the dense
+    v for NDIM == 1, else the rows' a0)."""
+    rows = r0 + tl.arange(0, BR)
+    row_ok = rows < row_end
+    offs = rows[:, None] * n_cols + cols[None, :]
+    ok = row_ok[:, None] & col_ok[None, :]
+    if NDIM == 1:
+        ok = ok & (offs < numel)
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0)
+    if HAS_MOMENTUM:
+        m = tl.load(m_ptr + offs, mask=ok, other=0.0)
+    else:
+        m = g
+    p = tl.load(p_ptr + offs, mask=ok, other=0.0)
+    if NDIM == 1:
+        a = tl.load(v_ptr + offs, mask=ok, other=0.0)
+    else:
+        a = tl.load(acc0_old + rows, mask=row_ok, other=float("inf"))
+    return g, m, p, a
+
+
+@triton.jit
+def fusion_step_kernel(
+    tiles,
+    meta,
+    p_base,
+    g_base,
+    m_base,
+    f32_base,  # accumulators, dense v and row means
+    i32_base,  # the new SM3 accumulators, as int32 bit patterns for atomic max
+    lr,
+    decay,  # 1 - lr * Lambda
+    eps,
+    momentum_weight,  # 1 - momentum_beta (the lerp weight)
+    beta_arg,  # beta_t and 1 - beta_t when every tensor of the launch has the same step count
+    one_minus_beta_arg,
+    NDIM: tl.constexpr,  # 1: dense second moment (0-D and 1-D tensors); >= 2: SM3 accumulators
+    HAS_MOMENTUM: tl.constexpr,
+    CENTRALIZE: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    USE_RMS: tl.constexpr,
+    P_SHIFT: tl.constexpr,  # log2 of 16 bytes in elements of p, g, m (0: not known to be aligned)
+    G_SHIFT: tl.constexpr,
+    M_SHIFT: tl.constexpr,
+    V_SHIFT: tl.constexpr,
+    COLS_SHIFT: tl.constexpr,  # C is a multiple of 2**COLS_SHIFT
+    ROWS_PER_TILE: tl.constexpr,
+    BR: tl.constexpr,
+    BC: tl.constexpr,
+    PREFETCH: tl.constexpr,  # issue the next block's loads before working on the current one
+    PER_TENSOR_BETA: tl.constexpr,  # beta_t from the table (step counts differ), else the arguments
+):
+    pid = tl.program_id(0)
+    tensor = tl.load(tiles + 3 * pid).to(tl.int64)
+    row_block = tl.load(tiles + 3 * pid + 1).to(tl.int64)
+    col_block = tl.load(tiles + 3 * pid + 2)
+    row = meta + tensor * _META_WIDTH
+
+    p_ptr = p_base + _offset(row, _P, P_SHIFT)
+    g_ptr = g_base + _offset(row, _G, G_SHIFT)
+    n_rows = tl.load(row + _ROWS)
+    n_cols = _offset(row, _COLS, COLS_SHIFT)
+    if PER_TENSOR_BETA:
+        beta = _load_f32(row, _BETA)
+        one_minus_beta = _load_f32(row, _ONE_MINUS_BETA)
+    else:
+        beta = beta_arg
+        one_minus_beta = one_minus_beta_arg
+
+    cols = col_block * BC + tl.arange(0, BC)
+    col_ok = cols < n_cols
+    if NDIM == 1:
+        v_ptr = f32_base + _offset(row, _ACC0_OLD, V_SHIFT)
+        numel = _offset(row, _NUMEL, COLS_SHIFT)  # for a dense tensor COLS_SHIFT says how numel divides
+        acc0_old = v_ptr  # unused
+    else:
+        v_ptr = f32_base  # unused
+        numel = 0  # unused
+        acc0_old = f32_base + _offset(row, _ACC0_OLD, 0)
+        acc0_new = i32_base + _offset(row, _ACC0_NEW, 0)
+        # The column side of prev: min over k >= 1 of a_k at each column's index along dim k.
+        col_prev = tl.full([BC], float("inf"), tl.float32)
+        for k in tl.static_range(1, NDIM):
+            acc_k = f32_base + _offset(row, _DIM_BASE + _DIM_SLOTS * (k - 1) + 2, 0)
+            index = _dim_index(row, cols, k, NDIM)
+            col_prev = tl.minimum(col_prev, tl.load(acc_k + index, mask=col_ok, other=float("inf")))
+        col_acc = tl.zeros([BR, BC], tl.float32)
+    if CENTRALIZE:
+        mean_ptr = f32_base + _offset(row, _MEAN, 0)
+    if HAS_MOMENTUM:
+        m_ptr = m_base + _offset(row, _M, M_SHIFT)
+    else:
+        m_ptr = m_base  # unused
+
+    row_start = row_block * ROWS_PER_TILE
+    row_end = tl.minimum(row_start + ROWS_PER_TILE, n_rows)
+    if PREFETCH:  # the first block's loads; each iteration then issues the next block's before its own work
+        g_n, m_n, p_n, a_n = _load_block(row_start, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR)
+    for r0 in range(row_start, row_end, BR):
+        rows = r0 + tl.arange(0, BR)
+        row_ok = rows < row_end
+        offs = rows[:, None] * n_cols + cols[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]
+        if NDIM == 1:
+            ok = ok & (offs < numel)
+        # Every load of the block is issued first, so that the three streams are in flight together
+        # (the reductions below synchronize the program's warps).
+        if PREFETCH:
+            g, m, p, a = g_n, m_n, p_n, a_n
+            g_n, m_n, p_n, a_n = _load_block(r0 + BR, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR)
+        else:
+            g, m, p, a = _load_block(r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR)
+
+        g = g.to(tl.float32)
+        if CENTRALIZE:
+            g = g - tl.load(mean_ptr + rows, mask=row_ok, other=0.0)[:, None]
+        if MAXIMIZE:
+            g = -g
+        keep = tl.abs(g) > eps
+        g = tl.where(keep, g, 0.0)
+
+        if NDIM == 1:
+            prev = a
+        else:
+            prev = tl.minimum(a[:, None], col_prev[None, :])
+        nu = tl.where(keep, prev * beta + one_minus_beta * (g * g), prev)
+        if NDIM == 1:
+            tl.store(v_ptr + offs, nu, mask=ok)
+        else:
+            nu_max = tl.where(ok, nu, 0.0)  # 0 is neutral for the maxima: every nu is >= +0.0
+            row_max = tl.max(nu_max, axis=1)
+            tl.atomic_max(acc0_new + rows, row_max.to(tl.int32, bitcast=True), mask=row_ok, sem="relaxed")
+            col_acc = tl.maximum(col_acc, nu_max)
+
+        if USE_RMS:
+            u = tl.div_rn(g, tl.sqrt_rn(nu) + eps)
+        else:
+            u = g
+        if HAS_MOMENTUM:
+            m = m.to(tl.float32)
+            # torch.lerp's two-sided formula, so the fp32 result matches the reference's m.lerp_(u, w).
+            diff = u - m
+            m = tl.where(momentum_weight < 0.5, m + momentum_weight * diff, u - diff * (1.0 - momentum_weight))
+            m_stored = m.to(m_ptr.dtype.element_ty)
+            tl.store(m_ptr + offs, m_stored, mask=ok)
+            u = m_stored.to(tl.float32)  # the update uses the momentum as stored
+        p = p.to(tl.float32) * decay
+        p = p + (-lr) * u
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=ok)
+
+    if NDIM >= 2:
+        col_bits = tl.max(col_acc, axis=0).to(tl.int32, bitcast=True)
+        for k in tl.static_range(1, NDIM):
+            acc_k_new = i32_base + _offset(row, _DIM_BASE + _DIM_SLOTS * (k - 1) + 3, 0)
+            index = _dim_index(row, cols, k, NDIM)
+            tl.atomic_max(acc_k_new + index, col_bits, mask=col_ok, sem="relaxed")
