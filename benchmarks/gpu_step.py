@@ -1,0 +1,343 @@
+"""One optimizer step on a GPU at about 806M fp32 parameters: time, bandwidth floor and peak memory.
+
+The model is 24 weights of 4096 x 8192 plus 24 biases of 4096 (805,404,672 parameters), all fp32, with
+random gradients (the same gradients every step). For each optimizer the script takes a few warm-up
+steps (state is created, kernels are compiled), then one step for peak memory
+(``torch.cuda.max_memory_allocated`` during the step minus the memory allocated before it), then times
+``--steps`` steps one by one with CUDA events and reports the median and the spread.
+
+The floor of a step is the bytes it must move divided by the device's copy bandwidth, measured here as
+a large device-to-device copy counting bytes read plus bytes written. FusionOptimizer must read p, g, m
+and write p, m: 20 bytes per parameter with an fp32 momentum, 16 with bf16; AdamW moves 28 and SGD with
+momentum 20.
+
+Rows:
+- ``fusedbun fused (engine)``: the fused CUDA engine called on the tensors ``FusionOptimizer.step``
+  would pass it (the kernel plus the engine's host work). ``kernel ms`` is the kernel alone (profiler).
+- ``fusedbun fused (step)``: ``FusionOptimizer.step()`` itself, which adds the non-finite gradient check
+  (one more read of every gradient and one host sync) in front of the engine.
+
+Usage: ``python benchmarks/gpu_step.py [--out FILE.json] [--steps N] [--sweep]``. ``--sweep`` also times
+the fused engine under several tile shapes. Needs a CUDA device; the fused rows need Triton.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fusedbun import FusionOptimizer  # noqa: E402
+from fusedbun.engines import fused_cuda  # noqa: E402
+from fusedbun.engines import select_engine  # noqa: E402
+
+N_LAYERS, ROWS, COLS = 24, 4096, 8192
+DEV = "cuda"
+
+
+def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    params = []
+    for _ in range(N_LAYERS):
+        w = torch.nn.Parameter(torch.randn(ROWS, COLS, device=DEV, generator=gen) * 0.02)
+        b = torch.nn.Parameter(torch.zeros(ROWS, device=DEV))
+        w.grad = torch.randn(ROWS, COLS, device=DEV, generator=gen) * 1e-3
+        b.grad = torch.randn(ROWS, device=DEV, generator=gen) * 1e-3
+        params += [w, b]
+    return params
+
+
+def copy_bandwidth(nbytes: int = 4 << 30, reps: int = 20) -> float:
+    """Bytes read plus written per second by a device-to-device copy of ``nbytes`` (median of reps)."""
+    src = torch.randn(nbytes // 4, device=DEV)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def kernel_ms(step, name: str, reps: int = 5) -> float | None:
+    """Mean device time per step of the kernels whose name contains ``name`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    total = 0.0
+    for event in prof.key_averages():
+        if name in event.key:
+            total += getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+    return total / reps / 1e3 if total else None
+
+
+def host_ms(step, reps: int = 10) -> float:
+    """Median host time of a step call (the device is idle at each call's start, as in the timed steps)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def time_steps(step, steps: int) -> dict:
+    for _ in range(3):  # state creation, compilation, allocator warm-up
+        step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return dict(
+        ms_median=statistics.median(times),
+        ms_min=times[0],
+        ms_p90=times[int(0.9 * (len(times) - 1))],
+        peak_extra_bytes=peak,
+        steps_timed=steps,
+    )
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for value in state.values():
+            for t in value if isinstance(value, list) else [value]:
+                if isinstance(t, torch.Tensor) and t.device.type == "cuda":
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def fusion_engine_step(opt: FusionOptimizer):
+    """A callable that runs the engine ``opt.step`` would run, on the tensors it would pass, without the
+    optimizer's bookkeeping around it (the non-finite gradient check, the grouping in ``fusion``)."""
+    group = opt.param_groups[0]
+    opt.step()  # creates the state
+    params, grads, bufs, steps = [], [], [], []
+    opt._init_group(group, params, grads, bufs, steps)
+    hess = [opt.state[p]["exp_hessian"] for p in params]
+    hyper = {k: group[k] for k in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms", "maximize")}
+    engine = select_engine("cuda", foreach=group["foreach"], fused=group["fused"])
+
+    def step():
+        engine(params, grads, bufs, hess, steps, **hyper)
+
+    return step
+
+
+def engine_buffer_bytes() -> int:
+    """Device memory the fused engine keeps between steps in its cached plans (tables, the buffer the new
+    accumulators are reduced into, row means)."""
+    total = 0
+    for plan in fused_cuda._STEP_PLANS.values():
+        for launch, _ in plan.launches:
+            for t in (launch.meta, launch.tiles, launch.new_accs, launch.means):
+                if t is not None:
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def run_case(name: str, make_opt, *, steps: int, engine_only: bool = False, bytes_per_param: int | None = None,
+             kernel: str | None = None) -> dict:
+    params = make_params()
+    n = sum(p.numel() for p in params)
+    opt = make_opt(params)
+    step = fusion_engine_step(opt) if engine_only else opt.step
+    fused_cuda._STEP_PLANS.clear()
+    result = dict(name=name, **time_steps(step, steps), state_bytes=state_bytes(opt), params=n)
+    result["engine_buffer_bytes"] = engine_buffer_bytes()
+    result["host_ms"] = host_ms(step)
+    if kernel:
+        result["kernel_ms"] = kernel_ms(step, kernel)
+    if bytes_per_param is not None:
+        result["bytes_per_param"] = bytes_per_param
+    del opt, params, step
+    gc.collect()
+    torch.cuda.empty_cache()
+    extra = f", kernel {result['kernel_ms']:.2f} ms" if result.get("kernel_ms") else ""
+    kept = f", engine buffers {result['engine_buffer_bytes'] / 2**20:.1f} MiB" if result["engine_buffer_bytes"] else ""
+    print(f"  {name:40s} {result['ms_median']:8.2f} ms (min {result['ms_min']:.2f}, p90 {result['ms_p90']:.2f}{extra},"
+          f" host {result['host_ms']:.2f} ms)  peak +{result['peak_extra_bytes'] / 2**20:8.1f} MiB{kept}", flush=True)
+    return result
+
+
+def command_line(out: str) -> str:
+    """The command as run, with the output path relative to the repository (its file name if outside)."""
+    root = Path(__file__).resolve().parents[1]
+    path = Path(out).resolve()
+    shown = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+    argv = [shown if a == out else a for a in sys.argv]
+    argv[0] = str(Path(argv[0]).resolve().relative_to(root)) if Path(argv[0]).resolve().is_relative_to(root) else argv[0]
+    return " ".join([Path(sys.executable).name] + argv)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/gpu_step.json")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--sweep", action="store_true", help="also time the fused engine under several tile shapes")
+    ap.add_argument("--profile-host", action="store_true", help="print where the fused engine's host time goes")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_step.py needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fused_reason = fused_cuda.unavailable_reason()
+
+    info = dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        command=command_line(args.out),
+        device=torch.cuda.get_device_name(),
+        multiprocessors=torch.cuda.get_device_properties(0).multi_processor_count,
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
+        fused_cuda_unavailable_reason=fused_reason,
+        kernel_config=fused_cuda.CONFIG.as_dict(),
+    )
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    print(json.dumps(info, indent=1), flush=True)
+
+    bandwidth = copy_bandwidth()
+    n = N_LAYERS * (ROWS * COLS + ROWS)
+    print(f"device copy bandwidth (read + write): {bandwidth / 1e12:.3f} TB/s; {n:,} parameters", flush=True)
+    floors = {b: b * n / bandwidth * 1e3 for b in (16, 20, 28)}
+
+    lr = 1e-3
+    cases = [
+        ("torch AdamW(fused=True)", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), dict(kernel="fused_adam"), 28),
+        ("torch AdamW(foreach=True)", lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True), {}, 28),
+        ("torch Adafactor(foreach=True)", lambda ps: torch.optim.Adafactor(ps, lr=lr, foreach=True), {}, None),
+        ("torch SGD(momentum=0.9, foreach=True)", lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, foreach=True), {}, 20),
+        ("fusedbun foreach engine (step)", lambda ps: FusionOptimizer(ps, lr=lr, foreach=True), {}, 20),
+    ]
+    if not fused_reason:
+        k = dict(kernel="fusion_step_kernel")
+        cases += [
+            ("fusedbun fused fp32 momentum (engine)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True), dict(engine_only=True, **k), 20),
+            ("fusedbun fused bf16 momentum (engine)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=torch.bfloat16), dict(engine_only=True, **k), 16),
+            ("fusedbun fused fp32 momentum (step)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True), k, 20),
+            ("fusedbun fused bf16 momentum (step)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=torch.bfloat16), k, 16),
+            ("fusedbun fused fp32, centralize+use_rms (engine)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True, centralize=True, use_rms=True), dict(engine_only=True, **k), 24),
+        ]
+    results = []
+    for name, make, kw, bpp in cases:
+        try:
+            results.append(run_case(name, make, steps=args.steps, bytes_per_param=bpp, **kw))
+        except Exception as exc:  # e.g. an optimizer this torch lacks: record it and go on
+            print(f"  {name}: failed: {type(exc).__name__}: {exc}", flush=True)
+            results.append(dict(name=name, error=f"{type(exc).__name__}: {exc}"))
+
+    sweep = []
+    if args.sweep and not fused_reason:
+        default = fused_cuda.CONFIG
+        configs = [dict(fused_cuda.CONFIG.as_dict(), direct_launch=not fused_cuda.CONFIG.direct_launch)] + [
+            dict(rows_per_tile=rpt, block_cols=bc, elems_per_iter=epi, num_warps=nw, prefetch=pf)
+            for rpt, bc, epi, nw, pf in [
+                (256, 128, 2048, 4, True), (256, 128, 2048, 4, False), (256, 256, 2048, 4, True),
+            ]
+        ]
+        for cfg in configs:
+            fused_cuda.CONFIG = fused_cuda.KernelConfig(**cfg)
+            for m_dtype in (None, torch.bfloat16):
+                label = f"sweep {cfg} momentum={m_dtype}"
+                try:
+                    r = run_case(label, lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=m_dtype), steps=15,
+                                 engine_only=True, kernel="fusion_step_kernel")
+                    sweep.append(dict(config=cfg, momentum_dtype=str(m_dtype), ms_median=r["ms_median"], ms_min=r["ms_min"],
+                                      kernel_ms=r.get("kernel_ms"), host_ms=r["host_ms"]))
+                except Exception as exc:
+                    print(f"  {label}: failed: {type(exc).__name__}: {exc}", flush=True)
+        fused_cuda.CONFIG = default
+
+    if args.profile_host and not fused_reason:
+        import cProfile
+        import io
+        import pstats
+
+        params = make_params()
+        step = fusion_engine_step(FusionOptimizer(params, lr=lr, fused=True))
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            step()
+            torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
+        print("host profile of 20 fused fp32 engine calls (each followed by a synchronize):")
+        print(text.getvalue())
+        del params, step
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    out = dict(
+        **info,
+        copy_bandwidth_bytes_per_s=bandwidth,
+        params=n,
+        floor_ms={f"{b}_bytes_per_param": v for b, v in floors.items()},
+        results=results,
+        sweep=sweep,
+        targets_ms={"fused fp32 momentum": 6.0, "fused bf16 momentum": 5.0},
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+
+    print()
+    print(f"{'optimizer step, 806M fp32 params':52s} {'ms':>8s} {'floor ms':>9s} {'of floor':>9s} {'peak MiB':>9s} {'kernel ms':>9s}")
+    print(f"{'device copy, read+write ' + format(bandwidth / 1e12, '.3f') + ' TB/s':52s}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['name']:52s} failed: {r['error']}")
+            continue
+        floor = r["bytes_per_param"] * n / bandwidth * 1e3 if r.get("bytes_per_param") else None
+        ratio = f"{r['ms_median'] / floor:8.2f}x" if floor else f"{'':9s}"
+        floor_s = f"{floor:9.2f}" if floor else f"{'':9s}"
+        kern = f"{r['kernel_ms']:9.2f}" if r.get("kernel_ms") else ""
+        print(f"{r['name']:52s} {r['ms_median']:8.2f} {floor_s} {ratio} {r['peak_extra_bytes'] / 2**20:9.1f} {kern}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    t0 = time.time()
+    main()
+    print(f"total {time.time() - t0:.0f} s")
