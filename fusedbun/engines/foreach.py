@@ -8,7 +8,10 @@ arithmetic of :mod:`~fusedbun.engines.single_tensor` and changes only the order 
   ``BLOCK_ELEMS`` numbers each, so a block's temporaries stay in cache. Centralization reduces over
   dims 1.. and the dim-0 accumulator is a maximum over dims 1.., so both are local to a block; the other
   accumulators are running maxima across blocks, committed after the last block (their previous values
-  are still needed for ``prev``). Extra memory is a few blocks, not a parameter's size.
+  are still needed for ``prev``). Extra memory is a few blocks, not a parameter's size. On a GPU a
+  block is ``DEVICE_BLOCK_ELEMS`` numbers: there the cost is kernel launches, not cache misses, so
+  blocks are as large as the peak-memory budget allows. Under ``torch.compile`` a tensor is one block:
+  the compiler fuses the ops itself, and a loop over blocks would only unroll into a larger graph.
 - Tensors of 0 or 1 dims with equal step counts are concatenated and processed as one flat vector, in
   chunks of at most ``BLOCK_ELEMS`` numbers when they are large, then copied back with ``_foreach_copy_``.
 """
@@ -20,9 +23,17 @@ from torch import Tensor
 
 from fusedbun.engines.single_tensor import compute_dtype, step_decay
 
-__all__ = ["foreach_fusion", "BLOCK_ELEMS"]
+__all__ = ["foreach_fusion", "BLOCK_ELEMS", "DEVICE_BLOCK_ELEMS"]
 
 BLOCK_ELEMS = 1 << 17  # 128 Ki numbers: 512 KiB in fp32, so a block and its temporaries fit in L2/L3
+DEVICE_BLOCK_ELEMS = 1 << 23  # 8 Mi numbers (32 MiB in fp32): few launches, a few blocks of temporaries
+
+
+def _block_elems(t: Tensor) -> int:
+    """How many numbers one block of work holds for tensors on ``t``'s device."""
+    if torch.compiler.is_compiling():
+        return max(1, t.numel())
+    return BLOCK_ELEMS if t.device.type == "cpu" else DEVICE_BLOCK_ELEMS
 
 
 def _update_block(
@@ -81,7 +92,7 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, **hyper) -> None:
     if p.numel() == 0:
         return
     rows = p.shape[0]
-    per_block = max(1, BLOCK_ELEMS // max(1, p[0].numel()))
+    per_block = max(1, _block_elems(p) // max(1, p[0].numel()))
     dims = tuple(range(p.dim()))
     # Running maxima for dims >= 1; the old accumulators stay intact until every block has used them.
     running = [torch.full_like(a, -torch.inf) for a in accs[1:]]
@@ -107,10 +118,11 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, **hyper) -> None:
 
 
 def _dense_flat_(params, grads, bufs, hessians, *, beta: float, **hyper) -> None:
-    """Step 0-D and 1-D tensors together as one flat vector per chunk of at most BLOCK_ELEMS numbers."""
+    """Step 0-D and 1-D tensors together as one flat vector per chunk of at most a block of numbers."""
     chunks, chunk, size = [], [], 0
+    limit = max(_block_elems(p) for p in params) if torch.compiler.is_compiling() else _block_elems(params[0])
     for i, p in enumerate(params):
-        if chunk and size + p.numel() > BLOCK_ELEMS:
+        if chunk and size + p.numel() > limit:
             chunks.append(chunk)
             chunk, size = [], 0
         chunk.append(i)
