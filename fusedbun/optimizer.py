@@ -73,8 +73,8 @@ class FusionOptimizer(Optimizer):
 
     .. math::
         \begin{aligned}
-        &\textbf{input: } \eta \text{ (lr)},\ \epsilon \text{ (eps)},\ c \text{ (beta\_decay)},\
-            \lambda \text{ (Lambda)},\ \beta_m \text{ (momentum\_beta)},\ \theta_0 \text{ (params)} \\
+        &\textbf{input: } \eta \text{ (lr)},\ \epsilon \text{ (eps)},\ c \text{ (beta_decay)},\
+            \lambda \text{ (Lambda)},\ \beta_m \text{ (momentum_beta)},\ \theta_0 \text{ (params)} \\
         &\textbf{init: } m_0 \leftarrow 0;\ v_0 \leftarrow 0 \text{ (0-D, 1-D)};\
             a^{(k)}_0 \leftarrow 0 \in \mathbb{R}^{n_k},\ k = 1..d \text{ (d-D, } d \ge 2) \\
         &\textbf{for } t = 1, 2, \dots \\
@@ -88,7 +88,7 @@ class FusionOptimizer(Optimizer):
         &\quad \textbf{else: } \mathrm{prev} \leftarrow \min_k a^{(k)}_{t-1};\quad
             \nu_t \leftarrow M_t\,?\ \beta_t\,\mathrm{prev} + (1-\beta_t) g_t^2 : \mathrm{prev};\quad
             a^{(k)}_t \leftarrow \max_{\text{all dims but } k} \nu_t \\
-        &\quad u_t \leftarrow g_t / (\sqrt{\nu_t} + \epsilon) \textbf{ if use\_rms else } g_t \\
+        &\quad u_t \leftarrow g_t / (\sqrt{\nu_t} + \epsilon) \textbf{ if use_rms else } g_t \\
         &\quad \textbf{if } \beta_m > 0:\ m_t \leftarrow \beta_m m_{t-1} + (1-\beta_m) u_t;\ u_t \leftarrow m_t \\
         &\quad \theta_t \leftarrow \theta_{t-1} (1 - \eta\lambda) - \eta\, u_t \\
         &\textbf{return } \theta_t
