@@ -23,11 +23,14 @@ Whole-tensor PyTorch ops move several times that. This engine runs the step as o
   stores round to nearest even, the update uses the momentum as stored. Other tensors (fp64 parameters,
   non-contiguous tensors, other dtypes or devices) are stepped by the multi-tensor engine
   (:func:`fusedbun.engines.foreach.foreach_fusion`) in the same call, so any input gives the same rule.
+- Results match the reference engine to fp32 rounding, not bit for bit: a multiply and an add may fuse
+  into one FMA (as in torch's own vector kernels) and the row mean is summed in another order; a bf16 or
+  fp16 result may then differ by one unit in the last place. They do not depend on the thread count.
 
 The C file is compiled at first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``), ``-O3`` and, where they work, ``-fopenmp`` and ``-march=native``, into a cache directory (``$FUSEDBUN_CACHE_DIR``,
-else ``$XDG_CACHE_HOME/fusedbun`` or ``~/.cache/fusedbun``), under a name keyed by a hash of the source,
-the compiler, its flags and the CPU. It is written to a temporary name and renamed into place, so two
+``clang``), ``-O3`` and, where they work, ``-fopenmp`` and ``-march=native``, into a cache directory
+(``$FUSEDBUN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedbun`` or ``~/.cache/fusedbun``), under a name keyed
+by a hash of the source, the compiler, its flags and the CPU. It is written to a temporary name and renamed into place, so two
 processes compiling at once do not clash. Without a working compiler, :func:`unavailable_reason` says
 why and the optimizer uses the multi-tensor engine; importing :mod:`fusedbun` never compiles anything.
 """
