@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     ap.add_argument("--only", default=None, help="run only the optimizers whose 'name [engine]' contains this")
     ap.add_argument("--quick", action="store_true", help="1e6 parameters, 5 repeats, no JSON unless --out")
-    ap.add_argument("--out", type=Path, default=None, help=f"JSON path (default {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default benchmarks/results/step_speed.json; none with --quick)")
     args = ap.parse_args(argv)
     if args.quick:
         args.params, args.repeats = min(args.params, 1e6), min(args.repeats, 5)
