@@ -166,6 +166,10 @@ def foreach_fusion(
     use_rms: bool,
     maximize: bool,
 ) -> None:
+    """One step over lists of tensors: 2-D and larger in cache-sized row blocks, 0-D/1-D as flat vectors.
+
+    Same arguments and same rule as :func:`~fusedbun.engines.single_tensor.single_tensor_fusion`.
+    """
     if not params:
         return
     hyper = dict(

@@ -50,6 +50,12 @@ def single_tensor_fusion(
     use_rms: bool,
     maximize: bool,
 ) -> None:
+    """One step of the rule for each tensor in turn, composed from the component functions.
+
+    The lists are parallel: ``momentum_buffers[i]`` is ``None`` when ``momentum_beta == 0``;
+    ``exp_hessians[i]`` is a tensor shaped like ``params[i]`` (0-D, 1-D) or its list of SM3
+    accumulators; ``state_steps[i]`` is a float32 0-d tensor, incremented here.
+    """
     for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
         step += 1
         beta = step_decay(step, beta_decay=beta_decay)
