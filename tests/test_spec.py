@@ -1,4 +1,4 @@
-"""Specification tests for ``fusedbun.FusionOptimizer``, written from /work/shared/SPEC.md alone.
+"""Specification tests for ``fusedbun.FusionOptimizer``, written from the algorithm contract (SPEC.md) alone.
 
 Each test's name states the property of the contract it checks; each body checks it on fresh random inputs,
 seeded per test (from the test id). The float64 oracle is ``spec_reference.reference_step``.
