@@ -1,6 +1,6 @@
 """The reference engine: one tensor at a time, composed from the component functions.
 
-This is the rule of ``SPEC.md`` written as directly as PyTorch allows; it favours clarity over speed
+This is the rule of the :class:`~fusedbun.FusionOptimizer` docstring, written as directly as PyTorch allows; it favours clarity over speed
 and is what every faster engine is tested against.
 """
 
