@@ -1,7 +1,7 @@
 """The reference engine: one tensor at a time, composed from the component functions.
 
-This is the rule of the :class:`~fusedbun.FusionOptimizer` docstring, written as directly as PyTorch allows; it favours clarity over speed
-and is what every faster engine is tested against.
+This is the rule of the :class:`~fusedbun.FusionOptimizer` docstring, written as directly as PyTorch
+allows; it favours clarity over speed and is what every faster engine is tested against.
 """
 
 from __future__ import annotations
