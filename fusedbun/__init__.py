@@ -12,7 +12,7 @@ from fusedbun.adalite import (
     momentum_,
     rms_normalize,
 )
-from fusedbun.hessian import dense_second_moment_, hessian_decay
+from fusedbun.hessian import dense_second_moment_, hessian_decay, masked_ema
 from fusedbun.optimizer import FusionOptimizer, fusion
 from fusedbun.param_groups import param_groups_no_decay
 from fusedbun.sm3 import sm3_accumulators, sm3_second_moment_
@@ -26,6 +26,7 @@ __all__ = [
     "centralize",
     "eps_mask",
     "hessian_decay",
+    "masked_ema",
     "dense_second_moment_",
     "sm3_accumulators",
     "sm3_second_moment_",

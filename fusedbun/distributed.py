@@ -43,7 +43,7 @@ from torch.distributed.tensor import DTensor, Replicate
 
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, rms_normalize
 from fusedbun.engines.single_tensor import compute_dtype
-from fusedbun.hessian import dense_second_moment_, hessian_decay
+from fusedbun.hessian import dense_second_moment_, hessian_decay, masked_ema
 from fusedbun.sm3 import sm3_min, sm3_reduce_
 
 __all__ = ["dtensor_fusion", "dtensor_sm3_accumulators", "dtensor_finite_flags", "sharded_dims"]
@@ -198,8 +198,7 @@ def dtensor_fusion(
         else:
             accs = [_local(a) for a in hess]
             prev = sm3_min(accs).expand(g.shape)
-            nu = prev.mul(beta).add_(g.to(torch.float32).square(), alpha=1.0 - beta)
-            nu = torch.where(mask, nu, prev)
+            nu = masked_ema(prev, g, mask, beta=beta)
             # New local maxima; an empty local shard leaves zeros, the neutral element since nu >= 0.
             new = [torch.zeros_like(a) for a in accs]
             sm3_reduce_(new, nu)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hessian_decay", "dense_second_moment_"]
+__all__ = ["hessian_decay", "masked_ema", "dense_second_moment_"]
 
 
 def hessian_decay(step: float, *, beta_decay: float) -> float:
@@ -26,6 +26,20 @@ def hessian_decay(step: float, *, beta_decay: float) -> float:
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
     return 1.0 - float(step) ** (-beta_decay)
+
+
+def masked_ema(prev: Tensor, grad: Tensor, mask: Tensor, *, beta: float | Tensor) -> Tensor:
+    r"""The masked EMA of squared gradients, as a new fp32 tensor:
+
+    .. math::
+        \nu = \begin{cases} \beta_t\, \mathrm{prev} + (1-\beta_t)\, g^2 & \text{where mask} \\
+                              \mathrm{prev} & \text{elsewhere} \end{cases}
+
+    ``prev`` is the previous statistic (the dense ``v``, or SM3's per-element bound, possibly a broadcast
+    view); every second-moment rule of the package (dense, SM3, row-sparse, sharded) goes through here.
+    """
+    g32 = grad.to(torch.float32)
+    return torch.where(mask, torch.mul(prev, beta).addcmul_(g32, g32, value=1.0 - beta), prev)
 
 
 def dense_second_moment_(exp_hessian: Tensor, grad: Tensor, mask: Tensor, *, beta: float) -> Tensor:
@@ -44,5 +58,4 @@ def dense_second_moment_(exp_hessian: Tensor, grad: Tensor, mask: Tensor, *, bet
     Returns:
         ``exp_hessian`` itself, which is :math:`\nu` for a dense parameter.
     """
-    updated = exp_hessian.mul(beta).add_(grad.to(exp_hessian.dtype).square(), alpha=1.0 - beta)
-    return exp_hessian.copy_(torch.where(mask, updated, exp_hessian))
+    return exp_hessian.copy_(masked_ema(exp_hessian, grad, mask, beta=beta))

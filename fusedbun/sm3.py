@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fusedbun.hessian import masked_ema
+
 __all__ = ["sm3_accumulators", "sm3_min", "sm3_second_moment_", "sm3_reduce_"]
 
 
@@ -63,7 +65,6 @@ def sm3_second_moment_(accumulators: Sequence[Tensor], grad: Tensor, mask: Tenso
         :math:`\nu`, fp32, shaped like ``grad``; a temporary, never stored.
     """
     prev = sm3_min(accumulators).expand(grad.shape)
-    nu = prev.mul(beta).add_(grad.to(torch.float32).square(), alpha=1.0 - beta)
-    nu = torch.where(mask, nu, prev)
+    nu = masked_ema(prev, grad, mask, beta=beta)
     sm3_reduce_(accumulators, nu)
     return nu

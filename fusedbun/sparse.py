@@ -22,8 +22,9 @@ import torch
 from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
-from fusedbun.adalite import eps_mask, rms_normalize
-from fusedbun.hessian import hessian_decay
+from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, rms_normalize
+from fusedbun.engines.single_tensor import compute_dtype
+from fusedbun.hessian import hessian_decay, masked_ema
 from fusedbun.sm3 import sm3_min
 
 __all__ = ["sparse_fusion_"]
@@ -59,7 +60,7 @@ def sparse_fusion_(
     rows, values = _present_rows(grad)
     step += 1
     beta = hessian_decay(step.item(), beta_decay=beta_decay)
-    dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(param)
 
     g = values.to(dtype)
     if maximize:
@@ -70,7 +71,7 @@ def sparse_fusion_(
 
     if param.dim() <= 1:
         prev = exp_hessian[rows]
-        nu = torch.where(mask, prev.mul(beta).add_(g.float().square(), alpha=1 - beta), prev)
+        nu = masked_ema(prev, g, mask, beta=beta)
         exp_hessian[rows] = nu
     else:
         acc = exp_hessian
@@ -78,7 +79,7 @@ def sparse_fusion_(
         absent[rows] = -torch.inf
         carried = absent.max()  # A: the largest dim-0 accumulator among absent rows (-inf if none)
         prev = sm3_min([acc[0][rows]] + list(acc[1:])).expand(g.shape)
-        nu = torch.where(mask, prev.mul(beta).add_(g.float().square(), alpha=1 - beta), prev)
+        nu = masked_ema(prev, g, mask, beta=beta)
         dims = tuple(range(nu.dim()))
         acc[0][rows] = nu.amax(dim=dims[1:], keepdim=True)
         for k in range(1, len(acc)):
@@ -87,12 +88,11 @@ def sparse_fusion_(
 
     u = rms_normalize(g, nu, eps=eps).to(dtype) if use_rms else g
     if momentum_beta > 0:
-        m = momentum_buffer[rows].to(dtype).lerp_(u, 1 - momentum_beta)
-        momentum_buffer[rows] = m.to(momentum_buffer.dtype)
-        u = momentum_buffer[rows].to(dtype)
+        m = momentum_(momentum_buffer[rows], u, momentum_beta=momentum_beta)  # a gathered copy of the rows
+        momentum_buffer[rows] = m
+        u = m.to(dtype)
 
-    p = param[rows].to(dtype)
-    if Lambda != 0:
-        p.mul_(1 - lr * Lambda)
+    p = param[rows].to(dtype)  # a gathered copy too
+    decoupled_weight_decay_(p, lr=lr, Lambda=Lambda)
     p.add_(u, alpha=-lr)
     param[rows] = p.to(param.dtype)

@@ -21,7 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusedbun.adalite import decoupled_weight_decay_, momentum_
 from fusedbun.engines.single_tensor import compute_dtype, step_decay
+from fusedbun.hessian import masked_ema
 
 __all__ = ["foreach_fusion", "BLOCK_ELEMS", "DEVICE_BLOCK_ELEMS"]
 
@@ -64,27 +66,12 @@ def _update_block(
     if use_rms:
         g.div_(nu.sqrt_().add_(eps))  # nu is a temporary of this block: reuse it as the denominator
     if momentum_beta > 0:
-        if m.dtype == dtype:
-            g = m.lerp_(g, 1.0 - momentum_beta)
-        else:
-            m.copy_(m.to(dtype).lerp_(g, 1.0 - momentum_beta))
-            g = m.to(dtype)
-    if p.dtype == dtype:
-        if Lambda != 0:
-            p.mul_(1.0 - lr * Lambda)
-        p.add_(g, alpha=-lr)
-    else:
-        q = p.to(dtype)
-        if Lambda != 0:
-            q.mul_(1.0 - lr * Lambda)
-        p.copy_(q.add_(g, alpha=-lr))
-
-
-def _masked_ema(prev: Tensor, g: Tensor, mask: Tensor, beta: float) -> Tensor:
-    """``where(mask, beta * prev + (1 - beta) * g**2, prev)`` in fp32 (a new tensor)."""
-    g32 = g if g.dtype == torch.float32 else g.float()
-    nu = torch.mul(prev, beta).addcmul_(g32, g32, value=1.0 - beta)
-    return torch.where(mask, nu, prev)
+        g = momentum_(m, g, momentum_beta=momentum_beta).to(dtype)  # the update uses the momentum as stored
+    q = p if p.dtype == dtype else p.to(dtype)
+    decoupled_weight_decay_(q, lr=lr, Lambda=Lambda)
+    q.add_(g, alpha=-lr)
+    if q is not p:
+        p.copy_(q)
 
 
 def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, **hyper) -> None:
@@ -105,7 +92,7 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, **hyper) -> None:
             prev = acc0
             for a in accs[1:]:
                 prev = torch.minimum(prev, a)
-            nu = _masked_ema(prev.expand(gb.shape), gb, mask, beta)
+            nu = masked_ema(prev.expand(gb.shape), gb, mask, beta=beta)
             torch.amax(nu, dim=dims[1:], keepdim=True, out=acc0)
             for k, run in enumerate(running, start=1):
                 torch.maximum(run, nu.amax(dim=dims[:k] + dims[k + 1 :], keepdim=True), out=run)
@@ -138,7 +125,7 @@ def _dense_flat_(params, grads, bufs, hessians, *, beta: float, **hyper) -> None
         m = None if bufs[idx[0]] is None else torch.cat([bufs[i].reshape(-1) for i in idx])
 
         def second_moment(gb: Tensor, mask: Tensor, beta: float) -> Tensor:
-            nu = _masked_ema(v, gb, mask, beta)
+            nu = masked_ema(v, gb, mask, beta=beta)
             v.copy_(nu)
             return nu
 
