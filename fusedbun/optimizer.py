@@ -181,13 +181,12 @@ class FusionOptimizer(Optimizer):
                 if key != "differentiable":
                     group.setdefault(key, value)
 
-    def _init_group(self, group: dict[str, Any], params: list, grads: list, momentum_buffers: list, steps: list) -> bool:
+    def _init_group(self, group: dict[str, Any], params: list, grads: list, momentum_buffers: list, steps: list) -> None:
         """Append the group's tensors that have gradients to the lists (creating state on first use).
 
         Filling lists passed in, rather than returning them, is the ``torch.optim`` convention that
         ``torch.compile`` relies on: it runs ``_init_group`` eagerly and guards on the tensors appended
         (which must be tensors or None, so the lists of SM3 accumulators are gathered by the caller).
-        Returns whether any gradient is sparse (a constant of the group, as ``torch.compile`` expects).
         """
         for p in group["params"]:
             if p.grad is None:
@@ -215,7 +214,6 @@ class FusionOptimizer(Optimizer):
             grads.append(p.grad)
             momentum_buffers.append(state.get("momentum_buffer") if group["momentum_beta"] > 0 else None)
             steps.append(state["step"])
-        return any(g.is_sparse for g in grads)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
