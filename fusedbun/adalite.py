@@ -8,7 +8,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["centralize", "eps_mask", "rms_normalize", "momentum_", "decoupled_weight_decay_"]
+__all__ = [
+    "centralize",
+    "eps_mask",
+    "nonfinite_entries",
+    "GRAD_LIMIT",
+    "rms_normalize",
+    "momentum_",
+    "decoupled_weight_decay_",
+]
+
+GRAD_LIMIT = 2.0**64
+"""The smallest gradient magnitude the mask refuses as too large: ``2**64`` squared is ``2**128``, just
+past fp32's largest number, so every entry the mask keeps has a finite fp32 square."""
 
 
 def centralize(grad: Tensor) -> Tensor:
@@ -26,17 +38,27 @@ def centralize(grad: Tensor) -> Tensor:
 
 
 def eps_mask(grad: Tensor, *, eps: float) -> tuple[Tensor, Tensor]:
-    r"""The sparse-update mask: entries whose magnitude does not exceed ``eps`` are zeroed.
+    r"""The sparse-update mask: entries whose magnitude does not exceed ``eps`` are zeroed, and so are
+    entries that are not usable numbers (NaN, :math:`\pm\infty`, or :math:`|g| \ge 2^{64}`, whose square
+    would overflow the fp32 second moment).
 
-    .. math:: \mathrm{mask} = |g| > \epsilon, \qquad g \leftarrow g \odot \mathrm{mask}
+    .. math:: \mathrm{mask} = \epsilon < |g| < 2^{64}, \qquad g \leftarrow \mathrm{mask}\ ?\ g : 0
 
-    Masked entries take no step and, in the second moment, keep their statistic unchanged.
+    Masked entries take no step and, in the second moment, keep their statistic unchanged. (``NaN``
+    fails both comparisons, so it is masked too; a select rather than ``g * mask`` keeps it out.)
 
     Returns:
         ``(masked_grad, mask)``; ``grad`` is not modified.
     """
-    mask = grad.abs() > eps
-    return grad * mask, mask
+    magnitude = grad.abs()
+    mask = (magnitude > eps) & (magnitude < GRAD_LIMIT)
+    return torch.where(mask, grad, 0.0), mask
+
+
+def nonfinite_entries(grad: Tensor) -> Tensor:
+    r"""Where :func:`eps_mask` masks an entry for not being a usable number: NaN, :math:`\pm\infty` or
+    :math:`|g| \ge 2^{64}` (``GRAD_LIMIT``). A boolean tensor shaped like ``grad``."""
+    return ~(grad.abs() < GRAD_LIMIT)
 
 
 def rms_normalize(grad: Tensor, nu: Tensor, *, eps: float) -> Tensor:

@@ -41,8 +41,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate
 
-from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, rms_normalize
-from fusedbun.engines.single_tensor import compute_dtype
+from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
+from fusedbun.engines.single_tensor import compute_dtype, stack_flags
 from fusedbun.hessian import dense_second_moment_, hessian_decay, masked_ema
 from fusedbun.sm3 import sm3_min, sm3_reduce_
 
@@ -158,18 +158,23 @@ def dtensor_fusion(
     centralize: bool,
     use_rms: bool,
     maximize: bool,
-) -> None:
+    find_nonfinite: bool = False,
+) -> Tensor | None:
     """One step for DTensor parameters; the engine signature of :mod:`fusedbun.engines`.
 
     Every rank must call it with the same parameters in the same order (as ``optimizer.step()`` on
-    every rank does), because the accumulator maxima are reduced across ranks.
+    every rank does), because the accumulator maxima are reduced across ranks. The mask is elementwise,
+    so a non-finite entry needs no agreement between ranks; with ``find_nonfinite`` the flags returned
+    say what this rank's shards held (a plain tensor on the local device).
     """
+    found = []
     # Deferred accumulator maxima: (mesh, mesh dims) -> [(local accumulator, its new local maximum)].
     pending: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
 
     for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
         step += 1
         if param.numel() == 0:
+            found.append(torch.zeros((), dtype=torch.bool, device=param.to_local().device))
             continue  # nothing to update anywhere; the same decision on every rank (global shape)
         beta = hessian_decay(step.item(), beta_decay=beta_decay)
         dtype = compute_dtype(param)
@@ -190,6 +195,8 @@ def dtensor_fusion(
                 row_sum = g.sum(dim=dims, keepdim=True)
                 _all_reduce_(row_sum, dist.ReduceOp.SUM, mesh, across)
                 g = g - row_sum / math.prod(param.shape[1:])
+        if find_nonfinite:
+            found.append(nonfinite_entries(g).any())
         g, mask = eps_mask(g, eps=eps)
 
         # 4: the second moment nu from the previous (local slices of the) accumulators.
@@ -226,3 +233,6 @@ def dtensor_fusion(
         sizes = [a_new.numel() for _, a_new in pairs]
         for (acc, _), values in zip(pairs, flat.split(sizes)):
             acc.copy_(values.view_as(acc))
+    if not find_nonfinite:
+        return None
+    return stack_flags(found, [p.to_local() for p in params[:1]])

@@ -19,13 +19,13 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from fusedbun.engines import is_dtensor, select_engine
+from fusedbun.nonfinite import MODES as _NONFINITE_MODES
+from fusedbun.nonfinite import NonfiniteReports, finite_gradients
 from fusedbun.sm3 import sm3_accumulators
 from fusedbun.sparse import sparse_fusion_
 
 __all__ = ["FusionOptimizer", "fusion"]
 
-_NONFINITE_MODES = ("skip", "raise")
-_SQRT_FP32_MAX = math.sqrt(torch.finfo(torch.float32).max)
 _FP32_TINY = torch.finfo(torch.float32).tiny
 
 
@@ -110,11 +110,15 @@ class FusionOptimizer(Optimizer):
             engine is used where it can run and the multi-tensor engine elsewhere.
         momentum_dtype: dtype of the momentum buffer; ``None`` (default) uses the parameter's dtype,
             ``torch.bfloat16`` halves its memory for fp32 parameters. The arithmetic is fp32 either way.
-        nonfinite: what a non-finite gradient does: one holding NaN or Inf, or so large that the sum
-            of its squares overflows fp32 (it would make the second moment Inf for good).
-            ``"skip"`` (default): that parameter is left as it is for this step (parameter, state and
-            step count) and a ``RuntimeWarning`` says so; ``"raise"``: ``step`` raises
-            ``FloatingPointError`` before changing anything.
+        nonfinite: what a gradient entry that is NaN, Inf or so large that its square overflows fp32
+            (:math:`|g| \ge 2^{64}`) does (:mod:`fusedbun.nonfinite`). ``"mask"`` (default): it is masked
+            like an entry at or below ``eps`` (no step from it, its second moment carried over), inside
+            the step's one pass, and a ``RuntimeWarning`` names the parameters (for CUDA tensors at a
+            later ``step()``: the step never waits for the device; under ``torch.compile`` no warning).
+            ``"skip"``: a parameter whose gradient holds one is left as it is for this step (parameter,
+            state and step count), with a ``RuntimeWarning``; ``"raise"``: ``step`` raises
+            ``FloatingPointError`` before changing anything. Both cost one more read of every gradient
+            and a host sync per step.
 
     State per parameter: ``step`` (a float32 tensor), ``exp_hessian`` (for 0-D and 1-D parameters a fp32
     tensor shaped like the parameter; otherwise a list of fp32 accumulators, the k-th shaped
@@ -138,7 +142,7 @@ class FusionOptimizer(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         momentum_dtype: torch.dtype | None = None,
-        nonfinite: str = "skip",
+        nonfinite: str = "mask",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -156,6 +160,8 @@ class FusionOptimizer(Optimizer):
         )
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+        self._nonfinite_reports = NonfiniteReports()
+        self._step_calls = 0
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -174,6 +180,8 @@ class FusionOptimizer(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_nonfinite_reports", NonfiniteReports())
+        self.__dict__.setdefault("_step_calls", 0)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 # torch adds "differentiable" to the defaults here; FusionOptimizer has no such option, and a
@@ -226,32 +234,36 @@ class FusionOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # Gather every group, check every gradient at once, then step. The check is the step's one host
-        # sync; under torch.compile it is a graph break, which must fall outside any loop (a graph break
-        # inside a loop makes torch.compile give up on the whole step).
+        # Gather every group, check the gradients of "skip" and "raise" groups at once, then step. That
+        # check is the step's one host sync; under torch.compile it is a graph break, which must fall
+        # outside any loop (a graph break inside a loop makes torch.compile give up on the whole step).
+        # "mask" groups (the default) need no check: the engines mask and report in their one pass.
         gathered = []
         for group in self.param_groups:
             params, grads, momentum_buffers, steps = [], [], [], []
             self._init_group(group, params, grads, momentum_buffers, steps)
             exp_hessians = [self.state[p]["exp_hessian"] for p in params]
             gathered.append((group, params, grads, momentum_buffers, exp_hessians, steps))
-        keep_all = _finite_gradients([g for item in gathered for g in item[2]])
+        checked = [g for item in gathered if item[0]["nonfinite"] != "mask" for g in item[2]]
+        keep_all = finite_gradients(checked) if checked else []
 
         work = []
-        for group, params, grads, momentum_buffers, exp_hessians, steps in gathered:
-            keep, keep_all = keep_all[: len(params)], keep_all[len(params) :]
+        for group_index, (group, params, grads, momentum_buffers, exp_hessians, steps) in enumerate(gathered):
+            if group["nonfinite"] != "mask":
+                keep, keep_all = keep_all[: len(params)], keep_all[len(params) :]
             if not params:
                 continue
-            if not all(keep):
+            if group["nonfinite"] != "mask" and not all(keep):
                 names = [i for i, ok in enumerate(keep) if not ok]
                 if group["nonfinite"] == "raise":
                     raise FloatingPointError(
-                        f"non-finite gradient in {len(names)} parameter(s) of a param group "
+                        f"non-finite gradient in {len(names)} parameter(s) of param group {group_index} "
                         f"(positions {names} among those with gradients); nothing was updated"
                     )
                 warnings.warn(
-                    f"FusionOptimizer: skipped {len(names)} parameter(s) with non-finite gradients "
-                    f"(positions {names} among those with gradients); their values and state are unchanged",
+                    f"FusionOptimizer: skipped {len(names)} parameter(s) of param group {group_index} with "
+                    f"non-finite gradients (positions {names} among those with gradients); their values and "
+                    "state are unchanged",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -259,18 +271,21 @@ class FusionOptimizer(Optimizer):
                     [x for x, ok in zip(seq, keep) if ok]
                     for seq in (params, grads, momentum_buffers, exp_hessians, steps)
                 )
-            work.append((group, params, grads, momentum_buffers, exp_hessians, steps))
+            work.append((group_index, group, params, grads, momentum_buffers, exp_hessians, steps))
 
-        for group, params, grads, momentum_buffers, exp_hessians, steps in work:
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            self._step_calls += 1
+        for group_index, group, params, grads, momentum_buffers, exp_hessians, steps in work:
             lr = group["lr"]
-            fusion(
+            found = fusion(
                 params,
                 grads,
                 momentum_buffers,
                 exp_hessians,
                 steps,
                 # Under torch.compile a tensor lr stays a tensor: .item() would break the graph.
-                lr=lr.item() if isinstance(lr, Tensor) and not torch.compiler.is_compiling() else lr,
+                lr=lr.item() if isinstance(lr, Tensor) and not compiling else lr,
                 eps=group["eps"],
                 beta_decay=group["beta_decay"],
                 Lambda=group["Lambda"],
@@ -280,7 +295,12 @@ class FusionOptimizer(Optimizer):
                 maximize=group["maximize"],
                 foreach=group["foreach"],
                 fused=group["fused"],
+                find_nonfinite=group["nonfinite"] == "mask" and not compiling,
             )
+            if found is not None:
+                self._nonfinite_reports.add(self._step_calls, group_index, found)
+        if not compiling:
+            self._nonfinite_reports.poll()
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -373,37 +393,6 @@ def _check_saved_state(saved: dict[str, Any], p: Tensor) -> None:
             )
 
 
-def _finite_gradients(grads: list[Tensor]) -> list[bool]:
-    """One flag per gradient: is the sum of its squares finite?
-
-    False for a NaN or Inf anywhere, and also for a gradient so large that its squares overflow fp32
-    (about |g| > 1e19 / sqrt(numel)): such a gradient would turn the second moment into Inf for good,
-    so it is treated the same way. One foreach 2-norm per device (a single read of the gradients, much
-    cheaper than an inf-norm on CPU) and one device-to-host sync per step.
-    """
-    flags: list[bool] = [True] * len(grads)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, g in enumerate(grads):
-        if g.is_sparse:
-            flags[i] = bool(torch.isfinite(g.coalesce().values().float().square().sum()))
-        elif is_dtensor(g):
-            by_device.setdefault("dtensor", []).append(i)
-        else:  # fp16/bf16 norms are taken in fp32: an fp16 norm overflows at 65504, far below fp32's limit
-            by_device.setdefault((g.device, g.dtype in (torch.float16, torch.bfloat16)), []).append(i)
-    if "dtensor" in by_device:  # sharded: every rank must reach the same verdict (see dtensor_finite_flags)
-        from fusedbun.distributed import dtensor_finite_flags
-
-        idx = by_device.pop("dtensor")
-        for i, ok in zip(idx, dtensor_finite_flags([grads[i] for i in idx])):
-            flags[i] = ok
-    for (_, half), idx in by_device.items():
-        norms = torch._foreach_norm([grads[i] for i in idx], 2, dtype=torch.float32 if half else None)
-        # below sqrt(fp32 max), the squares fit the fp32 second moment (a norm taken in fp64 included)
-        for i, ok in zip(idx, torch.stack(norms).lt(_SQRT_FP32_MAX).tolist()):
-            flags[i] = ok
-    return flags
-
-
 def fusion(
     params: list[Tensor],
     grads: list[Tensor],
@@ -421,12 +410,19 @@ def fusion(
     maximize: bool,
     foreach: bool | None = None,
     fused: bool | None = None,
-) -> None:
-    """Functional form of one FusionOptimizer step over lists of tensors (see :class:`FusionOptimizer`).
+    find_nonfinite: bool = False,
+) -> list[Tensor] | None:
+    r"""Functional form of one FusionOptimizer step over lists of tensors (see :class:`FusionOptimizer`).
 
     Sparse gradients take the lazy row-sparse path; dense ones are grouped by device and each group goes
     to the engine that :func:`fusedbun.engines.select_engine` picks from ``foreach`` and ``fused``.
+
+    Gradient entries that are NaN, Inf or :math:`\ge 2^{64}` in magnitude are masked (see
+    :func:`fusedbun.adalite.eps_mask`). With ``find_nonfinite``, returns one 0-d bool tensor per
+    parameter, in order, on its engine's device: True where its gradient held such an entry. Reading
+    them is left to the caller (for CUDA tensors a read waits for the step to finish).
     """
+    found: list[Tensor | None] = [None] * len(params)
     hyper = dict(
         lr=lr,
         eps=eps,
@@ -444,10 +440,18 @@ def fusion(
     by_device: dict[tuple[str, bool], list[int]] = {}
     for i, g in enumerate(grads):
         if g.is_sparse:
-            sparse_fusion_(params[i], grads[i], momentum_buffers[i], exp_hessians[i], state_steps[i], **hyper)
+            found[i] = sparse_fusion_(
+                params[i], grads[i], momentum_buffers[i], exp_hessians[i], state_steps[i],
+                find_nonfinite=find_nonfinite, **hyper,
+            )
         else:
             by_device.setdefault((params[i].device.type, is_dtensor(params[i])), []).append(i)
     for (device_type, distributed), idx in by_device.items():
         lists = [[seq[i] for i in idx] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)]
         engine = select_engine(device_type, distributed=distributed, foreach=foreach, fused=fused)
-        engine(*lists, **hyper)
+        flags = engine(*lists, find_nonfinite=find_nonfinite, **hyper)
+        if find_nonfinite:
+            found_here = flags.unbind()
+            for i, flag in zip(idx, found_here):
+                found[i] = flag
+    return found if find_nonfinite else None

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
-from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, rms_normalize
+from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.engines.single_tensor import compute_dtype
 from fusedbun.hessian import hessian_decay, masked_ema
 from fusedbun.sm3 import sm3_min
@@ -55,8 +55,10 @@ def sparse_fusion_(
     centralize: bool,
     use_rms: bool,
     maximize: bool,
-) -> None:
-    """One lazy step for a parameter whose gradient is sparse along dim 0."""
+    find_nonfinite: bool = False,
+) -> Tensor | None:
+    """One lazy step for a parameter whose gradient is sparse along dim 0; with ``find_nonfinite``,
+    returns whether the mask dropped a present entry for not being a usable number (a 0-d bool tensor)."""
     rows, values = _present_rows(grad)
     step += 1
     beta = hessian_decay(step.item(), beta_decay=beta_decay)
@@ -67,6 +69,7 @@ def sparse_fusion_(
         g = -g
     if centralize and param.dim() > 1:
         g = centralize_grad(g)  # per row: local to the present rows
+    found = nonfinite_entries(g).any() if find_nonfinite else None
     g, mask = eps_mask(g, eps=eps)
 
     if param.dim() <= 1:
@@ -96,3 +99,4 @@ def sparse_fusion_(
     decoupled_weight_decay_(p, lr=lr, Lambda=Lambda)
     p.add_(u, alpha=-lr)
     param[rows] = p.to(param.dtype)
+    return found

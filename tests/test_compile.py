@@ -10,6 +10,7 @@ which takes about a minute per graph on a 2-core CPU and would not change what i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -108,3 +109,32 @@ def test_compiled_step_matches_eager_through_aot_autograd():
     compiled, eager, frames = run_compiled(4, "aot_eager", opts)
     assert frames[-1] == frames[0], f"graphs compiled after each step: {frames}"
     assert_same_training(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_default_step_compiles_as_one_full_graph_and_masks_a_nan():
+    # nonfinite="mask" (the default) needs no check before the engines, so nothing breaks the graph:
+    # fullgraph=True raises on any graph break. A NaN entry is masked inside the graph as in eager mode.
+    model = make_model()
+    opt = FusionOptimizer(model.parameters(), lr=1e-2, use_rms=True)
+    counter = CompileCounterWithBackend("eager")
+    step = torch.compile(opt.step, backend=counter, fullgraph=True)
+    eager_model = copy.deepcopy(model)
+    eager_opt = FusionOptimizer(eager_model.parameters(), lr=1e-2, use_rms=True)
+    for t in range(4):
+        set_fresh_grads([model, eager_model], t)
+        if t == 3:
+            for m in (model, eager_model):
+                m[0].weight.grad[1, 2] = float("nan")
+        step()
+        with pytest.warns(RuntimeWarning, match="non-finite") if t == 3 else contextlib.nullcontext():
+            eager_opt.step()
+    assert counter.frame_count == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert_same_training((model, opt), (eager_model, eager_opt), rtol=1e-6, atol=1e-7)
+
+
+def test_skip_mode_still_compiles_with_its_check_outside_the_graph():
+    # nonfinite="skip" reads the gradients' verdict on the host: a graph break, outside any loop.
+    compiled, eager, frames = run_compiled(4, "eager", dict(lr=1e-2, nonfinite="skip"))
+    assert frames[-1] == frames[1], f"graphs compiled after each step: {frames}"
+    assert_same_training(compiled, eager, rtol=1e-6, atol=1e-7)

@@ -260,7 +260,7 @@ def test_state_dict_without_newer_group_keys_loads_with_the_defaults(engine):
             group.pop(key, None)
     opt.load_state_dict(sd)
     g = opt.param_groups[0]
-    assert g["nonfinite"] == "skip" and g["momentum_dtype"] is None and g["maximize"] is False
+    assert g["nonfinite"] == "mask" and g["momentum_dtype"] is None and g["maximize"] is False
     run(opt, params, range(2, 3))
     assert all(opt.state[p]["step"].item() == 3 for p in params)
 
@@ -328,7 +328,7 @@ def test_param_group_added_later_matches_a_separate_optimizer(engine):
     run(opt_a, twin_a, range(2))
     opt.add_param_group({"params": b, **own})
     group = opt.param_groups[-1]
-    assert group["nonfinite"] == "skip" and group["maximize"] is False, "missing keys take the defaults"
+    assert group["nonfinite"] == "mask" and group["maximize"] is False, "missing keys take the defaults"
     opt_b = FusionOptimizer(twin_b, **own, **engine)
     for t in range(2, 5):
         set_grads(params, t)

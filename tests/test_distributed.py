@@ -232,9 +232,10 @@ def _collectives_of_one_step(net, opt, batch, rank, world) -> dict:
 
 
 def _nonfinite_on_one_rank(device, world, rank) -> dict:
-    """Rank 1 alone sees an Inf in its shard of fc1.weight's gradient: every rank must skip that param."""
+    """Rank 1 alone sees an Inf in its shard of fc1.weight's gradient: in skip mode every rank must skip
+    that param."""
     net = _fsdp_net(device, world)
-    opt = fusedbun.FusionOptimizer(net.parameters(), lr=LR)
+    opt = fusedbun.FusionOptimizer(net.parameters(), lr=LR, nonfinite="skip")
     before = {n: _full(p).detach().clone() for n, p in net.named_parameters()}
     x, y = make_batches(1, device)[0]
     rows = BATCH // world
@@ -250,6 +251,43 @@ def _nonfinite_on_one_rank(device, world, rank) -> dict:
         "fc1.weight unchanged": bool(torch.equal(before["fc1.weight"], after["fc1.weight"])),
         "fc1.weight has no state": len(opt.state[net.fc1.weight]) == 0 or opt.state[net.fc1.weight]["step"].item() == 0,
         "others changed": all(not torch.equal(before[n], after[n]) for n in before if n != "fc1.weight"),
+    }
+
+
+def _nonfinite_masked_on_one_rank(device, world, rank) -> dict:
+    """Mask mode: rank 1 alone sees an Inf in its shard of fc1.weight's gradient. The step must equal, bit for
+    bit, the step where that entry is 0.0 (the other entries of fc1.weight still step), on every rank."""
+    nets = [_fsdp_net(device, world) for _ in range(2)]
+    opts = [fusedbun.FusionOptimizer(net.parameters(), lr=LR, nonfinite="mask") for net in nets]
+    x, y = make_batches(1, device)[0]
+    rows = BATCH // world
+    for net, opt in zip(nets, opts):
+        train(net, opt, make_batches(2, device), rank, world)  # finite state first
+        nn.functional.mse_loss(net(x[rank * rows : (rank + 1) * rows]), y[rank * rows : (rank + 1) * rows]).backward()
+    before = _full(nets[0].fc1.weight).detach().clone()
+    if rank == 1:
+        nets[0].fc1.weight.grad.to_local()[0, 0] = float("inf")
+        nets[1].fc1.weight.grad.to_local()[0, 0] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for opt in opts:
+            opt.step()
+
+    def tensors(net, opt):
+        out = {}
+        for name, p in net.named_parameters():
+            out[name] = _full(p).detach()
+            for key, value in opt.state[p].items():
+                for k, t in enumerate(value if isinstance(value, list) else [value]):
+                    out[f"{name}/{key}/{k}"] = _full(t).detach()
+        return out
+
+    got, want = tensors(nets[0], opts[0]), tensors(nets[1], opts[1])
+    return {
+        "differ": sorted(k for k in want if not torch.equal(got[k], want[k])),
+        "non-finite": sorted(k for k, t in got.items() if not torch.isfinite(t).all()),
+        "fc1.weight steps": [opts[0].state[nets[0].fc1.weight]["step"].item()],
+        "fc1.weight changed": bool(not torch.equal(before, got["fc1.weight"])),
     }
 
 
@@ -319,12 +357,15 @@ def two_rank_job(rank: int, world: int, init_method: str, out_dir: str, backend:
     train(ddp, opt, make_batches(STEPS, device), rank, world)
     results["ddp"] = compare(net, opt, *reference(CKPT_CONFIG, STEPS, device))
 
-    # What crosses the network in one step; and a non-finite gradient seen by one rank only.
-    net = _fsdp_net(device, world)
-    opt = fusedbun.FusionOptimizer(net.parameters(), lr=LR)
-    train(net, opt, make_batches(1, device), rank, world)  # state exists before the recorded step
-    results["collectives"] = _collectives_of_one_step(net, opt, make_batches(2, device)[1], rank, world)
+    # What crosses the network in one step (the default "mask" mode, and "skip", which adds the finiteness
+    # check); and a non-finite gradient seen by one rank only.
+    for key, extra in (("collectives", {}), ("collectives-skip", {"nonfinite": "skip"})):
+        net = _fsdp_net(device, world)
+        opt = fusedbun.FusionOptimizer(net.parameters(), lr=LR, **extra)
+        train(net, opt, make_batches(1, device), rank, world)  # state exists before the recorded step
+        results[key] = _collectives_of_one_step(net, opt, make_batches(2, device)[1], rank, world)
     results["nonfinite"] = _nonfinite_on_one_rank(device, world, rank)
+    results["nonfinite-mask"] = _nonfinite_masked_on_one_rank(device, world, rank)
 
     # Hand-distributed parameters with other placements than FSDP2's.
     mesh = init_device_mesh(torch.device(device).type, (world,))
@@ -414,6 +455,13 @@ def test_ddp_training_equals_one_process(two_rank):
 def test_one_step_gathers_nothing_and_sends_one_small_max_all_reduce(two_rank):
     rec = two_rank["results"]["collectives"]
     assert rec["gathers"] == [], f"the step gathered whole tensors: {rec['gathers']}"
+    # "mask" (the default) needs no finiteness check: one MAX over the non-dim-0 accumulators, nothing else.
+    assert rec["calls"] == [("MAX", rec["expected_max_numel"])]
+
+
+def test_one_skip_mode_step_adds_one_small_sum_all_reduce_for_the_finiteness_check(two_rank):
+    rec = two_rank["results"]["collectives-skip"]
+    assert rec["gathers"] == [], f"the step gathered whole tensors: {rec['gathers']}"
     # The finiteness check (one number per parameter), then one MAX over the non-dim-0 accumulators.
     assert rec["calls"] == [("SUM", rec["n_params"]), ("MAX", rec["expected_max_numel"])]
 
@@ -421,6 +469,11 @@ def test_one_step_gathers_nothing_and_sends_one_small_max_all_reduce(two_rank):
 def test_a_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(two_rank):
     rec = two_rank["results"]["nonfinite"]
     assert rec == {"warned": True, "fc1.weight unchanged": True, "fc1.weight has no state": True, "others changed": True}
+
+
+def test_a_nonfinite_gradient_on_one_rank_is_masked_as_a_zero_in_mask_mode(two_rank):
+    rec = two_rank["results"]["nonfinite-mask"]
+    assert rec == {"differ": [], "non-finite": [], "fc1.weight steps": [3.0], "fc1.weight changed": True}
 
 
 @pytest.mark.parametrize(

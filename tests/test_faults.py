@@ -8,9 +8,9 @@
   it was.
 - Every invalid argument raises ``ValueError`` or ``TypeError`` naming it: in the constructor, in
   ``add_param_group``, and when it is set in a param group between steps (checked at ``step``).
-- Non-finite gradients follow ``nonfinite="skip"`` / ``"raise"`` and never corrupt the state; very
-  large and very small finite gradients (fp16's range, fp64 past fp32's, subnormals) do not overflow
-  the second moment.
+- Non-finite gradients follow ``nonfinite="mask"`` (the default) / ``"skip"`` / ``"raise"`` and never
+  corrupt the state (``test_nonfinite.py`` holds the mask-mode tests); very large and very small finite
+  gradients (fp16's range, fp64 past fp32's, subnormals) do not overflow the second moment.
 """
 
 from __future__ import annotations
@@ -338,7 +338,7 @@ BAD_VALUES = [
     ("centralize", "yes", TypeError), ("centralize", None, TypeError),
     ("use_rms", 1, TypeError), ("maximize", "no", TypeError),
     ("foreach", "no", TypeError), ("fused", 1, TypeError),
-    ("nonfinite", "ignore", ValueError), ("nonfinite", None, ValueError),
+    ("nonfinite", "ignore", ValueError), ("nonfinite", None, ValueError), ("nonfinite", "Mask", ValueError),
     ("momentum_dtype", torch.int32, ValueError), ("momentum_dtype", "bfloat16", ValueError),
     ("momentum_dtype", torch.complex64, ValueError),
 ]
@@ -448,7 +448,8 @@ def test_raise_mode_changes_nothing_in_any_group(engine, bad):
 def test_skip_mode_per_group_leaves_the_skipped_state_untouched_and_raise_groups_raise(engine, bad):
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randn(5, 3, generator=gen).requires_grad_(), torch.randn(7, generator=gen).requires_grad_()
-    opt = FusionOptimizer([{"params": [a]}, {"params": [b], "nonfinite": "raise"}], lr=0.1, use_rms=True, **engine)
+    opt = FusionOptimizer([{"params": [a]}, {"params": [b], "nonfinite": "raise"}], lr=0.1, use_rms=True, nonfinite="skip",
+                          **engine)
     for _ in range(2):
         a.grad, b.grad = torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)
         opt.step()
@@ -482,6 +483,7 @@ def test_fp16_gradients_up_to_fp16_max_step_and_keep_a_finite_second_moment(engi
     assert torch.isfinite(p).all() and (p != 0).all()
 
 
+@pytest.mark.parametrize("mode", ["skip", "mask"])
 @pytest.mark.parametrize(
     "dtype,value,skipped",
     [
@@ -493,23 +495,30 @@ def test_fp16_gradients_up_to_fp16_max_step_and_keep_a_finite_second_moment(engi
     ],
     ids=["fp64-1e18", "fp64-1e20", "fp32-1.5e19", "fp32-3e19", "bf16-1e30"],
 )
-def test_gradients_past_the_fp32_second_moment_are_skipped_never_stored_as_inf(engine, dtype, value, skipped):
+def test_gradients_past_the_fp32_second_moment_are_skipped_never_stored_as_inf(engine, dtype, value, skipped, mode):
+    """"skip" skips the parameter; "mask" (the default) masks the entry (|g| >= 2**64): the step counts, the
+    entry takes no step, and its statistic stays zero."""
     p = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
     q = torch.zeros(5, dtype=dtype, requires_grad=True)
-    opt = FusionOptimizer([p, q], lr=1e-3, use_rms=True, **engine)
+    opt = FusionOptimizer([p, q], lr=1e-3, use_rms=True, nonfinite=mode, **engine)
     for x in (p, q):
         x.grad = torch.zeros(x.shape, dtype=dtype)
         x.grad.view(-1)[0] = value
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step()
-    assert any("skipped" in str(w.message) for w in caught) == skipped
+    word = "skipped" if mode == "skip" else "non-finite"
+    assert any(word in str(w.message) for w in caught) == skipped
     for x in (p, q):
         st = opt.state[x]
         hess = st["exp_hessian"] if isinstance(st["exp_hessian"], list) else [st["exp_hessian"]]
         assert all(torch.isfinite(h).all() for h in hess), "the second moment overflowed"
         assert torch.isfinite(x).all()
-        assert st["step"].item() == (0 if skipped else 1)
+        assert st["step"].item() == (0 if skipped and mode == "skip" else 1)
+        if skipped:  # skipped or masked: the (zero) parameter and its statistic did not move
+            assert torch.count_nonzero(x) == 0 and all(torch.count_nonzero(h) == 0 for h in hess)
+        else:
+            assert x.view(-1)[0] < 0 and all(h.max() > 0 for h in hess)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -219,11 +219,12 @@ def test_result_does_not_depend_on_the_thread_count(kernel):
         assert torch.equal(o1.state[a]["momentum_buffer"], o3.state[b]["momentum_buffer"])
 
 
-def _identity_step(p: torch.Tensor, g: torch.Tensor) -> None:
-    """p <- 0 + lr * g exactly (lr = 1, maximize, no mask, decay, momentum or normalization): the kernel's
-    load of g's dtype and store to p's dtype, with fp32 in between."""
+def _identity_step(p: torch.Tensor, g: torch.Tensor, lr: float = 1.0) -> None:
+    """p <- 0 + lr * g exactly for a power-of-two lr (maximize, no decay, momentum or normalization; eps = 0,
+    so only zeros, NaN, Inf and |g| >= 2**64 are masked): the kernel's load of g's dtype and store to p's
+    dtype, with fp32 in between."""
     fused_cpu.fused_fusion(
-        [p], [g], [None], [torch.zeros(p.shape)], [torch.tensor(0.0)], lr=1.0, eps=0.0, beta_decay=0.8,
+        [p], [g], [None], [torch.zeros(p.shape)], [torch.tensor(0.0)], lr=lr, eps=0.0, beta_decay=0.8,
         Lambda=0.0, momentum_beta=0.0, centralize=False, use_rms=False, maximize=True,
     )
 
@@ -236,13 +237,17 @@ def test_stores_round_fp32_to_nearest_even_like_torch(kernel, dtype):
     lo = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(dtype).float()
     ties = (lo[:-1] + (lo[1:] - lo[:-1]) / 2)  # exact midpoints between neighbouring values of dtype
     g = torch.cat([values, ties[torch.isfinite(ties)], torch.tensor([0.0, -0.0, 65504.0, 65520.0, 65519.99])])
-    p = torch.zeros(g.shape, dtype=dtype)
-    _identity_step(p, g)
+    small = g.abs() < 2.0**64
+    huge = torch.isfinite(g) & ~small
+    # The mask drops |g| >= 2**64, so those values reach p as (g / 2**64) * 2**64: both products are exact.
+    p_small, p_huge = torch.zeros(g.shape, dtype=dtype), torch.zeros(g.shape, dtype=dtype)
+    _identity_step(p_small, torch.where(small, g, 0.0))
+    _identity_step(p_huge, torch.where(huge, g / 2.0**64, 0.0), lr=2.0**64)
+    p = torch.where(small, p_small, p_huge)
+    tested = (small | huge) & (g != 0)  # a zero gradient is masked (|g| > 0 fails): p stays +0
     expected = g.to(dtype)
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(p), nan)
-    nonzero = g != 0  # a zero gradient is masked (|g| > 0 fails): p stays +0
-    assert torch.equal(p[~nan & nonzero].view(torch.int16), expected[~nan & nonzero].view(torch.int16))
+    assert torch.equal(p[tested].view(torch.int16), expected[tested].view(torch.int16))
+    assert huge.sum() > 1000 and small.sum() > 1000
 
 
 @pytest.mark.parametrize("dtype", LOW)
@@ -251,10 +256,10 @@ def test_loads_of_every_bf16_and_fp16_value_are_exact(kernel, dtype):
     p = torch.zeros(g.shape, dtype=torch.float32)
     _identity_step(p, g)
     expected = g.float()
-    nan = torch.isnan(expected)
-    assert torch.equal(torch.isnan(p), nan)
-    keep = ~nan & (expected != 0)
+    keep = (expected.abs() < 2.0**64) & (expected != 0)  # the mask drops the rest: NaN, Inf, zeros, |g| >= 2**64
     assert torch.equal(p[keep].view(torch.int32), expected[keep].view(torch.int32))
+    assert torch.equal(p[~keep], torch.zeros_like(p[~keep]))
+    assert (~keep & (expected != 0)).sum() > 100  # bf16 and fp16 both hold NaNs and Infs; bf16 also huge values
 
 
 def test_fp64_and_non_contiguous_tensors_go_to_the_foreach_engine_with_the_same_result(kernel, monkeypatch):

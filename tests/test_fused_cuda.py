@@ -257,7 +257,8 @@ def test_step_counts_on_the_device_give_the_same_step():
 @needs_gpu
 def test_step_is_deterministic_and_does_not_sync_with_the_host():
     # Atomic max is order-independent: two runs from one state agree bit for bit. The engine itself never
-    # waits for the device (the optimizer's non-finite check is the step's one sync, outside the engine).
+    # waits for the device (the non-finite check of "skip"/"raise" is then the step's one sync, outside the
+    # engine; the default "mask" has none: test_nonfinite.py).
     gen = torch.Generator(device=DEV).manual_seed(7)
     shapes = [(512, 1000), (257, 3, 17), (1000,), ()]
     inputs = make_engine_inputs(shapes, dtype=torch.float32, grad_dtype=torch.float32, momentum_dtype=torch.bfloat16, gen=gen, steps_at=[4.0, 4.0, 9.0, 1.0])

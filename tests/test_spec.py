@@ -899,9 +899,11 @@ def test_valid_edge_hyperparameters_are_accepted(name, value, gen):
         assert torch.equal(p.detach(), p0), "lr=0 moved the parameter"
 
 
-def test_nonfinite_mode_other_than_skip_or_raise_is_refused():
+def test_nonfinite_mode_other_than_mask_skip_or_raise_is_refused():
     with pytest.raises(ValueError):
         FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1, nonfinite="ignore")
+    for mode in ("mask", "skip", "raise"):
+        assert FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1, nonfinite=mode).defaults["nonfinite"] == mode
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=dtype_id)
@@ -926,7 +928,7 @@ def test_skip_mode_skips_a_nonfinite_param_warns_and_updates_the_others(bad, mom
     a = torch.randn(4, 5, generator=gen).requires_grad_()
     b = torch.randn(6, generator=gen).requires_grad_()
     c = torch.randn(3, 2, 2, generator=gen).requires_grad_()
-    opt = FusionOptimizer([a, b, c], lr=0.1, use_rms=True, momentum_beta=momentum_beta, foreach=foreach)
+    opt = FusionOptimizer([a, b, c], lr=0.1, use_rms=True, momentum_beta=momentum_beta, nonfinite="skip", foreach=foreach)
     for x in (a, b, c):
         x.grad = torch.randn(x.shape, generator=gen)
     step_and_verify(opt, [a, b, c])
@@ -957,7 +959,7 @@ def test_skip_mode_skips_a_nonfinite_param_warns_and_updates_the_others(bad, mom
 def test_skip_mode_on_the_first_step_leaves_the_param_fresh(foreach, gen):
     a = torch.randn(3, 4, generator=gen).requires_grad_()
     a0 = a.detach().clone()
-    opt = FusionOptimizer([a], lr=0.1, foreach=foreach)
+    opt = FusionOptimizer([a], lr=0.1, nonfinite="skip", foreach=foreach)
     a.grad = torch.randn(3, 4, generator=gen)
     a.grad[1, 1] = float("nan")
     with pytest.warns(RuntimeWarning):

@@ -7,7 +7,8 @@
  * (a multiply and an add may fuse into one FMA, as in torch's vectorized kernels):
  *
  *   g    = (maximize ? -g : g) - (centralize ? row mean : 0)
- *   mask = |g| > eps;  g = g * mask
+ *   mask = eps < |g| < 2^64 (false for NaN and Inf, and where g^2 would overflow fp32);  g = mask ? g : 0
+ *          a task's `nonfinite` is set when an entry fails the upper bound (fusedbun.adalite.eps_mask)
  *   prev = SM3: min(a0[i], rest[j]) (all >= 0)  dense (0-D/1-D): v[i]
  *   nu   = mask ? beta * prev + (1 - beta) * g^2 : prev
  *          SM3: new a0[i] = max_j nu, column maxima max_i nu -> colmax[j]    dense: v[i] = nu
@@ -35,6 +36,7 @@
 
 #define FB_TILE 512   /* elements per tile: the tile's fp32 temporaries stay in L1 */
 #define FB_LANES 16   /* independent partial results for the sums and maxima, so they vectorize */
+#define FB_GRAD_LIMIT 18446744073709551616.0f /* 2^64: fusedbun.adalite.GRAD_LIMIT */
 
 enum { FB_F32 = 0, FB_BF16 = 1, FB_F16 = 2 };
 enum { FB_DENSE = 0, FB_SM3 = 1 };
@@ -51,6 +53,7 @@ typedef struct {
     int64_t row_len;    /* SM3: product of the other dims; dense: 1 */
     int32_t p_dtype, g_dtype, m_dtype, kind;
     float beta, one_minus_beta;
+    int32_t nonfinite;  /* out: set to 1 when the gradient held NaN, Inf or |g| >= 2^64 (masked) */
 } fb_task;
 
 typedef struct {
@@ -162,11 +165,15 @@ static void store_f32(void *dst, int32_t dtype, int64_t offset, const float *res
 static inline __attribute__((always_inline)) void second_moment_tile(
     int n, const float *restrict g, float sign, float mean, float eps, float beta, float omb,
     float a0, const float *restrict rest, float *restrict col, float *restrict v,
-    float *restrict nu_out, float *restrict u_out, const int sm3, const int use_rms) {
+    float *restrict nu_out, float *restrict u_out, int *restrict bad_out, const int sm3, const int use_rms) {
+    int bad = 0;
     for (int j = 0; j < n; j++) {
         float gj = sign * g[j] - mean;
-        float keep = fabsf(gj) > eps ? 1.0f : 0.0f;
-        gj = gj * keep;
+        const float mag = fabsf(gj);
+        const int usable = mag < FB_GRAD_LIMIT;
+        bad |= !usable;
+        float keep = mag > eps && usable ? 1.0f : 0.0f;
+        gj = keep != 0.0f ? gj : 0.0f; /* a select: gj * 0 would keep a NaN */
         float prev;
         if (sm3) {
             prev = min_nonneg(a0, rest[j]);
@@ -184,6 +191,7 @@ static inline __attribute__((always_inline)) void second_moment_tile(
         }
         u_out[j] = use_rms ? gj / (sqrtf(nu) + eps) : gj;
     }
+    *bad_out |= bad;
 }
 
 /* Momentum, then the parameter update, for one tile whose update is u. */
@@ -235,8 +243,8 @@ enum { FB_MOM_NONE = 0, FB_MOM_F32 = 1, FB_MOM_BF16 = 2 };
 
 static inline __attribute__((always_inline)) float fast_tile_variant(
     const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
-    const float *restrict rest, float *restrict col, const int sm3, const int use_rms, const int mom,
-    const int shift) {
+    const float *restrict rest, float *restrict col, int *restrict bad_out, const int sm3, const int use_rms,
+    const int mom, const int shift) {
     const float *restrict g = (const float *)t->g + off;
     float *restrict p = (float *)t->p + off;
     float *restrict m32 = mom == FB_MOM_F32 ? (float *)t->m + off : NULL;
@@ -245,10 +253,14 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
     const float eps = h->eps, beta = t->beta, omb = t->one_minus_beta;
     const float w = h->momentum_weight, decay = h->decay, neg_lr = h->neg_lr;
     float rowmax = -INFINITY;
-#pragma omp simd reduction(max : rowmax)
+    int bad = 0;
+#pragma omp simd reduction(max : rowmax) reduction(| : bad)
     for (int j = 0; j < n; j++) {
         float gj = shift ? sign * g[j] - mean : g[j];
-        const int keep = fabsf(gj) > eps;
+        const float mag = fabsf(gj);
+        const int usable = mag < FB_GRAD_LIMIT;
+        bad |= !usable;
+        const int keep = mag > eps && usable;
         gj = keep ? gj : 0.0f;
         float prev;
         if (sm3) {
@@ -281,6 +293,7 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
         float q = p[j] * decay;
         p[j] = q + neg_lr * u;
     }
+    *bad_out |= bad;
     return rowmax;
 }
 
@@ -292,7 +305,7 @@ static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
 
 /* Returns the maximum of nu over the tile (SM3 tensors). */
 static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
-                       const float *restrict rest, float *restrict col) {
+                       const float *restrict rest, float *restrict col, int *restrict bad) {
     const int sm3 = t->kind == FB_SM3, rms = (h->flags & FB_USE_RMS) != 0;
     const int shift = (h->flags & (FB_MAXIMIZE | FB_CENTRALIZE)) != 0;
     const int mom = t->m == NULL ? FB_MOM_NONE : t->m_dtype == FB_F32 ? FB_MOM_F32 : FB_MOM_BF16;
@@ -300,7 +313,7 @@ static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, 
     switch (variant) {
 #define FB_CASE(SM3, RMS, SHIFT, MOM)                                                                  \
     case SM3 * 24 + RMS * 12 + SHIFT * 6 + MOM * 2:                                                   \
-        return fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, SM3, RMS, MOM, SHIFT);
+        return fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, bad, SM3, RMS, MOM, SHIFT);
 #define FB_CASES(SM3, RMS, SHIFT) FB_CASE(SM3, RMS, SHIFT, 0) FB_CASE(SM3, RMS, SHIFT, 1) FB_CASE(SM3, RMS, SHIFT, 2)
         FB_CASES(0, 0, 0) FB_CASES(0, 0, 1) FB_CASES(0, 1, 0) FB_CASES(0, 1, 1)
         FB_CASES(1, 0, 0) FB_CASES(1, 0, 1) FB_CASES(1, 1, 0) FB_CASES(1, 1, 1)
@@ -311,6 +324,11 @@ static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, 
 }
 
 /* ---- one SM3 row, one dense range ----------------------------------------------------------------- */
+
+/* Several threads may set the flag of one task; a relaxed atomic store keeps that well defined. */
+static inline void flag_nonfinite(const fb_task *t) {
+    __atomic_store_n((int32_t *)&t->nonfinite, 1, __ATOMIC_RELAXED);
+}
 
 static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restrict col) {
     float gbuf[FB_TILE], nubuf[FB_TILE], ubuf[FB_TILE];
@@ -335,22 +353,23 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
     }
     const float a0 = t->acc[i];
     const int fast = fast_tile_applies(t, h);
+    int bad = 0;
     float rowmax[FB_LANES];
     for (int l = 0; l < FB_LANES; l++) rowmax[l] = -INFINITY;
     for (int64_t c = 0; c < R; c += FB_TILE) {
         int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
         if (fast) {
-            float mx = fast_tile(t, h, base + c, n, sign, mean, a0, t->rest + c, col + c);
+            float mx = fast_tile(t, h, base + c, n, sign, mean, a0, t->rest + c, col + c, &bad);
             rowmax[0] = mx > rowmax[0] ? mx : rowmax[0];
             continue;
         } else {
             const float *g = grad_tile(t, base + c, n, gbuf);
             if (use_rms)
                 second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
-                                   NULL, nubuf, ubuf, 1, 1);
+                                   NULL, nubuf, ubuf, &bad, 1, 1);
             else
                 second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
-                                   NULL, nubuf, ubuf, 1, 0);
+                                   NULL, nubuf, ubuf, &bad, 1, 0);
         }
         int j = 0;
         for (; j + FB_LANES <= n; j += FB_LANES)
@@ -361,27 +380,30 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
     float mx = rowmax[0];
     for (int l = 1; l < FB_LANES; l++) mx = rowmax[l] > mx ? rowmax[l] : mx;
     t->acc[i] = mx;
+    if (bad) flag_nonfinite(t);
 }
 
 static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int64_t end) {
     float gbuf[FB_TILE], ubuf[FB_TILE];
     const float sign = (h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f;
     const int fast = fast_tile_applies(t, h);
+    int bad = 0;
     for (int64_t c = begin; c < end; c += FB_TILE) {
         int n = (int)(end - c < FB_TILE ? end - c : FB_TILE);
         if (fast) {
-            fast_tile(t, h, c, n, sign, 0.0f, 0.0f, NULL, NULL);
+            fast_tile(t, h, c, n, sign, 0.0f, 0.0f, NULL, NULL, &bad);
             continue;
         }
         const float *g = grad_tile(t, c, n, gbuf);
         if (h->flags & FB_USE_RMS)
             second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
-                               NULL, ubuf, 0, 1);
+                               NULL, ubuf, &bad, 0, 1);
         else
             second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
-                               NULL, ubuf, 0, 0);
+                               NULL, ubuf, &bad, 0, 0);
         update_tile(t, h, c, n, ubuf);
     }
+    if (bad) flag_nonfinite(t);
 }
 
 /* ---- the work split and the threads --------------------------------------------------------------- */
@@ -499,7 +521,7 @@ int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h, float
 }
 
 /* The version of this file's interface; the loader checks it. */
-int fb_abi_version(void) { return 3; }
+int fb_abi_version(void) { return 4; }
 
 /* 1 if built with OpenMP (threads from the OpenMP runtime), 0 for POSIX threads started per step. */
 int fb_uses_openmp(void) {

@@ -5,7 +5,13 @@ Every engine takes the same arguments and computes the same rule (see :mod:`fuse
 - :mod:`~fusedbun.engines.single_tensor`: a plain loop over tensors built from the component functions;
   the readable reference that every other engine is tested against.
 - :mod:`~fusedbun.engines.foreach`: multi-tensor (``torch._foreach_*``) and cache-blocked, grouped by
-  device and dtype; the default for dense gradients.
+  device and dtype; used where no fused engine can run.
+- :mod:`~fusedbun.engines.fused_cpu` and :mod:`~fusedbun.engines.fused_cuda`: one pass over each tensor,
+  in C and in Triton; the default where they can run.
+
+Each also takes ``find_nonfinite`` (default ``False``): with ``True`` it returns a 1-D bool tensor, one
+entry per tensor (on the first tensor's device), saying whether the mask dropped an entry of its gradient
+for being NaN, Inf or too large to square in fp32; otherwise ``None``.
 """
 
 from __future__ import annotations
@@ -22,13 +28,19 @@ __all__ = ["select_engine", "is_dtensor", "foreach_fusion", "single_tensor_fusio
 Engine = Callable[..., None]
 
 
+_DTENSOR: type | tuple | None = None  # DTensor, or () where torch has none; looked up on first use
+
+
 def is_dtensor(t: Tensor) -> bool:
     """Is ``t`` a DTensor (a parameter sharded by FSDP2 or tensor parallelism)?"""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support has no DTensors
-        return False
-    return isinstance(t, DTensor)
+    global _DTENSOR
+    if _DTENSOR is None:  # this runs for every tensor of every step: import once, not per call
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch built without distributed support has no DTensors
+            DTensor = ()
+        _DTENSOR = DTensor
+    return isinstance(t, _DTENSOR)
 
 
 def _fused_engine(device_type: str) -> tuple[Engine | None, str]:

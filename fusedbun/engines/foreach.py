@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedbun.adalite import decoupled_weight_decay_, momentum_
-from fusedbun.engines.single_tensor import compute_dtype, step_decay
+from fusedbun.adalite import GRAD_LIMIT, decoupled_weight_decay_, momentum_
+from fusedbun.engines.single_tensor import compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import masked_ema
 
 __all__ = ["foreach_fusion", "BLOCK_ELEMS", "DEVICE_BLOCK_ELEMS"]
@@ -52,16 +52,21 @@ def _update_block(
     centralize: bool,
     use_rms: bool,
     maximize: bool,
-) -> None:
-    """One step on a block of rows; ``second_moment(g, mask, beta) -> nu`` updates its own state."""
+) -> Tensor:
+    """One step on a block of rows; ``second_moment(g, mask, beta) -> nu`` updates its own state.
+
+    Returns where the block's gradient holds usable numbers (``|g| < GRAD_LIMIT``), which the caller
+    reduces to the per-tensor non-finite flags when asked."""
     dtype = compute_dtype(p)
     g = g.to(dtype, copy=True)
     if maximize:
         g.neg_()
     if centralize and g.dim() > 1:
         g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
-    mask = torch.gt(g.abs(), eps)
-    g.mul_(mask)
+    magnitude = g.abs()
+    usable = torch.lt(magnitude, GRAD_LIMIT)  # False for NaN, Inf and |g| >= 2**64 (see adalite.eps_mask)
+    mask = torch.gt(magnitude, eps).logical_and_(usable)
+    g.masked_fill_(mask.logical_not(), 0.0)  # a select: g * mask would keep a NaN
     nu = second_moment(g, mask, beta)
     if use_rms:
         g.div_(nu.sqrt_().add_(eps))  # nu is a temporary of this block: reuse it as the denominator
@@ -72,12 +77,15 @@ def _update_block(
     q.add_(g, alpha=-lr)
     if q is not p:
         p.copy_(q)
+    return usable
 
 
-def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, **hyper) -> None:
-    """Blocked step for a tensor of 2 or more dims with SM3 accumulators ``accs``."""
+def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, **hyper) -> Tensor | None:
+    """Blocked step for a tensor of 2 or more dims with SM3 accumulators ``accs``; with ``find``, returns
+    whether its gradient held an entry that is not a usable number (a 0-d bool tensor)."""
+    usable_blocks = []
     if p.numel() == 0:
-        return
+        return torch.zeros((), dtype=torch.bool, device=p.device) if find else None
     rows = p.shape[0]
     per_block = max(1, _block_elems(p) // max(1, p[0].numel()))
     dims = tuple(range(p.dim()))
@@ -98,14 +106,19 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, **hyper) -> None:
                 torch.maximum(run, nu.amax(dim=dims[:k] + dims[k + 1 :], keepdim=True), out=run)
             return nu
 
-        _update_block(p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, **hyper)
+        usable = _update_block(p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, **hyper)
+        if find:
+            usable_blocks.append(usable.all())
 
     for a, run in zip(accs[1:], running):
         a.copy_(run)
+    return torch.stack(usable_blocks).all().logical_not() if find else None
 
 
-def _dense_flat_(params, grads, bufs, hessians, *, beta: float, **hyper) -> None:
-    """Step 0-D and 1-D tensors together as one flat vector per chunk of at most a block of numbers."""
+def _dense_flat_(params, grads, bufs, hessians, *, beta: float, find: bool, **hyper) -> list[Tensor]:
+    """Step 0-D and 1-D tensors together as one flat vector per chunk of at most a block of numbers;
+    with ``find``, returns per tensor whether its gradient held an entry that is not a usable number."""
+    found = []
     chunks, chunk, size = [], [], 0
     limit = max(_block_elems(p) for p in params) if torch.compiler.is_compiling() else _block_elems(params[0])
     for i, p in enumerate(params):
@@ -129,12 +142,15 @@ def _dense_flat_(params, grads, bufs, hessians, *, beta: float, **hyper) -> None
             v.copy_(nu)
             return nu
 
-        _update_block(p, g, m, second_moment, beta=beta, **hyper)
+        usable = _update_block(p, g, m, second_moment, beta=beta, **hyper)
         sizes = [t.numel() for t in ps]
+        if find:
+            found.extend(u.all().logical_not() for u in usable.split(sizes))
         torch._foreach_copy_(ps, [x.view_as(t) for x, t in zip(p.split(sizes), ps)])
         torch._foreach_copy_([hessians[i] for i in idx], [x.view_as(t) for x, t in zip(v.split(sizes), ps)])
         if m is not None:
             torch._foreach_copy_([bufs[i] for i in idx], [x.view_as(t) for x, t in zip(m.split(sizes), ps)])
+    return found
 
 
 def foreach_fusion(
@@ -152,13 +168,15 @@ def foreach_fusion(
     centralize: bool,
     use_rms: bool,
     maximize: bool,
-) -> None:
+    find_nonfinite: bool = False,
+) -> Tensor | None:
     """One step over lists of tensors: 2-D and larger in cache-sized row blocks, 0-D/1-D as flat vectors.
 
-    Same arguments and same rule as :func:`~fusedbun.engines.single_tensor.single_tensor_fusion`.
+    Same arguments, rule and return value as :func:`~fusedbun.engines.single_tensor.single_tensor_fusion`.
     """
+    found: list[Tensor | None] = [None] * len(params)
     if not params:
-        return
+        return stack_flags([], params) if find_nonfinite else None
     hyper = dict(
         lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize
     )
@@ -168,7 +186,9 @@ def foreach_fusion(
     flat: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if p.dim() >= 2:
-            _sm3_tensor_(p, grads[i], momentum_buffers[i], exp_hessians[i], beta=betas[i], **hyper)
+            found[i] = _sm3_tensor_(
+                p, grads[i], momentum_buffers[i], exp_hessians[i], beta=betas[i], find=find_nonfinite, **hyper
+            )
         else:
             buf = momentum_buffers[i]
             # Tensors that share a beta are stepped as one flat vector. Under torch.compile beta is a
@@ -178,11 +198,15 @@ def foreach_fusion(
             flat.setdefault(key, []).append(i)
 
     for key, idx in flat.items():
-        _dense_flat_(
+        flags = _dense_flat_(
             [params[i] for i in idx],
             [grads[i] for i in idx],
             [momentum_buffers[i] for i in idx],
             [exp_hessians[i] for i in idx],
             beta=betas[idx[0]],
+            find=find_nonfinite,
             **hyper,
         )
+        for i, flag in zip(idx, flags):
+            found[i] = flag
+    return stack_flags(found, params) if find_nonfinite else None

@@ -58,7 +58,7 @@ __all__ = ["fused_fusion", "unavailable_reason", "library_path", "threading_back
            "SOURCE"]
 
 SOURCE = Path(__file__).resolve().parent.parent / "_csrc" / "fused_step.c"
-_ABI_VERSION = 3
+_ABI_VERSION = 4
 # -fopenmp-simd: the `omp simd` reductions vectorize even in the build without an OpenMP runtime.
 # -ffp-contract=fast: a * b + c may be one fused multiply-add, as in torch's own vectorized kernels.
 _COMMON_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
@@ -97,6 +97,7 @@ class _Task(ctypes.Structure):
         ("kind", ctypes.c_int32),
         ("beta", ctypes.c_float),
         ("one_minus_beta", ctypes.c_float),
+        ("nonfinite", ctypes.c_int32),
     ]
 
 
@@ -299,13 +300,18 @@ def fused_fusion(
     centralize: bool,
     use_rms: bool,
     maximize: bool,
-) -> None:
-    """One FusionOptimizer step over lists of CPU tensors (the engine signature of :mod:`fusedbun.engines`)."""
+    find_nonfinite: bool = False,
+) -> Tensor | None:
+    """One FusionOptimizer step over lists of CPU tensors (the engine signature of :mod:`fusedbun.engines`).
+
+    The kernel masks gradient entries that are not usable numbers in its one pass and flags their tasks,
+    so ``find_nonfinite`` costs nothing extra."""
     lib, reason, _ = _load()
     if lib is None:
         raise RuntimeError(f"the fused CPU engine cannot run: {reason}")
+    found = torch.zeros(len(params), dtype=torch.bool) if find_nonfinite else None
     if not params:
-        return
+        return found
     lr = float(lr)
     hyper = dict(lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize,
                  use_rms=use_rms, maximize=maximize)
@@ -316,10 +322,13 @@ def fused_fusion(
         m = momentum_buffers[i] if momentum_beta > 0 else None
         (fused if _fusable(p, grads[i], m, exp_hessians[i]) else other).append(i)
     if other:
-        foreach_fusion(*([seq[i] for i in other] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)),
-                       beta_decay=beta_decay, **hyper)
+        flags = foreach_fusion(*([seq[i] for i in other] for seq in (params, grads, momentum_buffers, exp_hessians,
+                                                                     state_steps)),
+                               beta_decay=beta_decay, find_nonfinite=find_nonfinite, **hyper)
+        if find_nonfinite:
+            found[other] = flags
     if not fused:
-        return
+        return found
     steps = [state_steps[i] for i in fused]
     torch._foreach_add_(steps, 1)
 
@@ -327,6 +336,7 @@ def fused_fusion(
     keep_alive: list[Tensor] = []  # temporaries the kernel reads or writes, alive until it returns
     reduce_after: list[tuple[Tensor, list[Tensor]]] = []  # (column maxima, accumulators of dims >= 1) for 3-D+
     n, total, cols = 0, 0, 0
+    positions = []  # the list position of each task
     for i, step in zip(fused, steps):
         p, g = params[i], grads[i]
         if p.numel() == 0:
@@ -356,12 +366,13 @@ def fused_fusion(
         tasks[n] = _Task(
             p.data_ptr(), g.data_ptr(), None if m is None else m.data_ptr(), acc, rest_ptr,
             colmax_ptr if kind == _SM3 else None, rows, row_len, _DTYPE_CODES[p.dtype], _DTYPE_CODES[g.dtype],
-            0 if m is None else _DTYPE_CODES[m.dtype], kind, beta, 1.0 - beta,
+            0 if m is None else _DTYPE_CODES[m.dtype], kind, beta, 1.0 - beta, 0,
         )
+        positions.append(i)
         n += 1
         total += p.numel()
     if n == 0:
-        return
+        return found
 
     flags = (_CENTRALIZE if centralize else 0) | (_USE_RMS if use_rms else 0) | (_MAXIMIZE if maximize else 0)
     nthreads = max(1, min(torch.get_num_threads(), total // _MIN_ELEMS_PER_THREAD))
@@ -382,3 +393,6 @@ def fused_fusion(
         for k, a in enumerate(accs):  # a is the accumulator of dim k + 1
             others = tuple(j for j in range(d) if j != k)
             a.copy_(colmax.amax(dim=others, keepdim=True).unsqueeze(0) if others else colmax.unsqueeze(0))
+    if find_nonfinite:
+        found[positions] = torch.tensor([tasks[k].nonfinite != 0 for k in range(n)])
+    return found

@@ -5,7 +5,9 @@ the momentum ``m`` and write ``p`` and ``m``, 20 bytes (16 with a bf16 momentum)
 accumulators are maxima of ``nu`` and ``nu`` needs only the previous accumulators and ``g``. The kernel
 (:mod:`fusedbun.engines.triton_kernels`) does exactly that pass; the accumulator maxima are reduced in
 the same pass with atomic max into a zeroed buffer (O(n + m) numbers), copied over the accumulators
-afterwards. Per step and per group of tensors that share dtypes and rank class there is one launch,
+afterwards. Gradient entries that are NaN, Inf or ``>= 2**64`` in magnitude are masked in the same pass
+and flagged per tensor in a small device buffer, which the optimizer reads later without a sync.
+Per step and per group of tensors that share dtypes and rank class there is one launch,
 whatever the number of tensors, driven by a table of element offsets and sizes on the device.
 
 - The host work of a step is small and never waits for the device. The tables of a set of tensors are
@@ -151,7 +153,7 @@ class _Plan:
     tensor of each kind, and each launch passes the current first tensors as the bases.
     """
 
-    def __init__(self, items, *, ndim: int, bc: int, centralize: bool, config: KernelConfig):
+    def __init__(self, items, positions, flags, *, ndim: int, bc: int, centralize: bool, config: KernelConfig):
         from fusedbun.engines import triton_kernels as tk
 
         p0, g0, m0, h0 = items[0]
@@ -163,6 +165,7 @@ class _Plan:
         self.num_warps, self.prefetch, self.direct_launch = config.num_warps, config.prefetch, config.direct_launch
         self.compiled: dict[tuple, object] = {}
         self.has_momentum = m0 is not None
+        self.flags = flags  # int32, one per tensor of the step's list; the kernel sets a tensor's at its position
         self.new_accs = self.means = None
         if not dense:
             self.new_accs = torch.zeros(sum(a.numel() for item in items for a in item[3]), dtype=torch.float32, device=device)
@@ -176,9 +179,9 @@ class _Plan:
         grid_rows, grid_cols = [], []
         self.copy_src, self.mean_jobs = [], []
         acc_pos = mean_pos = 0
-        for p, g, m, hess in items:
+        for (p, g, m, hess), position in zip(items, positions):
             row = [0] * tk.META_WIDTH
-            row[tk.P], row[tk.G] = p_off(p), g_off(g)
+            row[tk.P], row[tk.G], row[tk.FLAG] = p_off(p), g_off(g), position
             if self.has_momentum:
                 row[tk.M] = m_off(m)
             if dense:
@@ -250,6 +253,7 @@ class _Plan:
             m0 if self.has_momentum else p0,
             f32_base,
             (f32_base if self.new_accs is None else self.new_accs).view(torch.int32),
+            self.flags,
             lr,
             1.0 - lr * hyper["Lambda"],
             hyper["eps"],
@@ -322,9 +326,13 @@ class _StepPlan:
             key = (p.device, p.dtype, g.dtype, None if m is None else m.dtype, bc, ndim)
             groups.setdefault(key, []).append(i)
         self.launches = []
-        for (*_, bc, ndim), idx in groups.items():
+        # Per device, one flag per tensor of the list (the kernel sets those of its tensors; zeroed per step).
+        devices = dict.fromkeys(p.device for p in params)
+        self.flags = {d: torch.zeros(len(params), dtype=torch.int32, device=d) for d in devices}
+        for (device, *_, bc, ndim), idx in groups.items():
             items = [(params[i], grads[i], momentum_buffers[i], exp_hessians[i]) for i in idx]
-            self.launches.append((_Plan(items, ndim=ndim, bc=bc, centralize=centralize, config=config), idx))
+            plan = _Plan(items, idx, self.flags[device], ndim=ndim, bc=bc, centralize=centralize, config=config)
+            self.launches.append((plan, idx))
 
 
 _STEP_PLANS: OrderedDict = OrderedDict()
@@ -367,19 +375,29 @@ def fused_fusion(
     centralize: bool,
     use_rms: bool,
     maximize: bool,
-) -> None:
-    """One step of the rule over lists of CUDA tensors (the engine signature; see :mod:`fusedbun.engines`)."""
+    find_nonfinite: bool = False,
+) -> Tensor | None:
+    """One step of the rule over lists of CUDA tensors (the engine signature; see :mod:`fusedbun.engines`).
+
+    The flags of ``find_nonfinite`` are the kernel's own (on the device): asking for them costs a few tiny
+    copies, no extra read of the gradients and no sync."""
     if not params:
-        return
+        return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
     hyper = dict(
         lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize
     )
     if momentum_beta <= 0:
         momentum_buffers = [None] * len(params)
     plan = _step_plan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=CONFIG)
+    for flags in plan.flags.values():
+        flags.zero_()
     if plan.fallback:
         lists = (params, grads, momentum_buffers, exp_hessians, state_steps)
-        foreach_fusion(*([seq[i] for i in plan.fallback] for seq in lists), beta_decay=beta_decay, **hyper)
+        found = foreach_fusion(*([seq[i] for i in plan.fallback] for seq in lists), beta_decay=beta_decay,
+                               find_nonfinite=find_nonfinite, **hyper)
+        if find_nonfinite:
+            for i, flag in zip(plan.fallback, found.unbind()):
+                plan.flags[params[i].device][i] = flag
     steps = [state_steps[i] for i in plan.kernel_positions]
     on_host = all(s.device.type == "cpu" for s in steps)
     if on_host:  # the counts after this step (read without a sync); the tensors are incremented after the launches
@@ -412,3 +430,10 @@ def fused_fusion(
             )
     if on_host and steps:
         torch._foreach_add_(steps, 1)
+    if not find_nonfinite:
+        return None
+    first, *others = plan.flags.values()  # a copy as bool: the buffers are zeroed at the next step
+    found = first.bool()
+    for flags in others:
+        found |= flags.to(found.device, non_blocking=True).bool()
+    return found

@@ -10,11 +10,11 @@ import torch
 from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
-from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, rms_normalize
+from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.hessian import dense_second_moment_, hessian_decay
 from fusedbun.sm3 import sm3_second_moment_
 
-__all__ = ["single_tensor_fusion", "compute_dtype", "step_decay"]
+__all__ = ["single_tensor_fusion", "compute_dtype", "step_decay", "stack_flags"]
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
@@ -49,13 +49,18 @@ def single_tensor_fusion(
     centralize: bool,
     use_rms: bool,
     maximize: bool,
-) -> None:
+    find_nonfinite: bool = False,
+) -> Tensor | None:
     """One step of the rule for each tensor in turn, composed from the component functions.
 
     The lists are parallel: ``momentum_buffers[i]`` is ``None`` when ``momentum_beta == 0``;
     ``exp_hessians[i]`` is a tensor shaped like ``params[i]`` (0-D, 1-D) or its list of SM3
     accumulators; ``state_steps[i]`` is a float32 0-d tensor, incremented here.
+
+    With ``find_nonfinite``, returns one bool per tensor (on the first tensor's device): did the mask
+    drop an entry of its gradient for not being a usable number (see :func:`~fusedbun.adalite.eps_mask`)?
     """
+    found = []
     for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
         step += 1
         beta = step_decay(step, beta_decay=beta_decay)
@@ -67,6 +72,8 @@ def single_tensor_fusion(
             g = -g
         if centralize:
             g = centralize_grad(g)
+        if find_nonfinite:
+            found.append(nonfinite_entries(g).any())
         g, mask = eps_mask(g, eps=eps)
 
         # 4: the second moment nu; dense for 0-D/1-D, SM3 accumulators for 2-D and up.
@@ -86,3 +93,12 @@ def single_tensor_fusion(
         p.add_(u, alpha=-lr)
         if p is not param:
             param.copy_(p)
+    return stack_flags(found, params) if find_nonfinite else None
+
+
+def stack_flags(flags: list[Tensor], params: list[Tensor]) -> Tensor:
+    """Per-tensor 0-d bool flags as one 1-D tensor on the first tensor's device (empty lists included)."""
+    device = params[0].device if params else torch.device("cpu")
+    if not flags:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    return torch.stack([f.to(device) for f in flags])

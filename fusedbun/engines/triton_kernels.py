@@ -22,6 +22,11 @@ on the int32 bit patterns: every ``nu`` is >= +0.0, and for such floats the inte
 order. Maxima do not depend on the order in which programs arrive, so the result is deterministic. The
 old accumulators are only read, so every program sees the previous step's values.
 
+Gradient entries that are not usable numbers (NaN, Inf, or ``|g| >= 2**64``, whose square overflows fp32)
+are masked like entries at or below ``eps`` (:func:`fusedbun.adalite.eps_mask`). A program that met one
+sets its tensor's entry of ``flags`` (int32, at the position the table names, zeroed by the host) to 1:
+a plain store of the same value from any number of programs, so no atomic is needed.
+
 A 0-D or 1-D tensor keeps a dense ``v``: ``prev = v``, and ``nu`` is written back in place. It is viewed as
 rows of ``BC`` numbers (the last row masked), so the same walk serves.
 
@@ -37,15 +42,17 @@ import triton
 import triton.language as tl
 
 # Layout of a row of the meta table (int64 slots). Locations are element offsets from the base pointers.
-P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW = range(11)
-DIM_BASE = 11  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
+P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG = range(12)
+DIM_BASE = 12  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
 DIM_SLOTS = 4
 MAX_NDIM = 6
 META_WIDTH = DIM_BASE + DIM_SLOTS * (MAX_NDIM - 1)
 
 # The same numbers as constexpr globals, which is how a Triton kernel may read module constants.
 _P, _G, _M, _MEAN, _ROWS, _COLS, _NUMEL = (tl.constexpr(v) for v in (P, G, M, MEAN, ROWS, COLS, NUMEL))
-_BETA, _ONE_MINUS_BETA, _ACC0_OLD, _ACC0_NEW = (tl.constexpr(v) for v in (BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW))
+_BETA, _ONE_MINUS_BETA, _ACC0_OLD, _ACC0_NEW, _FLAG = (
+    tl.constexpr(v) for v in (BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG)
+)
 _DIM_BASE, _DIM_SLOTS, _META_WIDTH = tl.constexpr(DIM_BASE), tl.constexpr(DIM_SLOTS), tl.constexpr(META_WIDTH)
 
 
@@ -108,6 +115,7 @@ def fusion_step_kernel(
     m_base,
     f32_base,  # accumulators, dense v and row means
     i32_base,  # the new SM3 accumulators, as int32 bit patterns for atomic max
+    flags,  # int32 per tensor (at its FLAG position): set to 1 where a gradient entry was masked as non-finite
     lr,
     decay,  # 1 - lr * Lambda
     eps,
@@ -172,6 +180,7 @@ def fusion_step_kernel(
     else:
         m_ptr = m_base  # unused
 
+    bad_acc = tl.zeros([BR, BC], tl.int32)  # 1 where an entry was not a usable number
     row_start = row_block * ROWS_PER_TILE
     row_end = tl.minimum(row_start + ROWS_PER_TILE, n_rows)
     if PREFETCH:  # the first block's loads; each iteration then issues the next block's before its own work
@@ -196,7 +205,10 @@ def fusion_step_kernel(
             g = g - tl.load(mean_ptr + rows, mask=row_ok, other=0.0)[:, None]
         if MAXIMIZE:
             g = -g
-        keep = tl.abs(g) > eps
+        magnitude = tl.abs(g)
+        usable = magnitude < 18446744073709551616.0  # 2**64 (fusedbun.adalite.GRAD_LIMIT); False for NaN
+        bad_acc = tl.maximum(bad_acc, tl.where(usable, 0, 1))
+        keep = (magnitude > eps) & usable
         g = tl.where(keep, g, 0.0)
 
         if NDIM == 1:
@@ -228,6 +240,8 @@ def fusion_step_kernel(
         p = p + (-lr) * u
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=ok)
 
+    bad = tl.max(tl.max(bad_acc, axis=1), axis=0)
+    tl.store(flags + tl.load(row + _FLAG), bad, mask=bad > 0)
     if NDIM >= 2:
         col_bits = tl.max(col_acc, axis=0).to(tl.int32, bitcast=True)
         for k in tl.static_range(1, NDIM):
