@@ -438,16 +438,18 @@ def fusion(
         # it give up on the step); the multi-tensor engine it traces, and fuses by itself.
         foreach = True
     by_device: dict[tuple[str, bool], list[int]] = {}
-    for i, g in enumerate(grads):
+    for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_sparse:
             found[i] = sparse_fusion_(
                 params[i], grads[i], momentum_buffers[i], exp_hessians[i], state_steps[i],
                 find_nonfinite=find_nonfinite, **hyper,
             )
-        else:
-            by_device.setdefault((params[i].device.type, is_dtensor(params[i])), []).append(i)
+        else:  # p.is_cuda first: reading p.device builds a new object, for every tensor of every step
+            by_device.setdefault(("cuda" if p.is_cuda else p.device.type, is_dtensor(p)), []).append(i)
     for (device_type, distributed), idx in by_device.items():
-        lists = [[seq[i] for i in idx] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)]
+        lists = [params, grads, momentum_buffers, exp_hessians, state_steps]
+        if len(idx) < len(params):
+            lists = [[seq[i] for i in idx] for seq in lists]
         engine = select_engine(device_type, distributed=distributed, foreach=foreach, fused=fused)
         flags = engine(*lists, find_nonfinite=find_nonfinite, **hyper)
         if find_nonfinite:

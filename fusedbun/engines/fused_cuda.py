@@ -239,8 +239,6 @@ class _Plan:
     def launch(self, p0, g0, m0, h0, grads, hessians, *, beta: float | None, hyper: dict) -> None:
         """One step of the plan's tensors; ``p0, g0, m0, h0`` are the current first tensors (the bases of
         the offsets), ``grads`` and ``hessians`` the current lists (for the row means and the copy back)."""
-        from fusedbun.engines import triton_kernels as tk
-
         for (rows, cols, out), g in zip(self.mean_jobs, grads):
             torch.mean(g.view(rows, cols), dim=1, dtype=torch.float32, out=out)
         f32_base = h0 if self.ndim == 1 else h0[0]
@@ -261,6 +259,15 @@ class _Plan:
             0.0 if beta is None else beta,
             0.0 if beta is None else 1.0 - beta,
         )
+        variant = (hyper["maximize"], hyper["use_rms"], beta is None)
+        compiled = self.compiled.get(variant) if self.direct_launch else None
+        if compiled is not None:
+            try:  # the launcher takes every argument in signature order, constexprs included (Triton 3.x)
+                compiled[0][self.grid](*args, *compiled[1])
+                return self._copy_back(hessians)
+            except (TypeError, IndexError, AttributeError, KeyError):  # another Triton's launcher: use the dispatch
+                self.direct_launch = False
+        tk = _kernels()
         constexprs = dict(
             NDIM=self.ndim,
             HAS_MOMENTUM=self.has_momentum,
@@ -274,22 +281,22 @@ class _Plan:
             PER_TENSOR_BETA=beta is None,
             **self.shifts,
         )
-        variant = (hyper["maximize"], hyper["use_rms"], beta is None)
-        compiled = self.compiled.get(variant) if self.direct_launch else None
-        launched = False
-        if compiled is not None:
-            try:  # the launcher takes every argument in signature order, constexprs included (Triton 3.x)
-                names = tk.fusion_step_kernel.arg_names
-                compiled[self.grid](*args, *(constexprs[n] for n in names[len(args) :]))
-                launched = True
-            except (TypeError, IndexError, AttributeError, KeyError):  # another Triton's launcher: use the dispatch
-                self.direct_launch = False
-        if not launched:
-            compiled = tk.fusion_step_kernel[self.grid](*args, **constexprs, num_warps=self.num_warps)
-            self.compiled[variant] = compiled
+        compiled = tk.fusion_step_kernel[self.grid](*args, **constexprs, num_warps=self.num_warps)
+        names = tk.fusion_step_kernel.arg_names
+        self.compiled[variant] = (compiled, tuple(constexprs[n] for n in names[len(args) :]))
+        self._copy_back(hessians)
+
+    def _copy_back(self, hessians) -> None:
         if self.new_accs is not None:  # the new maxima over the accumulators; zero for the next step
             torch._foreach_copy_([a for h in hessians for a in h], self.copy_src)
             self.new_accs.zero_()
+
+
+def _kernels():
+    """:mod:`fusedbun.engines.triton_kernels`, imported on first use (it imports Triton)."""
+    from fusedbun.engines import triton_kernels
+
+    return triton_kernels
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -342,12 +349,20 @@ def _step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: boo
     """The cached plan of these tensors, or a new one. The key holds every address, shape, dtype and
     layout fact the plan depends on, so a plan is reused only for tensors laid out as when it was built
     (gradients freed and reallocated at the same addresses reuse it)."""
-    parts = [config.key(), centralize]
-    for p, g, m, h in zip(params, grads, momentum_buffers, exp_hessians):
-        parts += (p.data_ptr(), p.shape, p.dtype, g.data_ptr(), g.dtype, g.is_contiguous())  # addresses imply devices
-        parts.append(0 if m is None else (m.data_ptr(), m.dtype))
-        parts.append(h.data_ptr() if isinstance(h, Tensor) else tuple(a.data_ptr() for a in h))
-    key = tuple(parts)
+    # Built with map() and one tuple per fact: this runs before every launch, and the device idles meanwhile.
+    data_ptr = Tensor.data_ptr
+    key = (
+        config.key(),
+        centralize,
+        tuple(map(data_ptr, params)),  # addresses imply devices
+        tuple(p.shape for p in params),
+        tuple(p.dtype for p in params),
+        tuple(map(data_ptr, grads)),
+        tuple(g.dtype for g in grads),
+        tuple(map(Tensor.is_contiguous, grads)),
+        tuple(0 if m is None else (m.data_ptr(), m.dtype) for m in momentum_buffers),
+        tuple(h.data_ptr() if isinstance(h, Tensor) else tuple(map(data_ptr, h)) for h in exp_hessians),
+    )
     plan = _STEP_PLANS.get(key)
     if plan is None:
         plan = _StepPlan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=config)
@@ -399,7 +414,7 @@ def fused_fusion(
             for i, flag in zip(plan.fallback, found.unbind()):
                 plan.flags[params[i].device][i] = flag
     steps = [state_steps[i] for i in plan.kernel_positions]
-    on_host = all(s.device.type == "cpu" for s in steps)
+    on_host = all(s.is_cpu for s in steps)
     if on_host:  # the counts after this step (read without a sync); the tensors are incremented after the launches
         counts = {i: float(state_steps[i]) + 1.0 for i in plan.kernel_positions}
     elif steps:  # counts on a device: incremented and turned into beta_t there (fp64, rounded to fp32)
@@ -417,7 +432,8 @@ def fused_fusion(
             launch.set_betas([hessian_decay(counts[i], beta_decay=beta_decay) for i in idx], None, idx)
         i0 = idx[0]
         device = params[i0].device
-        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+        switch = device.type == "cuda" and device.index != torch.cuda.current_device()
+        with torch.cuda.device(device) if switch else nullcontext():
             launch.launch(
                 params[i0],
                 grads[i0],
