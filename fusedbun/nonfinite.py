@@ -37,7 +37,7 @@ def finite_gradients(grads: list[Tensor]) -> list[bool]:
     """One flag per gradient, for ``"skip"`` and ``"raise"``: is the sum of its squares finite?
 
     False for a NaN or Inf anywhere, and also for a gradient so large that its squares overflow fp32
-    (about |g| > 1e19 / sqrt(numel)): such a gradient would turn the second moment into Inf for good,
+    (about :math:`\|g\|_2 > 1.8 \cdot 10^{19}`): such a gradient would turn the second moment into Inf for good,
     so it is treated the same way. One foreach 2-norm per device (a single read of the gradients, much
     cheaper than an inf-norm on CPU) and one device-to-host sync per step.
     """

@@ -81,7 +81,8 @@ class FusionOptimizer(Optimizer):
         &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1});\quad
             \textbf{if maximize: } g_t \leftarrow -g_t \\
         &\quad \textbf{if centralize and } d \ge 2:\ g_t \leftarrow g_t - \operatorname{mean}_{1..d-1}(g_t) \\
-        &\quad M_t \leftarrow |g_t| > \epsilon;\quad g_t \leftarrow g_t \odot M_t \\
+        &\quad M_t \leftarrow \epsilon < |g_t| < 2^{64};\quad g_t \leftarrow M_t\,?\ g_t : 0
+            \quad \text{(NaN fails both: masked)} \\
         &\quad \beta_t \leftarrow 1 - t^{-c} \\
         &\quad \textbf{if } d \le 1:\ \nu_t \leftarrow v_t \leftarrow
             M_t\,?\ \beta_t v_{t-1} + (1-\beta_t) g_t^2 : v_{t-1} \\
