@@ -34,7 +34,7 @@ _SQRT_FP32_MAX = math.sqrt(torch.finfo(torch.float32).max)
 
 
 def finite_gradients(grads: list[Tensor]) -> list[bool]:
-    """One flag per gradient, for ``"skip"`` and ``"raise"``: is the sum of its squares finite?
+    r"""One flag per gradient, for ``"skip"`` and ``"raise"``: is the sum of its squares finite?
 
     False for a NaN or Inf anywhere, and also for a gradient so large that its squares overflow fp32
     (about :math:`\|g\|_2 > 1.8 \cdot 10^{19}`): such a gradient would turn the second moment into Inf for good,
