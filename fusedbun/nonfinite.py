@@ -75,20 +75,18 @@ class NonfiniteReports:
     def __init__(self) -> None:
         self._pending: deque = deque()
 
-    def add(self, step_number: int, group_index: int, flags: list[Tensor]) -> None:
-        by_device: dict[torch.device, list[int]] = {}
-        for i, f in enumerate(flags):
-            by_device.setdefault(f.device, []).append(i)
-        for device, idx in by_device.items():
-            stacked = torch.stack([flags[i] for i in idx])
-            if device.type == "cuda":
-                host = torch.empty(stacked.shape, dtype=torch.bool, pin_memory=True)
-                host.copy_(stacked, non_blocking=True)
+    def add(self, step_number: int, group_index: int, flags: list[tuple[list[int], Tensor]]) -> None:
+        """One step's flags for one param group: ``(positions, 1-D bool tensor)`` pairs as the engines return
+        them (positions among the group's parameters that have gradients)."""
+        for positions, found in flags:
+            if found.device.type == "cuda":
+                host = torch.empty(found.shape, dtype=torch.bool, pin_memory=True)
+                host.copy_(found, non_blocking=True)
                 event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(device))
-                self._pending.append((step_number, group_index, idx, host, event))
+                event.record(torch.cuda.current_stream(found.device))
+                self._pending.append((step_number, group_index, positions, host, event))
             else:  # the CPU (read at once), or another device type (read with a sync)
-                self._pending.append((step_number, group_index, idx, stacked.cpu(), None))
+                self._pending.append((step_number, group_index, positions, found.cpu(), None))
 
     def poll(self, *, stacklevel: int = 3) -> None:
         """Warn about every report whose flags have reached the host, oldest first."""

@@ -279,7 +279,7 @@ class FusionOptimizer(Optimizer):
             self._step_calls += 1
         for group_index, group, params, grads, momentum_buffers, exp_hessians, steps in work:
             lr = group["lr"]
-            found = fusion(
+            found = _fusion(
                 params,
                 grads,
                 momentum_buffers,
@@ -298,7 +298,7 @@ class FusionOptimizer(Optimizer):
                 fused=group["fused"],
                 find_nonfinite=group["nonfinite"] == "mask" and not compiling,
             )
-            if found is not None:
+            if found:
                 self._nonfinite_reports.add(self._step_calls, group_index, found)
         if not compiling:
             self._nonfinite_reports.poll()
@@ -423,17 +423,36 @@ def fusion(
     parameter, in order, on its engine's device: True where its gradient held such an entry. Reading
     them is left to the caller (for CUDA tensors a read waits for the step to finish).
     """
-    found: list[Tensor | None] = [None] * len(params)
-    hyper = dict(
-        lr=lr,
-        eps=eps,
-        beta_decay=beta_decay,
-        Lambda=Lambda,
-        momentum_beta=momentum_beta,
-        centralize=centralize,
-        use_rms=use_rms,
-        maximize=maximize,
+    pairs = _fusion(
+        params, grads, momentum_buffers, exp_hessians, state_steps, lr=lr, eps=eps, beta_decay=beta_decay,
+        Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize,
+        foreach=foreach, fused=fused, find_nonfinite=find_nonfinite,
     )
+    if not find_nonfinite:
+        return None
+    found: list[Tensor | None] = [None] * len(params)
+    for positions, flags in pairs:
+        for i, flag in zip(positions, flags.unbind()):
+            found[i] = flag
+    return found
+
+
+def _fusion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    exp_hessians: list[Tensor | list[Tensor]],
+    state_steps: list[Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    find_nonfinite: bool,
+    **hyper: Any,
+) -> list[tuple[list[int], Tensor]]:
+    """:func:`fusion` with the flags as the engines return them: ``(positions, 1-D bool tensor)`` pairs, one
+    per engine call and per sparse gradient (none without ``find_nonfinite``), so that the optimizer hands
+    them on without splitting them into one tensor per parameter."""
+    found: list[tuple[list[int], Tensor]] = []
     if fused is None and foreach is None and torch.compiler.is_compiling():
         # The fused engines are kernels torch.compile cannot trace (a graph break, inside a loop, would make
         # it give up on the step); the multi-tensor engine it traces, and fuses by itself.
@@ -441,10 +460,11 @@ def fusion(
     by_device: dict[tuple[str, bool], list[int]] = {}
     for i, (p, g) in enumerate(zip(params, grads)):
         if g.is_sparse:
-            found[i] = sparse_fusion_(
-                params[i], grads[i], momentum_buffers[i], exp_hessians[i], state_steps[i],
-                find_nonfinite=find_nonfinite, **hyper,
+            flag = sparse_fusion_(
+                p, g, momentum_buffers[i], exp_hessians[i], state_steps[i], find_nonfinite=find_nonfinite, **hyper
             )
+            if find_nonfinite:
+                found.append(([i], flag.reshape(1)))
         else:  # p.is_cuda first: reading p.device builds a new object, for every tensor of every step
             by_device.setdefault(("cuda" if p.is_cuda else p.device.type, is_dtensor(p)), []).append(i)
     for (device_type, distributed), idx in by_device.items():
@@ -454,7 +474,5 @@ def fusion(
         engine = select_engine(device_type, distributed=distributed, foreach=foreach, fused=fused)
         flags = engine(*lists, find_nonfinite=find_nonfinite, **hyper)
         if find_nonfinite:
-            found_here = flags.unbind()
-            for i, flag in zip(idx, found_here):
-                found[i] = flag
-    return found if find_nonfinite else None
+            found.append((idx, flags))
+    return found

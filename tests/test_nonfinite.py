@@ -113,6 +113,14 @@ def mask_warnings(caught) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "non-finite" in str(w.message)]
 
 
+def step_warnings(opt) -> list[str]:
+    """Take one step; the messages of the non-finite warnings it raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    return mask_warnings(caught)
+
+
 def group_and_positions(messages: list[str]) -> tuple[set[int], set[int]]:
     """The param group indices (the number after the word "group") and every number that follows one."""
     groups, numbers = set(), set()
@@ -271,19 +279,13 @@ def test_mask_mode_warns_in_the_same_step_naming_the_group_and_positions(kwargs)
     opt = FusionOptimizer(group_params, lr=0.1, **kwargs)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt.step()
-    assert not mask_warnings(caught), f"warned on finite gradients: {mask_warnings(caught)}"
+    assert not step_warnings(opt), "warned on finite gradients"
 
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen)
     params[3].grad = poison(params[3].grad, [float("nan")], [0])
     params[5].grad = poison(params[5].grad, [HUGE, float("-inf")], [1, 4])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt.step()
-    msgs = mask_warnings(caught)
+    msgs = step_warnings(opt)
     assert msgs, "no non-finite warning"
     groups, numbers = group_and_positions(msgs)
     assert groups == {0}, msgs
@@ -313,10 +315,7 @@ def test_mask_warning_names_the_group_that_held_the_bad_gradient(kwargs, bad_gro
     bad_pos = 1
     target = groups[bad_group][bad_pos]
     target.grad = poison(target.grad, [float("inf")], [2])
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt.step()
-    msgs = mask_warnings(caught)
+    msgs = step_warnings(opt)
     assert msgs, "no non-finite warning"
     named, numbers = group_and_positions(msgs)
     assert named == {bad_group}, msgs
