@@ -352,9 +352,14 @@ def _spread(values: list[float]) -> dict:
 def summarize(runs: Sequence[dict], lr_factors: Sequence[float]) -> list[dict]:
     """One row per (task, optimizer): the sweep, the chosen lr, and mean/spread over the seed runs."""
     rows = []
-    keys = sorted({(r["task"], r["optimizer"]) for r in runs}, key=lambda k: (k[0], list(OPTIMIZERS).index(k[1]) if k[1] in OPTIMIZERS else 99))
+    keys = sorted(
+        {(r["task"], r["optimizer"]) for r in runs},
+        key=lambda k: (k[0], list(OPTIMIZERS).index(k[1]) if k[1] in OPTIMIZERS else 99),
+    )
     for task, opt in keys:
-        sweep = sorted((r for r in runs if (r["task"], r["optimizer"], r["phase"]) == (task, opt, "sweep")), key=lambda r: r["lr"])
+        sweep = sorted(
+            (r for r in runs if (r["task"], r["optimizer"], r["phase"]) == (task, opt, "sweep")), key=lambda r: r["lr"]
+        )
         seeds = [r for r in runs if (r["task"], r["optimizer"], r["phase"]) == (task, opt, "seeds")]
         if not sweep:
             continue
@@ -363,7 +368,11 @@ def summarize(runs: Sequence[dict], lr_factors: Sequence[float]) -> list[dict]:
         ok = [r for r in seeds if not r["diverged"]]
         med = lambda key: statistics.median([r[key] for r in ok if r[key] is not None]) if ok else None  # noqa: E731
         peaks = [r["memory"]["peak_bytes"] for r in ok if r.get("memory")]
-        extras = [r["memory"]["opt_step_extra_bytes"] for r in ok if r.get("memory") and r["memory"]["opt_step_extra_bytes"] is not None]
+        extras = [
+            r["memory"]["opt_step_extra_bytes"]
+            for r in ok
+            if r.get("memory") and r["memory"]["opt_step_extra_bytes"] is not None
+        ]
         rows.append(
             dict(
                 task=task,
@@ -437,14 +446,43 @@ def _fusion_engine(device: torch.device) -> str:
 # ---------------------------------------------------------------- files
 
 _RUN_COLUMNS = [
-    "task", "optimizer", "phase", "lr", "seed", "steps", "steps_done", "diverged", "final_val_loss",
-    "final_test_loss", "ms_per_step", "ms_per_opt_step", "cpu_ms_per_step", "cpu_ms_per_opt_step", "n_params", "state_bytes", "state_bytes_per_param",
+    "task",
+    "optimizer",
+    "phase",
+    "lr",
+    "seed",
+    "steps",
+    "steps_done",
+    "diverged",
+    "final_val_loss",
+    "final_test_loss",
+    "ms_per_step",
+    "ms_per_opt_step",
+    "cpu_ms_per_step",
+    "cpu_ms_per_opt_step",
+    "n_params",
+    "state_bytes",
+    "state_bytes_per_param",
 ]
 _SUMMARY_COLUMNS = [
-    "task", "optimizer", "best_lr", "best_lr_at_grid_edge", "val_mean", "val_std", "val_n", "test_mean",
-    "test_std", "diverged_seeds", "ms_per_step", "ms_per_opt_step", "cpu_ms_per_step", "cpu_ms_per_opt_step",
-    "state_bytes_per_param", "n_params",
-    "peak_bytes", "opt_step_extra_bytes",
+    "task",
+    "optimizer",
+    "best_lr",
+    "best_lr_at_grid_edge",
+    "val_mean",
+    "val_std",
+    "val_n",
+    "test_mean",
+    "test_std",
+    "diverged_seeds",
+    "ms_per_step",
+    "ms_per_opt_step",
+    "cpu_ms_per_step",
+    "cpu_ms_per_opt_step",
+    "state_bytes_per_param",
+    "n_params",
+    "peak_bytes",
+    "opt_step_extra_bytes",
 ]
 
 
@@ -463,7 +501,9 @@ def write_results(out: Path, doc: dict) -> None:
         w.writeheader()
         for r in doc["runs"]:
             mem = r.get("memory") or {}
-            w.writerow({**r, "peak_bytes": mem.get("peak_bytes"), "opt_step_extra_bytes": mem.get("opt_step_extra_bytes")})
+            w.writerow(
+                {**r, "peak_bytes": mem.get("peak_bytes"), "opt_step_extra_bytes": mem.get("opt_step_extra_bytes")}
+            )
     with open(f"{stem}_summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, _SUMMARY_COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -484,12 +524,28 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.split("\n\n")[0])
     # char_lm_large is sized for a GPU (about 3 s a step on one CPU thread): left out of the CPU default.
     default_tasks = list(TASKS) if torch.cuda.is_available() else [t for t in TASKS if t not in GPU_SIZED_TASKS]
-    p.add_argument("--tasks", nargs="+", default=default_tasks, choices=list(TASKS), metavar="TASK",
-                   help=f"tasks to run (default: {', '.join(default_tasks)})")
-    p.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), metavar="OPT",
-                   help=f"optimizers to run (default: all of {', '.join(OPTIMIZERS)})")
-    p.add_argument("--lr-factors", nargs="+", type=float, default=list(LR_FACTORS),
-                   help="learning-rate grid, as multiples of each optimizer's default_lr")
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=default_tasks,
+        choices=list(TASKS),
+        metavar="TASK",
+        help=f"tasks to run (default: {', '.join(default_tasks)})",
+    )
+    p.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(OPTIMIZERS),
+        metavar="OPT",
+        help=f"optimizers to run (default: all of {', '.join(OPTIMIZERS)})",
+    )
+    p.add_argument(
+        "--lr-factors",
+        nargs="+",
+        type=float,
+        default=list(LR_FACTORS),
+        help="learning-rate grid, as multiples of each optimizer's default_lr",
+    )
     p.add_argument("--sweep-seed", type=int, default=0, help="the seed of the learning-rate sweep")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3], help="seeds run at the best learning rate")
     p.add_argument("--steps", type=int, default=None, help="override every task's number of steps")
@@ -507,8 +563,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     for name in args.optimizers:
         get_optimizer(name)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.set_num_threads(args.threads)
 
     previous_doc = json.loads(args.out.read_text()) if args.resume and args.out.exists() else None
@@ -550,9 +609,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
             for name in args.tasks
         },
         optimizers={
-            name: dict(label=s.label, source=s.source, default_lr=s.default_lr, note=s.note,
-                       create_graph=s.create_graph, schedule_free=s.schedule_free)
-            for name, s in OPTIMIZERS.items() if name in args.optimizers
+            name: dict(
+                label=s.label,
+                source=s.source,
+                default_lr=s.default_lr,
+                note=s.note,
+                create_graph=s.create_graph,
+                schedule_free=s.schedule_free,
+            )
+            for name, s in OPTIMIZERS.items()
+            if name in args.optimizers
         },
         not_run=NOT_RUN,
         runs=[],
@@ -572,8 +638,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     def key(task, opt, phase, lr, seed):
         return (task, opt, phase, round(math.log10(lr), 6), seed)
 
-    done = {key(r["task"], r["optimizer"], r["phase"], r["lr"], r["seed"]): r for r in previous
-            if r["task"] in TASKS and r["steps"] == (args.steps or get_task(r["task"]).steps)}
+    done = {
+        key(r["task"], r["optimizer"], r["phase"], r["lr"], r["seed"]): r
+        for r in previous
+        if r["task"] in TASKS and r["steps"] == (args.steps or get_task(r["task"]).steps)
+    }
     total = len(args.tasks) * len(args.optimizers) * (len(args.lr_factors) + len(args.seeds))
     try:
         from tqdm import tqdm
@@ -589,8 +658,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             # Peak memory does not depend on the learning rate: it is measured in the seed runs only.
             measure = phase == "seeds" and not args.no_memory
-            run = dict(phase=phase, **run_one(task, spec, lr, seed, device=device, steps=args.steps,
-                                              measure_memory=measure, data=data))
+            run = dict(
+                phase=phase,
+                **run_one(task, spec, lr, seed, device=device, steps=args.steps, measure_memory=measure, data=data),
+            )
         doc["runs"].append(run)
         doc["summary"] = summarize(doc["runs"], args.lr_factors)
         write_results(args.out, doc)

@@ -48,8 +48,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusedbun import FusionOptimizer  # noqa: E402
-from fusedbun.engines import fused_cuda  # noqa: E402
-from fusedbun.engines import select_engine  # noqa: E402
+from fusedbun.engines import (
+    fused_cuda,  # noqa: E402
+    select_engine,  # noqa: E402
+)
 
 N_LAYERS, ROWS, COLS = 24, 4096, 8192
 DEV = "cuda"
@@ -167,7 +169,9 @@ def fusion_engine_step(opt: FusionOptimizer):
     params, grads, bufs, steps = [], [], [], []
     opt._init_group(group, params, grads, bufs, steps)
     hess = [opt.state[p]["exp_hessian"] for p in params]
-    hyper = {k: group[k] for k in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms", "maximize")}
+    hyper = {
+        k: group[k] for k in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms", "maximize")
+    }
     engine = select_engine("cuda", foreach=group["foreach"], fused=group["fused"])
 
     def step():
@@ -188,8 +192,16 @@ def engine_buffer_bytes() -> int:
     return total
 
 
-def run_case(name: str, make_opt, *, steps: int, engine_only: bool = False, bytes_per_param: int | None = None,
-             kernel: str | None = None, compiled: bool = False) -> dict:
+def run_case(
+    name: str,
+    make_opt,
+    *,
+    steps: int,
+    engine_only: bool = False,
+    bytes_per_param: int | None = None,
+    kernel: str | None = None,
+    compiled: bool = False,
+) -> dict:
     params = make_params()
     n = sum(p.numel() for p in params)
     opt = make_opt(params)
@@ -207,8 +219,11 @@ def run_case(name: str, make_opt, *, steps: int, engine_only: bool = False, byte
     torch.cuda.empty_cache()
     extra = f", kernel {result['kernel_ms']:.2f} ms" if result.get("kernel_ms") else ""
     kept = f", engine buffers {result['engine_buffer_bytes'] / 2**20:.1f} MiB" if result["engine_buffer_bytes"] else ""
-    print(f"  {name:40s} {result['ms_median']:8.2f} ms (min {result['ms_min']:.2f}, p90 {result['ms_p90']:.2f}{extra},"
-          f" host {result['host_ms']:.2f} ms)  peak +{result['peak_extra_bytes'] / 2**20:8.1f} MiB{kept}", flush=True)
+    print(
+        f"  {name:40s} {result['ms_median']:8.2f} ms (min {result['ms_min']:.2f}, p90 {result['ms_p90']:.2f}{extra},"
+        f" host {result['host_ms']:.2f} ms)  peak +{result['peak_extra_bytes'] / 2**20:8.1f} MiB{kept}",
+        flush=True,
+    )
     return result
 
 
@@ -225,8 +240,15 @@ def check_targets(results: list[dict]) -> list[dict]:
         if r is None:
             continue
         for measure, field in (("timed alone", "ms_median"), ("back to back", "ms_back_to_back")):
-            out.append(dict(target=f"step(), {key}, {measure}: <= {target} ms", met=r[field] <= target,
-                            measured=f"{r[field]:.2f} ms", measure=measure, key=key))
+            out.append(
+                dict(
+                    target=f"step(), {key}, {measure}: <= {target} ms",
+                    met=r[field] <= target,
+                    measured=f"{r[field]:.2f} ms",
+                    measure=measure,
+                    key=key,
+                )
+            )
     return out
 
 
@@ -236,7 +258,9 @@ def command_line(out: str) -> str:
     path = Path(out).resolve()
     shown = str(path.relative_to(root)) if path.is_relative_to(root) else path.name
     argv = [shown if a == out else a for a in sys.argv]
-    argv[0] = str(Path(argv[0]).resolve().relative_to(root)) if Path(argv[0]).resolve().is_relative_to(root) else argv[0]
+    argv[0] = (
+        str(Path(argv[0]).resolve().relative_to(root)) if Path(argv[0]).resolve().is_relative_to(root) else argv[0]
+    )
     return " ".join([Path(sys.executable).name] + argv)
 
 
@@ -281,9 +305,19 @@ def main() -> None:
         ("torch AdamW(fused=True)", lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True), dict(kernel="fused_adam"), 28),
         ("torch AdamW(foreach=True)", lambda ps: torch.optim.AdamW(ps, lr=lr, foreach=True), {}, 28),
         ("torch Adafactor(foreach=True)", lambda ps: torch.optim.Adafactor(ps, lr=lr, foreach=True), {}, None),
-        ("torch SGD(momentum=0.9, foreach=True)", lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, foreach=True), {}, 20),
+        (
+            "torch SGD(momentum=0.9, foreach=True)",
+            lambda ps: torch.optim.SGD(ps, lr=lr, momentum=0.9, foreach=True),
+            {},
+            20,
+        ),
         ("fusedbun foreach engine (step)", lambda ps: FusionOptimizer(ps, lr=lr, foreach=True), {}, 20),
-        ("fusedbun reference engine: eager per-tensor ops (step)", lambda ps: FusionOptimizer(ps, lr=lr, foreach=False), {}, 20),
+        (
+            "fusedbun reference engine: eager per-tensor ops (step)",
+            lambda ps: FusionOptimizer(ps, lr=lr, foreach=False),
+            {},
+            20,
+        ),
         ("fusedbun torch.compile(step), default mode", lambda ps: FusionOptimizer(ps, lr=lr), dict(compiled=True), 20),
     ]
     try:
@@ -295,12 +329,37 @@ def main() -> None:
     if not fused_reason:
         k = dict(kernel="fusion_step_kernel")
         cases += [
-            ("fusedbun fused fp32 momentum (engine)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True), dict(engine_only=True, **k), 20),
-            ("fusedbun fused bf16 momentum (engine)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=torch.bfloat16), dict(engine_only=True, **k), 16),
+            (
+                "fusedbun fused fp32 momentum (engine)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True),
+                dict(engine_only=True, **k),
+                20,
+            ),
+            (
+                "fusedbun fused bf16 momentum (engine)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=torch.bfloat16),
+                dict(engine_only=True, **k),
+                16,
+            ),
             ("fusedbun fused fp32 momentum (step)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True), k, 20),
-            ("fusedbun fused bf16 momentum (step)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=torch.bfloat16), k, 16),
-            ("fusedbun fused fp32 momentum, nonfinite='skip' (step)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True, nonfinite="skip"), k, 20),
-            ("fusedbun fused fp32, centralize+use_rms (engine)", lambda ps: FusionOptimizer(ps, lr=lr, fused=True, centralize=True, use_rms=True), dict(engine_only=True, **k), 24),
+            (
+                "fusedbun fused bf16 momentum (step)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=torch.bfloat16),
+                k,
+                16,
+            ),
+            (
+                "fusedbun fused fp32 momentum, nonfinite='skip' (step)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, nonfinite="skip"),
+                k,
+                20,
+            ),
+            (
+                "fusedbun fused fp32, centralize+use_rms (engine)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, centralize=True, use_rms=True),
+                dict(engine_only=True, **k),
+                24,
+            ),
         ]
     results = []
     for name, make, kw, bpp in cases:
@@ -316,7 +375,9 @@ def main() -> None:
         configs = [dict(fused_cuda.CONFIG.as_dict(), direct_launch=not fused_cuda.CONFIG.direct_launch)] + [
             dict(rows_per_tile=rpt, block_cols=bc, elems_per_iter=epi, num_warps=nw, prefetch=pf)
             for rpt, bc, epi, nw, pf in [
-                (256, 128, 2048, 4, True), (256, 128, 2048, 4, False), (256, 256, 2048, 4, True),
+                (256, 128, 2048, 4, True),
+                (256, 128, 2048, 4, False),
+                (256, 256, 2048, 4, True),
             ]
         ]
         for cfg in configs:
@@ -324,10 +385,23 @@ def main() -> None:
             for m_dtype in (None, torch.bfloat16):
                 label = f"sweep {cfg} momentum={m_dtype}"
                 try:
-                    r = run_case(label, lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=m_dtype), steps=15,
-                                 engine_only=True, kernel="fusion_step_kernel")
-                    sweep.append(dict(config=cfg, momentum_dtype=str(m_dtype), ms_median=r["ms_median"], ms_min=r["ms_min"],
-                                      kernel_ms=r.get("kernel_ms"), host_ms=r["host_ms"]))
+                    r = run_case(
+                        label,
+                        lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=m_dtype),
+                        steps=15,
+                        engine_only=True,
+                        kernel="fusion_step_kernel",
+                    )
+                    sweep.append(
+                        dict(
+                            config=cfg,
+                            momentum_dtype=str(m_dtype),
+                            ms_median=r["ms_median"],
+                            ms_min=r["ms_min"],
+                            kernel_ms=r.get("kernel_ms"),
+                            host_ms=r["host_ms"],
+                        )
+                    )
                 except Exception as exc:
                     print(f"  {label}: failed: {type(exc).__name__}: {exc}", flush=True)
         fused_cuda.CONFIG = default
@@ -370,8 +444,10 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
 
     print()
-    print(f"{'optimizer step, 806M fp32 params':52s} {'ms':>8s} {'floor ms':>9s} {'of floor':>9s} {'peak MiB':>9s} "
-          f"{'back-to-back':>12s} {'kernel ms':>9s}")
+    print(
+        f"{'optimizer step, 806M fp32 params':52s} {'ms':>8s} {'floor ms':>9s} {'of floor':>9s} {'peak MiB':>9s} "
+        f"{'back-to-back':>12s} {'kernel ms':>9s}"
+    )
     print(f"{'device copy, read+write ' + format(bandwidth / 1e12, '.3f') + ' TB/s':52s}")
     for r in results:
         if "error" in r:
@@ -381,8 +457,10 @@ def main() -> None:
         ratio = f"{r['ms_median'] / floor:8.2f}x" if floor else f"{'':9s}"
         floor_s = f"{floor:9.2f}" if floor else f"{'':9s}"
         kern = f"{r['kernel_ms']:9.2f}" if r.get("kernel_ms") else ""
-        print(f"{r['name']:52s} {r['ms_median']:8.2f} {floor_s} {ratio} {r['peak_extra_bytes'] / 2**20:9.1f} "
-              f"{r['ms_back_to_back']:12.2f} {kern}")
+        print(
+            f"{r['name']:52s} {r['ms_median']:8.2f} {floor_s} {ratio} {r['peak_extra_bytes'] / 2**20:9.1f} "
+            f"{r['ms_back_to_back']:12.2f} {kern}"
+        )
     for t in out["targets"]:
         print(f"[{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
     print(f"wrote {args.out}")

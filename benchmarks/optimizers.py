@@ -96,28 +96,43 @@ _FUSION_NOTE = "lr has no library default; "
 
 _SPECS = [
     OptimizerSpec(
-        "fusion", "FusionOptimizer", "fusedbun", 1e-1,
+        "fusion",
+        "FusionOptimizer",
+        "fusedbun",
+        1e-1,
         lambda m, lr: fusedbun.FusionOptimizer(m.parameters(), lr=lr),
         note=_FUSION_NOTE + "seed defaults (use_rms=False): the update is an EMA of the masked gradient, "
         "so the sweep is centred at SGD-momentum's 1e-2 in EMA units (x 1/(1-0.9))",
     ),
     OptimizerSpec(
-        "fusion_rms", "FusionOptimizer (use_rms)", "fusedbun", 1e-3,
+        "fusion_rms",
+        "FusionOptimizer (use_rms)",
+        "fusedbun",
+        1e-3,
         lambda m, lr: fusedbun.FusionOptimizer(m.parameters(), lr=lr, use_rms=True),
         note=_FUSION_NOTE + "centred at the README's lr=1e-3 for use_rms=True",
     ),
     OptimizerSpec(
-        "fusion_rms_bf16", "FusionOptimizer (use_rms, bf16 momentum)", "fusedbun", 1e-3,
+        "fusion_rms_bf16",
+        "FusionOptimizer (use_rms, bf16 momentum)",
+        "fusedbun",
+        1e-3,
         lambda m, lr: fusedbun.FusionOptimizer(m.parameters(), lr=lr, use_rms=True, momentum_dtype=torch.bfloat16),
         note="as fusion_rms, momentum stored in bfloat16",
     ),
     OptimizerSpec(
-        "fusion_rms_dense", "ablation: FusionOptimizer (use_rms), dense 2nd moment", "fusedbun", 1e-3,
+        "fusion_rms_dense",
+        "ablation: FusionOptimizer (use_rms), dense 2nd moment",
+        "fusedbun",
+        1e-3,
         lambda m, lr: DenseSecondMomentFusion(m.parameters(), lr=lr, use_rms=True),
         note="ablation: the SM3 cover replaced by a per-element second moment (Adam-sized state)",
     ),
     OptimizerSpec(
-        "fusion_rms_nomomentum", "ablation: FusionOptimizer (use_rms), no momentum", "fusedbun", 1e-3,
+        "fusion_rms_nomomentum",
+        "ablation: FusionOptimizer (use_rms), no momentum",
+        "fusedbun",
+        1e-3,
         lambda m, lr: fusedbun.FusionOptimizer(m.parameters(), lr=lr, use_rms=True, momentum_beta=0.0),
         note="ablation: momentum_beta=0, so the state is the n+m accumulators (and dense vectors) only",
     ),
@@ -127,7 +142,10 @@ _SPECS = [
         "adafactor", "Adafactor", "torch.optim", 1e-2, lambda m, lr: torch.optim.Adafactor(m.parameters(), lr=lr)
     ),
     OptimizerSpec(
-        "sgd_momentum", "SGD (momentum 0.9)", "torch.optim", 1e-2,
+        "sgd_momentum",
+        "SGD (momentum 0.9)",
+        "torch.optim",
+        1e-2,
         lambda m, lr: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
         note="torch's default lr (1e-3) is for momentum 0; centred at the usual 1e-2",
     ),
@@ -136,23 +154,39 @@ _SPECS = [
     OptimizerSpec("came", "CAME", "pytorch_optimizer", 2e-4, lambda m, lr: _po("CAME")(m.parameters(), lr=lr)),
     OptimizerSpec("lion", "Lion", "pytorch_optimizer", 1e-4, lambda m, lr: _po("Lion")(m.parameters(), lr=lr)),
     OptimizerSpec(
-        "sophiah", "SophiaH", "pytorch_optimizer", 6e-2,
+        "sophiah",
+        "SophiaH",
+        "pytorch_optimizer",
+        6e-2,
         lambda m, lr: _po("SophiaH")(m.parameters(), lr=lr),
         create_graph=True,
         note="backward(create_graph=True) every step, as documented; Hessian estimate every 10 steps",
     ),
     OptimizerSpec(
-        "prodigy", "Prodigy", "pytorch_optimizer", 1.0, lambda m, lr: _po("Prodigy")(m.parameters(), lr=lr),
+        "prodigy",
+        "Prodigy",
+        "pytorch_optimizer",
+        1.0,
+        lambda m, lr: _po("Prodigy")(m.parameters(), lr=lr),
         note="lr multiplies the estimated step size d",
     ),
-    OptimizerSpec("ademamix", "AdEMAMix", "pytorch_optimizer", 1e-3, lambda m, lr: _po("AdEMAMix")(m.parameters(), lr=lr)),
+    OptimizerSpec(
+        "ademamix", "AdEMAMix", "pytorch_optimizer", 1e-3, lambda m, lr: _po("AdEMAMix")(m.parameters(), lr=lr)
+    ),
     OptimizerSpec("laprop", "LaProp", "pytorch_optimizer", 4e-4, lambda m, lr: _po("LaProp")(m.parameters(), lr=lr)),
     OptimizerSpec(
-        "muon", "Muon (+AdamW)", "pytorch_optimizer", 2e-2, _muon,
+        "muon",
+        "Muon (+AdamW)",
+        "pytorch_optimizer",
+        2e-2,
+        _muon,
         note="Muon on hidden weights of 2+ dims, its AdamW on the rest at lr x 3e-4/2e-2",
     ),
     OptimizerSpec(
-        "schedulefree_adamw", "Schedule-Free AdamW", "pytorch_optimizer", 2.5e-3,
+        "schedulefree_adamw",
+        "Schedule-Free AdamW",
+        "pytorch_optimizer",
+        2.5e-3,
         lambda m, lr: _po("ScheduleFreeAdamW")(m.parameters(), lr=lr),
         schedule_free=True,
         note="optimizer.eval() for evaluation, optimizer.train() for training",
@@ -171,7 +205,10 @@ elif not torch.cuda.is_available():
 else:
     _SPECS.append(
         OptimizerSpec(
-            "adamw_8bit", "AdamW 8-bit (bitsandbytes)", "bitsandbytes", 1e-3,
+            "adamw_8bit",
+            "AdamW 8-bit (bitsandbytes)",
+            "bitsandbytes",
+            1e-3,
             lambda m, lr: importlib.import_module("bitsandbytes").optim.AdamW8bit(m.parameters(), lr=lr),
             note="bitsandbytes.optim.AdamW8bit, library defaults (tensors under 4096 elements keep 32-bit state)",
         )

@@ -81,7 +81,10 @@ def make_model(d: int, device, blocks: int = 2) -> nn.Sequential:
 def make_batches(d: int, steps: int, device):
     gen = torch.Generator().manual_seed(1)
     return [
-        (torch.randn(BATCH, TOKENS, d, generator=gen).to(device), torch.randn(BATCH, TOKENS, d, generator=gen).to(device))
+        (
+            torch.randn(BATCH, TOKENS, d, generator=gen).to(device),
+            torch.randn(BATCH, TOKENS, d, generator=gen).to(device),
+        )
         for _ in range(steps)
     ]
 
@@ -218,7 +221,9 @@ def local_shapes(d: int, device, rank: int, world: int) -> dict:
         out[name] = {
             "global": list(p.shape),
             "param": list(p.to_local().shape),
-            "accumulators": [list(a.to_local().shape) for a in hess] if isinstance(hess, list) else [list(hess.to_local().shape)],
+            "accumulators": [list(a.to_local().shape) for a in hess]
+            if isinstance(hess, list)
+            else [list(hess.to_local().shape)],
             "placements": [str(a.placements) for a in hess] if isinstance(hess, list) else [str(hess.placements)],
         }
     return out
@@ -243,7 +248,9 @@ def job(rank: int, world: int, init_method: str, args: dict) -> None:
         device = f"cuda:{rank}"
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    dist.init_process_group(args["backend"], init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        args["backend"], init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     result = {
         "equivalence": equivalence(args["width"], args["steps"], device, rank, world, args["checkpoint"]),
         "collectives": {str(d): collectives(d, device, rank, world) for d in args["widths"]},
@@ -279,16 +286,23 @@ def main(argv=None) -> None:
     parser.add_argument("--world", type=int, default=2, help="number of processes (default 2)")
     parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
     parser.add_argument("--width", type=int, default=13, help="block width of the equivalence run (default 13)")
-    parser.add_argument("--widths", type=int, nargs="+", default=[8, 13, 32, 64], help="block widths whose collectives are recorded")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", default=[8, 13, 32, 64], help="block widths whose collectives are recorded"
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--checkpoint", default=None, help=f"directory for a distributed checkpoint of the {CHECKPOINT_CONFIG!r} run")
+    parser.add_argument(
+        "--checkpoint", default=None, help=f"directory for a distributed checkpoint of the {CHECKPOINT_CONFIG!r} run"
+    )
     ns = parser.parse_args(argv)
     if BATCH % ns.world:
         parser.error(f"--world must divide the batch of {BATCH}")
     if ns.backend == "nccl" and torch.cuda.device_count() < ns.world:
         parser.error(f"--backend nccl needs {ns.world} CUDA devices, found {torch.cuda.device_count()}")
-    args = dict(vars(ns), command=shlex.join([os.path.basename(sys.executable), "-m", "benchmarks.scaling_out", *(argv or sys.argv[1:])]))
+    args = dict(
+        vars(ns),
+        command=shlex.join([os.path.basename(sys.executable), "-m", "benchmarks.scaling_out", *(argv or sys.argv[1:])]),
+    )
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     if method == "forkserver":
         multiprocessing.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fusedbun"])

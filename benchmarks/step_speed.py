@@ -81,14 +81,26 @@ def _fusion(**options):
 OPTIMIZERS: list[tuple[str, tuple[str, ...], Callable, str]] = [
     ("FusionOptimizer (defaults)", ("foreach", "fused"), _fusion(), "use_rms=False"),
     ("FusionOptimizer use_rms", ("foreach", "fused"), _fusion(use_rms=True), ""),
-    ("FusionOptimizer use_rms, nonfinite='skip'", ("fused",), _fusion(use_rms=True, nonfinite="skip"),
-     "a finite check before the step"),
-    ("FusionOptimizer use_rms, bf16 momentum", ("foreach", "fused"),
-     _fusion(use_rms=True, momentum_dtype=torch.bfloat16), ""),
+    (
+        "FusionOptimizer use_rms, nonfinite='skip'",
+        ("fused",),
+        _fusion(use_rms=True, nonfinite="skip"),
+        "a finite check before the step",
+    ),
+    (
+        "FusionOptimizer use_rms, bf16 momentum",
+        ("foreach", "fused"),
+        _fusion(use_rms=True, momentum_dtype=torch.bfloat16),
+        "",
+    ),
     ("AdamW", ("foreach", "fused"), lambda ps, e: torch.optim.AdamW(ps, lr=1e-3, **{e: True}), "torch.optim.AdamW"),
     ("Adafactor", ("default",), lambda ps, e: torch.optim.Adafactor(ps, lr=1e-2), "torch.optim.Adafactor"),
-    ("SGD momentum", ("foreach",), lambda ps, e: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
-     "torch.optim.SGD, momentum=0.9"),
+    (
+        "SGD momentum",
+        ("foreach",),
+        lambda ps, e: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True),
+        "torch.optim.SGD, momentum=0.9",
+    ),
     ("SM3", ("default",), lambda ps, e: _sm3(ps), "pytorch_optimizer.SM3, momentum=0 (its default)"),
 ]
 
@@ -129,16 +141,36 @@ def diagnostic_runs(shapes) -> list[dict]:
     opt = FusionOptimizer(params, lr=1e-3, use_rms=True, fused=True)
     opt.step()
     group = opt.param_groups[0]
-    lists = ([p for p in params], [p.grad for p in params], [opt.state[p]["momentum_buffer"] for p in params],
-             [opt.state[p]["exp_hessian"] for p in params], [opt.state[p]["step"] for p in params])
-    hyper = {k: group[k] for k in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms",
-                                   "maximize")}
+    lists = (
+        [p for p in params],
+        [p.grad for p in params],
+        [opt.state[p]["momentum_buffer"] for p in params],
+        [opt.state[p]["exp_hessian"] for p in params],
+        [opt.state[p]["step"] for p in params],
+    )
+    hyper = {
+        k: group[k] for k in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms", "maximize")
+    }
     engine = _Call(lambda: fused_cpu.fused_fusion(*lists, **hyper))
     check = _Call(lambda: torch._foreach_norm(lists[1], 2))
-    return [dict(name="FusionOptimizer use_rms: fused engine alone", engine="fused", note="no optimizer bookkeeping",
-                 params=params, opt=engine, diagnostic=True),
-            dict(name="nonfinite='skip': finite-gradient check alone", engine="", note="torch._foreach_norm(grads)",
-                 params=params, opt=check, diagnostic=True)]
+    return [
+        dict(
+            name="FusionOptimizer use_rms: fused engine alone",
+            engine="fused",
+            note="no optimizer bookkeeping",
+            params=params,
+            opt=engine,
+            diagnostic=True,
+        ),
+        dict(
+            name="nonfinite='skip': finite-gradient check alone",
+            engine="",
+            note="torch._foreach_norm(grads)",
+            params=params,
+            opt=check,
+            diagnostic=True,
+        ),
+    ]
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -174,8 +206,9 @@ def peak_extra_bytes(opt: torch.optim.Optimizer) -> int:
 
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         opt.step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     level = peak = 0
     for e in events:
         level += e.nbytes()
@@ -206,7 +239,7 @@ def time_steps(runs: list[dict], repeats: int, warmup: int) -> None:
             r["opt"].step()
         r["times"] = []
     for k in range(repeats):
-        order = runs[k % len(runs):] + runs[: k % len(runs)]
+        order = runs[k % len(runs) :] + runs[: k % len(runs)]
         for r in order:
             t0 = time.perf_counter()
             r["opt"].step()
@@ -226,9 +259,15 @@ def machine() -> dict:
     except (ValueError, OSError, AttributeError):
         pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return dict(system=platform.system(), machine=platform.machine(), cpu=model, logical_cpus=os.cpu_count(),
-                cpus_usable=usable,  # fewer than logical_cpus when pinned (taskset)
-                memory_gib=None if mem is None else round(mem / 2**30, 1), python=platform.python_version())
+    return dict(
+        system=platform.system(),
+        machine=platform.machine(),
+        cpu=model,
+        logical_cpus=os.cpu_count(),
+        cpus_usable=usable,  # fewer than logical_cpus when pinned (taskset)
+        memory_gib=None if mem is None else round(mem / 2**30, 1),
+        python=platform.python_version(),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -238,8 +277,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     ap.add_argument("--only", default=None, help="run only the optimizers whose 'name [engine]' contains this")
     ap.add_argument("--quick", action="store_true", help="1e6 parameters, 5 repeats, no JSON unless --out")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="JSON path (default benchmarks/results/step_speed.json; none with --quick)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/step_speed.json; none with --quick)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.params, args.repeats = min(args.params, 1e6), min(args.repeats, 5)
@@ -249,8 +292,11 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = model_shapes(args.params)
     n_params = sum(torch.Size(s).numel() for s in shapes)
     largest = max(torch.Size(s).numel() for s in shapes) * 4
-    print(f"{len(shapes)} tensors, {n_params / 1e6:.2f}M fp32 parameters; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; {args.repeats} timed steps each, medians", flush=True)
+    print(
+        f"{len(shapes)} tensors, {n_params / 1e6:.2f}M fp32 parameters; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; {args.repeats} timed steps each, medians",
+        flush=True,
+    )
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     bandwidth_before = stream_bandwidth(n_params)
@@ -265,32 +311,55 @@ def main(argv: list[str] | None = None) -> dict:
         if r.get("diagnostic"):
             ts = sorted(1e3 * t for t in r["times"])
             q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-            diagnostics.append(dict(name=r["name"], engine=r["engine"], note=r["note"], ms_median=statistics.median(ts),
-                                    ms_p25=q[0], ms_p75=q[2], ms_min=ts[0]))
+            diagnostics.append(
+                dict(
+                    name=r["name"],
+                    engine=r["engine"],
+                    note=r["note"],
+                    ms_median=statistics.median(ts),
+                    ms_p25=q[0],
+                    ms_p75=q[2],
+                    ms_min=ts[0],
+                )
+            )
             continue
         ts = sorted(1e3 * t for t in r["times"])
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
         peak = peak_extra_bytes(r["opt"])
         finite = all(bool(torch.isfinite(p).all()) for p in r["params"])
-        results.append(dict(
-            optimizer=r["name"], engine=r["engine"], note=r["note"],
-            ms_median=statistics.median(ts), ms_p25=q[0], ms_p75=q[2], ms_min=ts[0],
-            state_bytes=state_bytes(r["opt"]), state_bytes_per_param=state_bytes(r["opt"]) / n_params,
-            peak_extra_bytes=peak, peak_extra_vs_largest_param=peak / largest, params_finite=finite,
-        ))
+        results.append(
+            dict(
+                optimizer=r["name"],
+                engine=r["engine"],
+                note=r["note"],
+                ms_median=statistics.median(ts),
+                ms_p25=q[0],
+                ms_p75=q[2],
+                ms_min=ts[0],
+                state_bytes=state_bytes(r["opt"]),
+                state_bytes_per_param=state_bytes(r["opt"]) / n_params,
+                peak_extra_bytes=peak,
+                peak_extra_vs_largest_param=peak / largest,
+                params_finite=finite,
+            )
+        )
         del r["opt"], r["params"]
 
     header = f"{'optimizer':40s} {'engine':8s} {'ms/step':>8s} {'p25-p75':>13s} {'state B/param':>13s} {'peak extra MB':>13s}"
     print(header)
     print("-" * len(header))
     for x in results:
-        print(f"{x['optimizer']:40s} {x['engine']:8s} {x['ms_median']:8.2f} {x['ms_p25']:6.2f}-{x['ms_p75']:<6.2f} "
-              f"{x['state_bytes_per_param']:13.3f} {x['peak_extra_bytes'] / 2**20:13.2f}")
+        print(
+            f"{x['optimizer']:40s} {x['engine']:8s} {x['ms_median']:8.2f} {x['ms_p25']:6.2f}-{x['ms_p75']:<6.2f} "
+            f"{x['state_bytes_per_param']:13.3f} {x['peak_extra_bytes'] / 2**20:13.2f}"
+        )
 
     bandwidth = max(bandwidth_before, stream_bandwidth(n_params))  # before and after the steps: the better
     floor_ms = {f"{b}_bytes_per_param": 1e3 * b * n_params / bandwidth for b in (16, 20, 28)}
-    print(f"\nmemory bandwidth (best streaming rate) {bandwidth / 1e9:.1f} GB/s; floor for {n_params / 1e6:.2f}M parameters: "
-          + ", ".join(f"{k.split('_')[0]} B/param {v:.2f} ms" for k, v in floor_ms.items()))
+    print(
+        f"\nmemory bandwidth (best streaming rate) {bandwidth / 1e9:.1f} GB/s; floor for {n_params / 1e6:.2f}M parameters: "
+        + ", ".join(f"{k.split('_')[0]} B/param {v:.2f} ms" for k, v in floor_ms.items())
+    )
 
     for x in diagnostics:
         print(f"{x['name']:58s} {x['ms_median']:8.2f} {x['ms_p25']:6.2f}-{x['ms_p75']:<6.2f}")
@@ -304,12 +373,24 @@ def main(argv: list[str] | None = None) -> dict:
         benchmark="step_speed",
         command="python " + " ".join([os.path.relpath(__file__)] + (sys.argv[1:] if argv is None else list(argv))),
         date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine(), torch=torch.__version__, fusedbun=fusedbun.__version__, threads=torch.get_num_threads(),
-        fused_cpu_threading=fused_cpu.threading_backend(), fused_cpu_unavailable_reason=fused_cpu.unavailable_reason(),
-        stream_bandwidth_bytes_per_s=bandwidth, floor_ms=floor_ms,
-        load_average_before=load_before, load_average_after=load_after,
-        params=n_params, shapes=[list(s) for s in shapes], largest_param_bytes=largest,
-        repeats=args.repeats, warmup=args.warmup, results=results, diagnostics=diagnostics, targets=targets,
+        machine=machine(),
+        torch=torch.__version__,
+        fusedbun=fusedbun.__version__,
+        threads=torch.get_num_threads(),
+        fused_cpu_threading=fused_cpu.threading_backend(),
+        fused_cpu_unavailable_reason=fused_cpu.unavailable_reason(),
+        stream_bandwidth_bytes_per_s=bandwidth,
+        floor_ms=floor_ms,
+        load_average_before=load_before,
+        load_average_after=load_after,
+        params=n_params,
+        shapes=[list(s) for s in shapes],
+        largest_param_bytes=largest,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        results=results,
+        diagnostics=diagnostics,
+        targets=targets,
     )
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def check_targets(results: list[dict], shapes, largest: int) -> list[dict]:
     """The issue's targets, each with what was measured."""
+
     def get(opt, engine):
         return next((x for x in results if x["optimizer"] == opt and x["engine"] == engine), None)
 
@@ -330,23 +412,35 @@ def check_targets(results: list[dict], shapes, largest: int) -> list[dict]:
     for eng, base in (("foreach", ("AdamW", "foreach")), ("fused", ("AdamW", "fused"))):
         ours, ref = get("FusionOptimizer use_rms", eng), get(*base)
         if ours and ref:
-            out.append(dict(target=f"use_rms=True [{eng}] ms/step <= AdamW [{base[1]}]",
-                            met=ours["ms_median"] <= ref["ms_median"],
-                            measured=f"{ours['ms_median']:.2f} vs {ref['ms_median']:.2f} ms (medians)"))
+            out.append(
+                dict(
+                    target=f"use_rms=True [{eng}] ms/step <= AdamW [{base[1]}]",
+                    met=ours["ms_median"] <= ref["ms_median"],
+                    measured=f"{ours['ms_median']:.2f} vs {ref['ms_median']:.2f} ms (medians)",
+                )
+            )
     for name, momentum_bytes in (("FusionOptimizer use_rms", 4), ("FusionOptimizer use_rms, bf16 momentum", 2)):
         for x in results:
             if x["optimizer"] == name:
                 bound = momentum_bytes + small / n_params
-                out.append(dict(target=f"{name} [{x['engine']}] state <= {momentum_bytes} B/param + O(n+m) "
-                                       f"(= {bound:.4f} B/param here)",
-                                met=x["state_bytes_per_param"] <= bound + 1e-12,
-                                measured=f"{x['state_bytes_per_param']:.4f} B/param"))
+                out.append(
+                    dict(
+                        target=f"{name} [{x['engine']}] state <= {momentum_bytes} B/param + O(n+m) "
+                        f"(= {bound:.4f} B/param here)",
+                        met=x["state_bytes_per_param"] <= bound + 1e-12,
+                        measured=f"{x['state_bytes_per_param']:.4f} B/param",
+                    )
+                )
     for x in results:
         if x["optimizer"].startswith("FusionOptimizer"):
-            out.append(dict(target=f"{x['optimizer']} [{x['engine']}] extra peak memory during step <= largest parameter "
-                                   f"({largest / 2**20:.1f} MB)",
-                            met=x["peak_extra_bytes"] <= largest,
-                            measured=f"{x['peak_extra_bytes'] / 2**20:.3f} MB"))
+            out.append(
+                dict(
+                    target=f"{x['optimizer']} [{x['engine']}] extra peak memory during step <= largest parameter "
+                    f"({largest / 2**20:.1f} MB)",
+                    met=x["peak_extra_bytes"] <= largest,
+                    measured=f"{x['peak_extra_bytes'] / 2**20:.3f} MB",
+                )
+            )
     return out
 
 

@@ -84,9 +84,7 @@ def _stratified_split(y: Tensor, fractions=(0.6, 0.2, 0.2)) -> tuple[Tensor, Ten
     rest_frac = fractions[1] + fractions[2]
     train, rest = train_test_split(idx, test_size=rest_frac, random_state=SPLIT_SEED, stratify=strat)
     strat_rest = strat[rest] if strat is not None else None
-    val, test = train_test_split(
-        rest, test_size=fractions[2] / rest_frac, random_state=SPLIT_SEED, stratify=strat_rest
-    )
+    val, test = train_test_split(rest, test_size=fractions[2] / rest_frac, random_state=SPLIT_SEED, stratify=strat_rest)
     return tuple(torch.as_tensor(i) for i in (train, val, test))
 
 
@@ -99,7 +97,7 @@ def _sample_rows(data: TaskData, batch_size: int, gen: torch.Generator) -> tuple
 # ---------------------------------------------------------------- digits: a small CNN
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_digits_data() -> TaskData:
     from sklearn.datasets import load_digits
 
@@ -131,7 +129,7 @@ CONTEXT = 32
 LARGE_CONTEXT = 128  # char_lm_large
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_text_data(context: int = CONTEXT, eval_windows: int = 256) -> TaskData:
     """Python's documentation topics, concatenated in key order: 80% train, 10% val, 10% test."""
     from pydoc_data.topics import topics
@@ -233,7 +231,7 @@ def _standardized(x: Tensor, train_idx: Tensor) -> Tensor:
     return (x - mean) / std
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_diabetes_data() -> TaskData:
     from sklearn.datasets import load_diabetes
 
@@ -246,7 +244,7 @@ def load_diabetes_data() -> TaskData:
     return TaskData((x[tr], y[tr]), (x[va], y[va]), (x[te], y[te]), info)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_cancer_data() -> TaskData:
     from sklearn.datasets import load_breast_cancer
 
@@ -305,8 +303,9 @@ TASKS: dict[str, Task] = {
             batch_size=32,
             eval_every=200,
             load=functools.partial(load_text_data, context=LARGE_CONTEXT),
-            build_model=lambda data: CharTransformer(data.info["vocab"], d=256, layers=4, heads=8,
-                                                     context=LARGE_CONTEXT),
+            build_model=lambda data: CharTransformer(
+                data.info["vocab"], d=256, layers=4, heads=8, context=LARGE_CONTEXT
+            ),
             loss_fn=_lm_loss,
             sample=_sample_windows,
         ),

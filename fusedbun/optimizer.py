@@ -190,7 +190,9 @@ class FusionOptimizer(Optimizer):
                 if key != "differentiable":
                     group.setdefault(key, value)
 
-    def _init_group(self, group: dict[str, Any], params: list, grads: list, momentum_buffers: list, steps: list) -> None:
+    def _init_group(
+        self, group: dict[str, Any], params: list, grads: list, momentum_buffers: list, steps: list
+    ) -> None:
         """Append the group's tensors that have gradients to the lists (creating state on first use).
 
         Filling lists passed in, rather than returning them, is the ``torch.optim`` convention that
@@ -334,11 +336,17 @@ class FusionOptimizer(Optimizer):
             if pid in saved_state:
                 _check_saved_state(saved_state[pid], p)
         # The hooks already ran (pre) or run below (post): the base class must not run them again.
-        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = (
+            OrderedDict(),
+            OrderedDict(),
+        )
         try:
             super().load_state_dict(state_dict)
         finally:
-            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre_hooks, post_hooks
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = (
+                pre_hooks,
+                post_hooks,
+            )
         # torch.optim casts floating state to the parameter's dtype; restore the saved dtypes exactly.
         for pid, p in pairs:
             if pid not in saved_state:
@@ -376,9 +384,7 @@ def _check_saved_state(saved: dict[str, Any], p: Tensor) -> None:
         ok = False
         expected += f" and a momentum_buffer of shape {tuple(p.shape)}"
     if not ok:
-        raise ValueError(
-            f"the state dict does not fit a parameter of shape {tuple(p.shape)}: expected {expected}"
-        )
+        raise ValueError(f"the state dict does not fit a parameter of shape {tuple(p.shape)}: expected {expected}")
     try:
         step = float(saved["step"])
     except (TypeError, ValueError, RuntimeError):
@@ -424,9 +430,22 @@ def fusion(
     them is left to the caller (for CUDA tensors a read waits for the step to finish).
     """
     pairs = _fusion(
-        params, grads, momentum_buffers, exp_hessians, state_steps, lr=lr, eps=eps, beta_decay=beta_decay,
-        Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize,
-        foreach=foreach, fused=fused, find_nonfinite=find_nonfinite,
+        params,
+        grads,
+        momentum_buffers,
+        exp_hessians,
+        state_steps,
+        lr=lr,
+        eps=eps,
+        beta_decay=beta_decay,
+        Lambda=Lambda,
+        momentum_beta=momentum_beta,
+        centralize=centralize,
+        use_rms=use_rms,
+        maximize=maximize,
+        foreach=foreach,
+        fused=fused,
+        find_nonfinite=find_nonfinite,
     )
     if not find_nonfinite:
         return None

@@ -91,7 +91,9 @@ def load_checkpoint(path: str):
     digest, length = HEADER.unpack_from(data, len(MAGIC))
     payload = data[head:]
     if len(payload) != length:
-        raise CheckpointError(f"checkpoint {path} is truncated or padded: payload of {len(payload)} bytes, expected {length}")
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or padded: payload of {len(payload)} bytes, expected {length}"
+        )
     if hashlib.sha256(payload).digest() != digest:
         raise CheckpointError(f"checkpoint {path} is corrupted: its SHA-256 checksum does not match")
     return torch.load(io.BytesIO(payload), weights_only=True)
@@ -143,8 +145,12 @@ def train(args) -> None:
         if args.step_delay:
             time.sleep(args.step_delay)
         if (t + 1) % args.every == 0 or t + 1 == args.steps:
-            state = {"step": t + 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "scheduler": scheduler.state_dict()}
+            state = {
+                "step": t + 1,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            }
             print(f"saving {t + 1}", flush=True)
             save_checkpoint(state, args.ckpt, slow=args.slow_save)
             print(f"saved {t + 1}", flush=True)

@@ -6,22 +6,23 @@ Every line below names the SPEC rule it implements.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import Union
 
 import torch
 
 F64 = torch.float64
 
-Hessian = Union[torch.Tensor, List[torch.Tensor]]
+Hessian = Union[torch.Tensor, list[torch.Tensor]]
 
 
 @dataclass
 class RefState:
     """The state of one parameter before a step, in float64 (``None`` fields: fresh, i.e. zeros)."""
 
-    exp_hessian: Optional[Hessian] = None
-    momentum_buffer: Optional[torch.Tensor] = None
+    exp_hessian: Hessian | None = None
+    momentum_buffer: torch.Tensor | None = None
 
 
 @dataclass
@@ -30,7 +31,7 @@ class RefStep:
 
     param: torch.Tensor
     exp_hessian: Hessian  # dense v for dim <= 1, list of a_k for dim >= 2
-    momentum_buffer: Optional[torch.Tensor]  # None when momentum_beta == 0
+    momentum_buffer: torch.Tensor | None  # None when momentum_beta == 0
     mask: torch.Tensor  # rule 3
     nu: torch.Tensor  # rule 4 (full size, temporary)
     g: torch.Tensor  # gradient after rules 1-3
@@ -43,7 +44,7 @@ def beta_t(t: int, beta_decay: float) -> float:
     return 1.0 - float(t) ** (-float(beta_decay))
 
 
-def accumulator_shape(shape: Sequence[int], k: int) -> List[int]:
+def accumulator_shape(shape: Sequence[int], k: int) -> list[int]:
     """SPEC's a_k: ``[1, ..., shape[k], ..., 1]``."""
     return [n if i == k else 1 for i, n in enumerate(shape)]
 
@@ -56,7 +57,7 @@ def sm3_prev(accumulators: Sequence[torch.Tensor], shape: Sequence[int]) -> torc
     return prev.expand(*shape).clone()
 
 
-def sm3_cover(nu: torch.Tensor) -> List[torch.Tensor]:
+def sm3_cover(nu: torch.Tensor) -> list[torch.Tensor]:
     """Rule 4, dim >= 2: ``a_k = nu.amax(over every dim but k, keepdim=True)``."""
     d = nu.dim()
     return [nu.amax(dim=tuple(i for i in range(d) if i != k), keepdim=True) for k in range(d)]
@@ -65,7 +66,7 @@ def sm3_cover(nu: torch.Tensor) -> List[torch.Tensor]:
 def reference_step(
     param: torch.Tensor,
     grad: torch.Tensor,
-    state: Optional[RefState],
+    state: RefState | None,
     t: int,
     *,
     lr: float,

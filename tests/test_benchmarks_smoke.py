@@ -21,12 +21,21 @@ from benchmarks.optimizers import DenseSecondMomentFusion, state_bytes  # noqa: 
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "compare_smoke.json"
     argv = [
-        "--tasks", "tabular_diabetes",
-        "--optimizers", "fusion_rms", "adamw",
-        "--lr-factors", "0.5", "1",
-        "--seeds", "1", "2",
-        "--steps", "6",
-        "--out", str(out),
+        "--tasks",
+        "tabular_diabetes",
+        "--optimizers",
+        "fusion_rms",
+        "adamw",
+        "--lr-factors",
+        "0.5",
+        "1",
+        "--seeds",
+        "1",
+        "2",
+        "--steps",
+        "6",
+        "--out",
+        str(out),
         "--no-progress",
     ]
     compare.main(argv)

@@ -77,7 +77,9 @@ def assert_tree_equal(a, b, where: str = "") -> None:
     """Exact equality of nested state (tensors by value, dtype and shape)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), f"{where}: tensor vs {type(b)}"
-        assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        assert a.dtype == b.dtype and a.shape == b.shape, (
+            f"{where}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"
+        )
         assert torch.equal(a.cpu(), b.cpu()), f"{where}: values differ"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b))}"
@@ -794,6 +796,7 @@ MIXED_SHAPES = [(7, 5), (6,), (3, 4, 5), (), (1, 9), (9, 1), (2, 3, 2, 2), (300,
 @pytest.mark.parametrize("config", CONFIG_PARAMS)
 def test_engines_match_the_reference_loop(engine, config):
     """foreach and fused against the single-tensor loop, on mixed shapes and dtypes, over 4 steps."""
+
     def build():
         ps = make_params(26, MIXED_SHAPES)
         return [p.detach().to(MIXED_DTYPES[i % len(MIXED_DTYPES)]).requires_grad_() for i, p in enumerate(ps)]

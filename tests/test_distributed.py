@@ -77,7 +77,10 @@ def make_net(device="cpu") -> Net:
 
 def make_batches(n: int, device="cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
-    return [(torch.randn(BATCH, 3, 8, generator=gen).to(device), torch.randn(BATCH, 3, generator=gen).to(device)) for _ in range(n)]
+    return [
+        (torch.randn(BATCH, 3, 8, generator=gen).to(device), torch.randn(BATCH, 3, generator=gen).to(device))
+        for _ in range(n)
+    ]
 
 
 def train(net, opt, batches, rank=0, world=1) -> None:
@@ -154,7 +157,9 @@ def _init(rank: int, world: int, init_method: str, backend: str) -> str:
         # TF32 convolutions would round differently for the per-rank and the full batch.
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     return device
 
 
@@ -187,7 +192,9 @@ def _placement_report(net, opt) -> list[str]:
             got = [tuple(a.placements) if isinstance(a, DTensor) else "plain" for a in hess]
             local_rows = hess[0].to_local().shape[0]
             if local_rows != p.to_local().shape[0]:
-                problems.append(f"{name}: dim-0 accumulator holds {local_rows} local rows, the shard {p.to_local().shape[0]}")
+                problems.append(
+                    f"{name}: dim-0 accumulator holds {local_rows} local rows, the shard {p.to_local().shape[0]}"
+                )
         else:
             want, got = [(Shard(0),)], [tuple(hess.placements) if isinstance(hess, DTensor) else "plain"]
         if got != want:
@@ -334,12 +341,11 @@ def _dtensor_placements(mesh, placement_sets, rank) -> dict[str, float]:
 
 def two_rank_job(rank: int, world: int, init_method: str, out_dir: str, backend: str) -> None:
     device = _init(rank, world, init_method, backend)
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import torch.distributed.checkpoint as dcp
 
     results: dict = {"fsdp": {}, "placement_problems": {}}
     # FSDP2 against one process, per configuration.
@@ -369,7 +375,9 @@ def two_rank_job(rank: int, world: int, init_method: str, out_dir: str, backend:
 
     # Hand-distributed parameters with other placements than FSDP2's.
     mesh = init_device_mesh(torch.device(device).type, (world,))
-    results["placements"] = _dtensor_placements(mesh, {"Shard(0)": [Shard(0)], "Shard(1)": [Shard(1)], "Replicate": [Replicate()]}, rank)
+    results["placements"] = _dtensor_placements(
+        mesh, {"Shard(0)": [Shard(0)], "Shard(1)": [Shard(1)], "Replicate": [Replicate()]}, rank
+    )
 
     # Distributed checkpoint after SAVE_AT steps, then CONTINUE more steps for the resharding tests.
     net = _fsdp_net(device, world)
@@ -410,13 +418,21 @@ def four_rank_job(rank: int, world: int, init_method: str, out_dir: str, backend
     # 2-D meshes (2 x 2): a weight sharded on two dims, and HSDP's (Replicate, Shard(0)).
     mesh2 = init_device_mesh(torch.device(device).type, (2, 2))
     placements = _dtensor_placements(
-        mesh2, {"2x2 (Shard(0), Shard(1))": [Shard(0), Shard(1)], "2x2 (Replicate, Shard(0))": [Replicate(), Shard(0)]}, rank
+        mesh2,
+        {"2x2 (Shard(0), Shard(1))": [Shard(0), Shard(1)], "2x2 (Replicate, Shard(0))": [Replicate(), Shard(0)]},
+        rank,
     )
     all_rows = [None] * world
     dist.all_gather_object(all_rows, local_rows)
     if rank == 0:
         torch.save(
-            {"resumed": resumed, "loaded_steps": loaded_steps, "rows": all_rows, "problems": problems, "placements": placements},
+            {
+                "resumed": resumed,
+                "loaded_steps": loaded_steps,
+                "rows": all_rows,
+                "problems": problems,
+                "placements": placements,
+            },
             os.path.join(out_dir, "four_rank.pt"),
         )
     dist.barrier()
@@ -468,7 +484,12 @@ def test_one_skip_mode_step_adds_one_small_sum_all_reduce_for_the_finiteness_che
 
 def test_a_nonfinite_gradient_on_one_rank_is_skipped_on_every_rank(two_rank):
     rec = two_rank["results"]["nonfinite"]
-    assert rec == {"warned": True, "fc1.weight unchanged": True, "fc1.weight has no state": True, "others changed": True}
+    assert rec == {
+        "warned": True,
+        "fc1.weight unchanged": True,
+        "fc1.weight has no state": True,
+        "others changed": True,
+    }
 
 
 def test_a_nonfinite_gradient_on_one_rank_is_masked_as_a_zero_in_mask_mode(two_rank):
@@ -478,7 +499,11 @@ def test_a_nonfinite_gradient_on_one_rank_is_masked_as_a_zero_in_mask_mode(two_r
 
 @pytest.mark.parametrize(
     "label",
-    [f"{p} / {c}" for p in ("Shard(0)", "Shard(1)", "Replicate") for c in ("defaults", "rms+centralize", "bf16 params, rms")],
+    [
+        f"{p} / {c}"
+        for p in ("Shard(0)", "Shard(1)", "Replicate")
+        for c in ("defaults", "rms+centralize", "bf16 params, rms")
+    ],
 )
 def test_dtensor_placements_match_plain_tensors(two_rank, label):
     assert two_rank["results"]["placements"][label] <= REL_TOL
@@ -487,9 +512,8 @@ def test_dtensor_placements_match_plain_tensors(two_rank, label):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # no process group here, on purpose
 def test_checkpoint_saved_on_2_ranks_resumes_on_1_process(two_rank):
     """Load the sharded checkpoint into a plain, undistributed model and optimizer; train on."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     net = make_net()
     opt = fusedbun.FusionOptimizer(net.parameters(), lr=LR, **CKPT_CONFIG)

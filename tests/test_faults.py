@@ -27,10 +27,10 @@ import time
 import warnings
 from pathlib import Path
 
+import fault_train
 import pytest
 import torch
 
-import fault_train
 from fusedbun import FusionOptimizer
 
 SCRIPT = Path(__file__).with_name("fault_train.py")
@@ -62,8 +62,19 @@ def assert_tree_equal(a, b, where: str = "") -> None:
 
 def launch(ckpt: Path, out: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, str(SCRIPT), "--ckpt", str(ckpt), "--out", str(out), "--steps", str(STEPS),
-           "--every", str(EVERY), *extra]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--ckpt",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--steps",
+        str(STEPS),
+        "--every",
+        str(EVERY),
+        *extra,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -295,6 +306,7 @@ def _poison(field: str, value):
         else:
             st["momentum_buffer"][1, 1] = value
         return sd
+
     return edit
 
 
@@ -325,21 +337,44 @@ def test_state_dict_with_impossible_values_is_refused(poison):
 
 BAD_VALUES = [
     # (keyword, value, exception)
-    ("lr", -1e-3, ValueError), ("lr", math.nan, ValueError), ("lr", math.inf, ValueError),
-    ("lr", "0.1", TypeError), ("lr", None, TypeError), ("lr", 1j, TypeError), ("lr", True, TypeError),
-    ("lr", torch.tensor([0.1, 0.2]), ValueError), ("lr", torch.tensor(-0.1), ValueError),
+    ("lr", -1e-3, ValueError),
+    ("lr", math.nan, ValueError),
+    ("lr", math.inf, ValueError),
+    ("lr", "0.1", TypeError),
+    ("lr", None, TypeError),
+    ("lr", 1j, TypeError),
+    ("lr", True, TypeError),
+    ("lr", torch.tensor([0.1, 0.2]), ValueError),
+    ("lr", torch.tensor(-0.1), ValueError),
     ("lr", torch.tensor(0.1j), ValueError),
-    ("eps", -1e-8, ValueError), ("eps", math.nan, ValueError), ("eps", math.inf, ValueError), ("eps", None, TypeError),
-    ("beta_decay", 0.0, ValueError), ("beta_decay", -0.5, ValueError), ("beta_decay", 1.5, ValueError),
-    ("beta_decay", math.nan, ValueError), ("beta_decay", "0.8", TypeError),
-    ("Lambda", -0.01, ValueError), ("Lambda", math.inf, ValueError), ("Lambda", [0.01], TypeError),
-    ("momentum_beta", -0.1, ValueError), ("momentum_beta", 1.0, ValueError), ("momentum_beta", 1.5, ValueError),
-    ("momentum_beta", math.nan, ValueError), ("momentum_beta", (0.9,), TypeError),
-    ("centralize", "yes", TypeError), ("centralize", None, TypeError),
-    ("use_rms", 1, TypeError), ("maximize", "no", TypeError),
-    ("foreach", "no", TypeError), ("fused", 1, TypeError),
-    ("nonfinite", "ignore", ValueError), ("nonfinite", None, ValueError), ("nonfinite", "Mask", ValueError),
-    ("momentum_dtype", torch.int32, ValueError), ("momentum_dtype", "bfloat16", ValueError),
+    ("eps", -1e-8, ValueError),
+    ("eps", math.nan, ValueError),
+    ("eps", math.inf, ValueError),
+    ("eps", None, TypeError),
+    ("beta_decay", 0.0, ValueError),
+    ("beta_decay", -0.5, ValueError),
+    ("beta_decay", 1.5, ValueError),
+    ("beta_decay", math.nan, ValueError),
+    ("beta_decay", "0.8", TypeError),
+    ("Lambda", -0.01, ValueError),
+    ("Lambda", math.inf, ValueError),
+    ("Lambda", [0.01], TypeError),
+    ("momentum_beta", -0.1, ValueError),
+    ("momentum_beta", 1.0, ValueError),
+    ("momentum_beta", 1.5, ValueError),
+    ("momentum_beta", math.nan, ValueError),
+    ("momentum_beta", (0.9,), TypeError),
+    ("centralize", "yes", TypeError),
+    ("centralize", None, TypeError),
+    ("use_rms", 1, TypeError),
+    ("maximize", "no", TypeError),
+    ("foreach", "no", TypeError),
+    ("fused", 1, TypeError),
+    ("nonfinite", "ignore", ValueError),
+    ("nonfinite", None, ValueError),
+    ("nonfinite", "Mask", ValueError),
+    ("momentum_dtype", torch.int32, ValueError),
+    ("momentum_dtype", "bfloat16", ValueError),
     ("momentum_dtype", torch.complex64, ValueError),
 ]
 BAD_COMBINATIONS = [
@@ -406,8 +441,16 @@ def test_invalid_value_set_in_a_group_between_steps_is_refused_at_step(name, val
         (lambda p: FusionOptimizer([p], lr=0.1, betas=(0.9, 0.99)), TypeError, "betas"),
         (lambda p: FusionOptimizer([p]), TypeError, "lr"),
     ],
-    ids=["tensor-not-list", "empty", "set", "non-leaf", "duplicate-across-groups", "group-without-params",
-         "unknown-keyword", "lr-missing"],
+    ids=[
+        "tensor-not-list",
+        "empty",
+        "set",
+        "non-leaf",
+        "duplicate-across-groups",
+        "group-without-params",
+        "unknown-keyword",
+        "lr-missing",
+    ],
 )
 def test_invalid_params_argument_is_refused(make, exc, match):
     p = torch.zeros(3, requires_grad=True)
@@ -424,6 +467,7 @@ def test_duplicate_param_in_a_group_warns():
 # ----------------------------------------------------------------------------------------------------------
 # non-finite, huge and tiny gradients
 # ----------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 def test_raise_mode_changes_nothing_in_any_group(engine, bad):
@@ -448,8 +492,9 @@ def test_raise_mode_changes_nothing_in_any_group(engine, bad):
 def test_skip_mode_per_group_leaves_the_skipped_state_untouched_and_raise_groups_raise(engine, bad):
     gen = torch.Generator().manual_seed(3)
     a, b = torch.randn(5, 3, generator=gen).requires_grad_(), torch.randn(7, generator=gen).requires_grad_()
-    opt = FusionOptimizer([{"params": [a]}, {"params": [b], "nonfinite": "raise"}], lr=0.1, use_rms=True, nonfinite="skip",
-                          **engine)
+    opt = FusionOptimizer(
+        [{"params": [a]}, {"params": [b], "nonfinite": "raise"}], lr=0.1, use_rms=True, nonfinite="skip", **engine
+    )
     for _ in range(2):
         a.grad, b.grad = torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)
         opt.step()
@@ -496,7 +541,7 @@ def test_fp16_gradients_up_to_fp16_max_step_and_keep_a_finite_second_moment(engi
     ids=["fp64-1e18", "fp64-1e20", "fp32-1.5e19", "fp32-3e19", "bf16-1e30"],
 )
 def test_gradients_past_the_fp32_second_moment_are_skipped_never_stored_as_inf(engine, dtype, value, skipped, mode):
-    """"skip" skips the parameter; "mask" (the default) masks the entry (|g| >= 2**64): the step counts, the
+    """ "skip" skips the parameter; "mask" (the default) masks the entry (|g| >= 2**64): the step counts, the
     entry takes no step, and its statistic stays zero."""
     p = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
     q = torch.zeros(5, dtype=dtype, requires_grad=True)

@@ -116,8 +116,22 @@ def run_steps(init, grads, *, engine: dict, **hyper):
     return params, opt
 
 
-SHAPES = [(), (1,), (7,), (0,), (1, 1), (7, 5), (1, 6), (6, 1), (3, 0), (33, 17), (3, 4, 5), (2, 3, 4, 5),
-          (2, 1, 3, 1), (5, 600)]  # (5, 600): rows longer than one 512-element tile
+SHAPES = [
+    (),
+    (1,),
+    (7,),
+    (0,),
+    (1, 1),
+    (7, 5),
+    (1, 6),
+    (6, 1),
+    (3, 0),
+    (33, 17),
+    (3, 4, 5),
+    (2, 3, 4, 5),
+    (2, 1, 3, 1),
+    (5, 600),
+]  # (5, 600): rows longer than one 512-element tile
 DTYPES = [torch.float32, torch.bfloat16, torch.float32, torch.float16]
 HYPER = [
     dict(centralize=c, use_rms=r, maximize=mx, momentum_beta=mb, Lambda=lam, eps=eps)
@@ -134,8 +148,12 @@ def make_grads(shapes, steps, gen, *, skip_second=True):
     out = []
     for t in range(steps):
         scale = [1.0, 0.3, 3.0, 1.0][t % 4]
-        out.append([None if (skip_second and t == 1 and i % 3 == 0) else scale * torch.randn(s, generator=gen)
-                    for i, s in enumerate(shapes)])
+        out.append(
+            [
+                None if (skip_second and t == 1 and i % 3 == 0) else scale * torch.randn(s, generator=gen)
+                for i, s in enumerate(shapes)
+            ]
+        )
     return out
 
 
@@ -149,8 +167,12 @@ def test_fused_engine_matches_the_reference_on_many_shapes_dtypes_and_hyperparam
 
 @pytest.mark.parametrize(
     "pdtype,momentum_dtype",
-    [(torch.float32, torch.bfloat16), (torch.float32, torch.float16), (torch.bfloat16, torch.float32),
-     (torch.float16, torch.bfloat16)],
+    [
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+    ],
 )
 def test_momentum_kept_in_another_dtype_matches_the_reference(kernel, pdtype, momentum_dtype):
     gen = torch.Generator().manual_seed(7)
@@ -214,7 +236,9 @@ def test_result_does_not_depend_on_the_thread_count(kernel):
     (p1, o1), (p3, o3) = runs
     for a, b in zip(p1, p3):
         assert torch.equal(a, b)
-        for x, y in zip(*(h if isinstance(h, list) else [h] for h in (o1.state[a]["exp_hessian"], o3.state[b]["exp_hessian"]))):
+        for x, y in zip(
+            *(h if isinstance(h, list) else [h] for h in (o1.state[a]["exp_hessian"], o3.state[b]["exp_hessian"]))
+        ):
             assert torch.equal(x, y)
         assert torch.equal(o1.state[a]["momentum_buffer"], o3.state[b]["momentum_buffer"])
 
@@ -224,8 +248,19 @@ def _identity_step(p: torch.Tensor, g: torch.Tensor, lr: float = 1.0) -> None:
     so only zeros, NaN, Inf and |g| >= 2**64 are masked): the kernel's load of g's dtype and store to p's
     dtype, with fp32 in between."""
     fused_cpu.fused_fusion(
-        [p], [g], [None], [torch.zeros(p.shape)], [torch.tensor(0.0)], lr=lr, eps=0.0, beta_decay=0.8,
-        Lambda=0.0, momentum_beta=0.0, centralize=False, use_rms=False, maximize=True,
+        [p],
+        [g],
+        [None],
+        [torch.zeros(p.shape)],
+        [torch.tensor(0.0)],
+        lr=lr,
+        eps=0.0,
+        beta_decay=0.8,
+        Lambda=0.0,
+        momentum_beta=0.0,
+        centralize=False,
+        use_rms=False,
+        maximize=True,
     )
 
 
@@ -235,7 +270,7 @@ def test_stores_round_fp32_to_nearest_even_like_torch(kernel, dtype):
     bits = torch.randint(-(2**31), 2**31, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
     values = bits.view(torch.float32)  # every kind of fp32: subnormal, huge, Inf, NaN
     lo = torch.arange(0, 2**16, dtype=torch.int32).to(torch.int16).view(dtype).float()
-    ties = (lo[:-1] + (lo[1:] - lo[:-1]) / 2)  # exact midpoints between neighbouring values of dtype
+    ties = lo[:-1] + (lo[1:] - lo[:-1]) / 2  # exact midpoints between neighbouring values of dtype
     g = torch.cat([values, ties[torch.isfinite(ties)], torch.tensor([0.0, -0.0, 65504.0, 65520.0, 65519.99])])
     small = g.abs() < 2.0**64
     huge = torch.isfinite(g) & ~small
@@ -266,9 +301,9 @@ def test_fp64_and_non_contiguous_tensors_go_to_the_foreach_engine_with_the_same_
     gen = torch.Generator().manual_seed(13)
     init = [
         torch.randn(6, 5, generator=gen, dtype=torch.float64),
-        torch.randn(5, 7, generator=gen).t(),                                    # transposed view
+        torch.randn(5, 7, generator=gen).t(),  # transposed view
         torch.randn(2, 3, 4, 4, generator=gen).to(memory_format=torch.channels_last),
-        torch.randn(8, 9, generator=gen),                                        # fused
+        torch.randn(8, 9, generator=gen),  # fused
         torch.randn(9, generator=gen, dtype=torch.float64),
     ]
     shapes = [tuple(x.shape) for x in init]
@@ -321,15 +356,30 @@ def test_without_a_compiler_the_optimizer_falls_back_and_fused_true_says_why(fre
     with pytest.raises(RuntimeError, match="no C compiler"):
         run_steps(init, grads, engine=dict(fused=True), lr=0.1)
     with pytest.raises(RuntimeError, match="no C compiler"):
-        fused_cpu.fused_fusion([], [], [], [], [], lr=0.1, eps=1e-8, beta_decay=0.8, Lambda=0.0,
-                               momentum_beta=0.0, centralize=False, use_rms=False, maximize=False)
+        fused_cpu.fused_fusion(
+            [],
+            [],
+            [],
+            [],
+            [],
+            lr=0.1,
+            eps=1e-8,
+            beta_decay=0.8,
+            Lambda=0.0,
+            momentum_beta=0.0,
+            centralize=False,
+            use_rms=False,
+            maximize=False,
+        )
 
 
 @pytest.mark.skipif(os.name != "posix", reason="the stand-in compiler is a POSIX shell script")
 def test_a_failing_compile_is_reported_with_the_compilers_message(fresh_loader, monkeypatch, tmp_path):
     fake = tmp_path / "fake-cc"
-    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "fake-cc 1.0"; exit 0; fi\n'
-                    'echo "fake-cc: error: this compiler compiles nothing" >&2\nexit 1\n')
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = --version ]; then echo "fake-cc 1.0"; exit 0; fi\n'
+        'echo "fake-cc: error: this compiler compiles nothing" >&2\nexit 1\n'
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("FUSEDBUN_CACHE_DIR", str(tmp_path / "cache"))
@@ -390,8 +440,10 @@ def test_openmp_and_posix_thread_builds_give_identical_steps(kernel, fresh_loade
     for name, flag_sets in (("first choice", fused_cpu._FLAG_SETS), ("pthreads", fused_cpu._FLAG_SETS[2:])):
         monkeypatch.setattr(fused_cpu, "_FLAG_SETS", flag_sets)
         monkeypatch.setattr(fused_cpu, "_loaded", None)
-        runs[name] = (fused_cpu.threading_backend(),
-                      run_steps(init, grads, engine=dict(fused=True), lr=0.1, use_rms=True, centralize=True))
+        runs[name] = (
+            fused_cpu.threading_backend(),
+            run_steps(init, grads, engine=dict(fused=True), lr=0.1, use_rms=True, centralize=True),
+        )
     assert runs["pthreads"][0] == "pthreads"
     (pa, oa), (pb, ob) = runs["first choice"][1], runs["pthreads"][1]
     for a, b in zip(pa, pb):
@@ -402,8 +454,9 @@ def test_openmp_and_posix_thread_builds_give_identical_steps(kernel, fresh_loade
 def test_importing_fusedbun_compiles_nothing(tmp_path):
     env = dict(os.environ, FUSEDBUN_CACHE_DIR=str(tmp_path / "cache"))
     code = "import fusedbun, fusedbun.engines.fused_cpu; import os, sys; sys.exit(os.path.exists(sys.argv[1]))"
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cache")], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "cache")], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr or "the cache directory was created at import"
 
 

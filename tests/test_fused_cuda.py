@@ -46,8 +46,24 @@ def test_module_imports_and_reports_a_reason_without_triton(monkeypatch):
 DEV = "cuda"
 
 SHAPES = [
-    (), (1,), (7,), (1000,), (4099,), (0,), (3, 0), (1, 1), (5, 37), (64, 64), (17, 1), (1, 300),
-    (3, 4, 5), (2, 3, 4, 5), (8, 3, 3, 3), (6, 1, 7), (300, 513), (2, 3, 1, 4, 5),
+    (),
+    (1,),
+    (7,),
+    (1000,),
+    (4099,),
+    (0,),
+    (3, 0),
+    (1, 1),
+    (5, 37),
+    (64, 64),
+    (17, 1),
+    (1, 300),
+    (3, 4, 5),
+    (2, 3, 4, 5),
+    (8, 3, 3, 3),
+    (6, 1, 7),
+    (300, 513),
+    (2, 3, 1, 4, 5),
 ]
 SMALL_SHAPES = [(), (7,), (5, 37), (3, 4, 5), (64, 64)]
 
@@ -113,7 +129,10 @@ def run_side_by_side(shapes, dtype, momentum_dtype, hyper: dict, *, steps: int =
     fused = FusionOptimizer(fused_params, fused=True, momentum_dtype=momentum_dtype, **hyper)
     for t in range(steps):
         for pr, pf in zip(ref_params, fused_params):
-            g = (torch.randn(pr.shape, device=DEV, generator=gen) * 10.0 ** torch.randint(-3, 1, (), generator=gen, device=DEV)).to(dtype)
+            g = (
+                torch.randn(pr.shape, device=DEV, generator=gen)
+                * 10.0 ** torch.randint(-3, 1, (), generator=gen, device=DEV)
+            ).to(dtype)
             pr.grad, pf.grad = g.clone(), g.clone()
         if t > 0:
             copy_state(ref, fused, ref_params, fused_params)
@@ -193,7 +212,9 @@ def make_engine_inputs(shapes, *, dtype, grad_dtype, momentum_dtype, gen, steps_
         p = torch.randn(s, device=DEV, generator=gen).to(dtype)
         params.append(p)
         grads.append(torch.randn(s, device=DEV, generator=gen).to(grad_dtype))
-        bufs.append(None if momentum_dtype is None else (0.1 * torch.randn(s, device=DEV, generator=gen)).to(momentum_dtype))
+        bufs.append(
+            None if momentum_dtype is None else (0.1 * torch.randn(s, device=DEV, generator=gen)).to(momentum_dtype)
+        )
         if p.dim() <= 1:
             hess.append(torch.rand(s, device=DEV, generator=gen))
         else:
@@ -220,7 +241,9 @@ def assert_inputs_close(a, b):
     assert [s.item() for s in a[4]] == [s.item() for s in b[4]]
 
 
-HYPER_ALL = dict(lr=0.03, eps=1e-2, beta_decay=0.8, Lambda=0.05, momentum_beta=0.9, centralize=True, use_rms=True, maximize=False)
+HYPER_ALL = dict(
+    lr=0.03, eps=1e-2, beta_decay=0.8, Lambda=0.05, momentum_beta=0.9, centralize=True, use_rms=True, maximize=False
+)
 
 
 @needs_gpu
@@ -230,7 +253,14 @@ def test_gradients_of_another_dtype_and_per_tensor_step_counts(dtype, grad_dtype
     # different step counts, so each has its own beta_t (one launch still serves them all).
     gen = torch.Generator(device=DEV).manual_seed(5)
     shapes = [(33, 48), (33, 48), (10,), (4, 5, 6)]
-    inputs = make_engine_inputs(shapes, dtype=dtype, grad_dtype=grad_dtype, momentum_dtype=torch.float32, gen=gen, steps_at=[0.0, 7.0, 2.0, 40.0])
+    inputs = make_engine_inputs(
+        shapes,
+        dtype=dtype,
+        grad_dtype=grad_dtype,
+        momentum_dtype=torch.float32,
+        gen=gen,
+        steps_at=[0.0, 7.0, 2.0, 40.0],
+    )
     ref, fused = clone_inputs(inputs), clone_inputs(inputs)
     single_tensor_fusion(*ref, **HYPER_ALL)
     fusion(*fused, **HYPER_ALL, fused=True)
@@ -242,7 +272,14 @@ def test_step_counts_on_the_device_give_the_same_step():
     # torch.compile moves step counts to the parameters' device; the engine then computes beta_t there.
     gen = torch.Generator(device=DEV).manual_seed(6)
     shapes = [(20, 30), (30,), ()]
-    inputs = make_engine_inputs(shapes, dtype=torch.float32, grad_dtype=torch.float32, momentum_dtype=torch.float32, gen=gen, steps_at=[3.0, 9.0, 1.0])
+    inputs = make_engine_inputs(
+        shapes,
+        dtype=torch.float32,
+        grad_dtype=torch.float32,
+        momentum_dtype=torch.float32,
+        gen=gen,
+        steps_at=[3.0, 9.0, 1.0],
+    )
     host, device = clone_inputs(inputs), clone_inputs(inputs)
     device[4] = [s.to(DEV) for s in device[4]]
     fusion(*host, **HYPER_ALL, fused=True)
@@ -261,7 +298,14 @@ def test_step_is_deterministic_and_does_not_sync_with_the_host():
     # engine; the default "mask" has none: test_nonfinite.py).
     gen = torch.Generator(device=DEV).manual_seed(7)
     shapes = [(512, 1000), (257, 3, 17), (1000,), ()]
-    inputs = make_engine_inputs(shapes, dtype=torch.float32, grad_dtype=torch.float32, momentum_dtype=torch.bfloat16, gen=gen, steps_at=[4.0, 4.0, 9.0, 1.0])
+    inputs = make_engine_inputs(
+        shapes,
+        dtype=torch.float32,
+        grad_dtype=torch.float32,
+        momentum_dtype=torch.bfloat16,
+        gen=gen,
+        steps_at=[4.0, 4.0, 9.0, 1.0],
+    )
     runs = [clone_inputs(inputs) for _ in range(2)]
     fusion(*clone_inputs(inputs), **HYPER_ALL, fused=True)  # compile outside the checked region
     torch.cuda.synchronize()

@@ -26,12 +26,11 @@ import zlib
 
 import pytest
 import torch
+from conftest import ENGINE_PARAMS
 from torch import nn
 
 import fusedbun
 from fusedbun import FusionOptimizer
-
-from conftest import ENGINE_PARAMS
 
 LIMIT = 2.0**64
 HUGE = 3e19  # >= 2**64: its square overflows fp32; still finite in fp32, bf16 and fp64 (not in fp16)
@@ -128,7 +127,7 @@ def group_and_positions(messages: list[str]) -> tuple[set[int], set[int]]:
         m = re.search(r"group\D{0,20}?(\d+)", message)
         assert m, f"the warning names no param group: {message!r}"
         groups.add(int(m.group(1)))
-        numbers |= {int(x) for x in re.findall(r"\d+", message[m.end():])}
+        numbers |= {int(x) for x in re.findall(r"\d+", message[m.end() :])}
     return groups, numbers
 
 
@@ -307,7 +306,9 @@ def test_mask_mode_warns_in_the_same_step_naming_the_group_and_positions(kwargs)
 @pytest.mark.parametrize("kwargs", NF_ENGINES)
 def test_mask_warning_names_the_group_that_held_the_bad_gradient(kwargs, bad_group):
     gen = torch.Generator().manual_seed(4)
-    groups = [[torch.randn(s, generator=gen).requires_grad_() for s in ss] for ss in ([(4, 3), (5,)], [(6,), (2, 5), (3,)])]
+    groups = [
+        [torch.randn(s, generator=gen).requires_grad_() for s in ss] for ss in ([(4, 3), (5,)], [(6,), (2, 5), (3,)])
+    ]
     opt = FusionOptimizer([{"params": groups[0]}, {"params": groups[1], "lr": 0.01}], lr=0.1, **kwargs)
     for ps in groups:
         for p in ps:
@@ -383,8 +384,9 @@ def _fusion_inputs(shapes, gen, momentum=True):
     return params, grads, bufs, hess, steps
 
 
-FUSION_HYPER = dict(lr=0.1, eps=1e-8, beta_decay=0.8, Lambda=0.01, momentum_beta=0.9, centralize=False,
-                    use_rms=True, maximize=False)
+FUSION_HYPER = dict(
+    lr=0.1, eps=1e-8, beta_decay=0.8, Lambda=0.01, momentum_beta=0.9, centralize=False, use_rms=True, maximize=False
+)
 
 
 @pytest.mark.parametrize("kwargs", NF_ENGINES)
@@ -411,8 +413,15 @@ def test_fusion_find_nonfinite_reports_one_bool_per_parameter(kwargs):
     none = fusedbun.fusion(*twin, **FUSION_HYPER, **kwargs)
     assert none is None
     for k in range(len(shapes)):
-        assert torch.equal(params[k], twin[0][k]) and torch.equal(bufs[k], twin[2][k]) and torch.equal(steps[k], twin[4][k])
-        for a, b in zip(hess[k] if isinstance(hess[k], list) else [hess[k]], twin[3][k] if isinstance(twin[3][k], list) else [twin[3][k]]):
+        assert (
+            torch.equal(params[k], twin[0][k])
+            and torch.equal(bufs[k], twin[2][k])
+            and torch.equal(steps[k], twin[4][k])
+        )
+        for a, b in zip(
+            hess[k] if isinstance(hess[k], list) else [hess[k]],
+            twin[3][k] if isinstance(twin[3][k], list) else [twin[3][k]],
+        ):
             assert torch.equal(a, b)
     assert all(s.item() == 1.0 for s in steps)
 
@@ -440,9 +449,22 @@ def test_eps_mask_on_hand_picked_values(dtype):
     eps = 0.5
     above_eps = torch.nextafter(torch.tensor(eps, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
     cases = [  # (value, kept)
-        (0.0, False), (-0.0, False), (eps, False), (-eps, False), (above_eps, True), (-above_eps, True),
-        (1.0, True), (-3.0, True), (below, True), (-below, True), (LIMIT, False), (-LIMIT, False),
-        (HUGE, False), (float("nan"), False), (float("inf"), False), (float("-inf"), False),
+        (0.0, False),
+        (-0.0, False),
+        (eps, False),
+        (-eps, False),
+        (above_eps, True),
+        (-above_eps, True),
+        (1.0, True),
+        (-3.0, True),
+        (below, True),
+        (-below, True),
+        (LIMIT, False),
+        (-LIMIT, False),
+        (HUGE, False),
+        (float("nan"), False),
+        (float("inf"), False),
+        (float("-inf"), False),
     ]
     g = torch.tensor([v for v, _ in cases], dtype=dtype)
     g_copy = g.clone()
@@ -451,7 +473,9 @@ def test_eps_mask_on_hand_picked_values(dtype):
     assert mask.dtype == torch.bool and torch.equal(mask, want), [(v, m) for (v, _), m in zip(cases, mask.tolist())]
     assert out.dtype == dtype and torch.equal(out, torch.where(want, g, torch.zeros((), dtype=dtype)))
     assert not torch.signbit(out[~want]).any(), "masked entries must be +0.0 (torch.where(mask, g, 0))"
-    assert torch.equal(g.isnan(), g_copy.isnan()) and torch.equal(g.nan_to_num(), g_copy.nan_to_num()), "eps_mask modified g"
+    assert torch.equal(g.isnan(), g_copy.isnan()) and torch.equal(g.nan_to_num(), g_copy.nan_to_num()), (
+        "eps_mask modified g"
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
@@ -562,8 +586,9 @@ def test_the_default_mode_is_mask():
 def test_modes_differ_per_group_in_one_step(kwargs):
     gen = torch.Generator().manual_seed(13)
     a, b, c = (torch.randn(s, generator=gen).requires_grad_() for s in ((4, 3), (5,), (2, 2)))
-    opt = FusionOptimizer([{"params": [a]}, {"params": [b], "nonfinite": "skip"}, {"params": [c], "nonfinite": "raise"}],
-                          lr=0.1, **kwargs)
+    opt = FusionOptimizer(
+        [{"params": [a]}, {"params": [b], "nonfinite": "skip"}, {"params": [c], "nonfinite": "raise"}], lr=0.1, **kwargs
+    )
     assert [g["nonfinite"] for g in opt.param_groups] == ["mask", "skip", "raise"]
     for x in (a, b, c):
         x.grad = torch.randn(x.shape, generator=gen)

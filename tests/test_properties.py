@@ -111,7 +111,9 @@ def all_finite(opt, params) -> bool:
     zero_frac=st.sampled_from([0.0, 0.3, 1.0]),
     steps=st.integers(1, 3),
 )
-def test_finite_inputs_never_give_nonfinite_params_or_state(shape, dtype, hyper, engine, seed, exp_frac, zero_frac, steps):
+def test_finite_inputs_never_give_nonfinite_params_or_state(
+    shape, dtype, hyper, engine, seed, exp_frac, zero_frac, steps
+):
     lo, hi = EXPONENTS[dtype]
     exponent = round(lo + exp_frac * (hi - lo))
     if dtype == torch.float16 and not hyper["use_rms"]:
@@ -134,7 +136,11 @@ def test_finite_inputs_never_give_nonfinite_params_or_state(shape, dtype, hyper,
 def masked_probe(shape, seed, eps, dtype):
     """A gradient whose entries are either clearly masked (0 or |g| <= eps/4) or clearly not (|g| >= 4 eps)."""
     gen = torch.Generator().manual_seed(seed)
-    big = (torch.rand(shape, generator=gen, dtype=torch.float64) * 3 + 4) * eps * 10.0 ** torch.randint(0, 4, shape, generator=gen)
+    big = (
+        (torch.rand(shape, generator=gen, dtype=torch.float64) * 3 + 4)
+        * eps
+        * 10.0 ** torch.randint(0, 4, shape, generator=gen)
+    )
     tiny = torch.rand(shape, generator=gen, dtype=torch.float64) * eps / 4
     sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0).to(torch.float64)
     r = torch.rand(shape, generator=gen)
@@ -297,7 +303,9 @@ def test_sm3_nu_is_under_each_covering_accumulator_and_each_accumulator_is_attai
     eps=st.sampled_from([1e-8, 1e-3, 0.25]),
     maximize=st.booleans(),
 )
-def test_first_step_accumulators_are_the_slice_maxima_of_the_masked_squared_gradient(shape, dtype, engine, seed, eps, maximize):
+def test_first_step_accumulators_are_the_slice_maxima_of_the_masked_squared_gradient(
+    shape, dtype, engine, seed, eps, maximize
+):
     g, _ = masked_probe(shape, seed, eps, dtype)  # no entry near the mask threshold
     p = torch.zeros(shape, dtype=dtype, requires_grad=True)
     opt = FusionOptimizer([p], lr=0.1, eps=eps, maximize=maximize, **engine)

@@ -21,7 +21,7 @@ import os
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import pytest
 import torch
@@ -88,14 +88,14 @@ def make_grad(shape, gen: torch.Generator, eps: float, scale: float = 1.0) -> to
     return g
 
 
-def group_of(opt, p) -> Dict[str, Any]:
+def group_of(opt, p) -> dict[str, Any]:
     for group in opt.param_groups:
         if any(q is p for q in group["params"]):
             return group
     raise AssertionError("parameter not in any group")
 
 
-def group_hp(group) -> Dict[str, Any]:
+def group_hp(group) -> dict[str, Any]:
     return {k: group[k] for k in HP_KEYS}
 
 
@@ -119,12 +119,14 @@ def hessian_of(opt, p):
     assert isinstance(h, (list, tuple)), f"exp_hessian of a {p.dim()}-D param must be a list of a_k, got {type(h)}"
     assert len(h) == p.dim(), f"{len(h)} accumulators for a {p.dim()}-D param"
     for k, a in enumerate(h):
-        assert list(a.shape) == accumulator_shape(p.shape, k), f"a_{k} shape {list(a.shape)} != {accumulator_shape(p.shape, k)}"
+        assert list(a.shape) == accumulator_shape(p.shape, k), (
+            f"a_{k} shape {list(a.shape)} != {accumulator_shape(p.shape, k)}"
+        )
         assert a.dtype == torch.float32, f"a_{k} dtype {a.dtype}, SPEC keeps accumulators in fp32"
     return list(h)
 
 
-def snapshot(opt, p) -> Tuple[int, Optional[RefState]]:
+def snapshot(opt, p) -> tuple[int, RefState | None]:
     """(steps taken, state as float64 copies), read before a step."""
     t = steps_taken(opt, p)
     if t == 0:
@@ -170,22 +172,24 @@ class Expectation:
     p: torch.Tensor
     t: int
     ref: RefStep
-    hp: Dict[str, Any]
+    hp: dict[str, Any]
     pre_p: torch.Tensor
-    pre_m: Optional[torch.Tensor]
+    pre_m: torch.Tensor | None
     momentum_dtype: torch.dtype
 
 
-def expect_step(opt, p, momentum_dtype: Optional[torch.dtype] = None) -> Expectation:
+def expect_step(opt, p, momentum_dtype: torch.dtype | None = None) -> Expectation:
     """Call before ``opt.step()``: the reference result of the coming step for ``p``."""
     hp = group_hp(group_of(opt, p))
     t0, pre = snapshot(opt, p)
     ref = reference_step(p, p.grad, pre, t0 + 1, **hp)
-    pre_m = pre.momentum_buffer if pre is not None and pre.momentum_buffer is not None else torch.zeros(p.shape, dtype=F64)
+    pre_m = (
+        pre.momentum_buffer if pre is not None and pre.momentum_buffer is not None else torch.zeros(p.shape, dtype=F64)
+    )
     return Expectation(p, t0 + 1, ref, hp, p.detach().to(F64).clone(), pre_m, momentum_dtype or p.dtype)
 
 
-def verify(opt, e: Expectation, what: str = "", rows: Optional[torch.Tensor] = None) -> None:
+def verify(opt, e: Expectation, what: str = "", rows: torch.Tensor | None = None) -> None:
     """Call after ``opt.step()``: parameter, step counter, exp_hessian and momentum match the reference.
 
     ``rows`` (sparse gradients): a bool mask over dim 0 of the rows present in the gradient; the parameter and
@@ -218,13 +222,17 @@ def verify(opt, e: Expectation, what: str = "", rows: Optional[torch.Tensor] = N
         assert m.dtype == e.momentum_dtype, f"{tag}: momentum_buffer dtype {m.dtype}, expected {e.momentum_dtype}"
         tol_m = u_err.clone()
         if e.momentum_dtype in LOW:
-            m_round = 1.01 * torch.maximum(half_ulp(ref.momentum_buffer, e.momentum_dtype), half_ulp(m, e.momentum_dtype))
+            m_round = 1.01 * torch.maximum(
+                half_ulp(ref.momentum_buffer, e.momentum_dtype), half_ulp(m, e.momentum_dtype)
+            )
             tol_m = tol_m + m_round
         elif e.momentum_dtype == torch.float32:
             tol_m = tol_m + 1e-6 * ref.momentum_buffer.abs()
         assert_within(f"{tag} momentum_buffer", sel(m), sel(ref.momentum_buffer), sel(tol_m))
         if rows is not None:
-            assert torch.equal(m.detach().to(F64)[~rows], e.pre_m[~rows]), f"{tag}: momentum rows absent from the sparse gradient changed"
+            assert torch.equal(m.detach().to(F64)[~rows], e.pre_m[~rows]), (
+                f"{tag}: momentum rows absent from the sparse gradient changed"
+            )
     else:
         assert st.get("momentum_buffer") is None, f"{tag}: a momentum_buffer exists with momentum_beta=0"
 
@@ -234,7 +242,9 @@ def verify(opt, e: Expectation, what: str = "", rows: Optional[torch.Tensor] = N
         tol_p = tol_p + 1.01 * torch.maximum(half_ulp(ref.param, p.dtype), half_ulp(p, p.dtype))
     assert_within(f"{tag} param ({p.dtype})", sel(p), sel(ref.param), sel(tol_p))
     if rows is not None:
-        assert torch.equal(p.detach().to(F64)[~rows], e.pre_p[~rows]), f"{tag}: param rows absent from the sparse gradient changed"
+        assert torch.equal(p.detach().to(F64)[~rows], e.pre_p[~rows]), (
+            f"{tag}: param rows absent from the sparse gradient changed"
+        )
 
 
 def step_and_verify(opt, params, what: str = "", momentum_dtype=None) -> None:
@@ -299,15 +309,24 @@ def test_every_step_follows_the_spec_rules_on_every_shape_flag_and_dtype(
     eps = 0.25  # large, exactly representable in every dtype: many entries masked, |g| == eps among them
     p = torch.randn(shape, generator=gen, dtype=F64).to(dtype).requires_grad_()
     opt = FusionOptimizer(
-        [p], lr=0.1, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize,
-        use_rms=use_rms, maximize=maximize, foreach=foreach,
+        [p],
+        lr=0.1,
+        eps=eps,
+        Lambda=Lambda,
+        momentum_beta=momentum_beta,
+        centralize=centralize,
+        use_rms=use_rms,
+        maximize=maximize,
+        foreach=foreach,
     )
     for scale in STEP_SCALES:
         set_grad(p, make_grad(shape, gen, eps, scale))
         step_and_verify(opt, [p])
 
 
-@pytest.mark.parametrize("centralize,use_rms", [(False, False), (True, True), (False, True)], ids=["plain", "centralize-rms", "rms"])
+@pytest.mark.parametrize(
+    "centralize,use_rms", [(False, False), (True, True), (False, True)], ids=["plain", "centralize-rms", "rms"]
+)
 @ENGINES
 @pytest.mark.parametrize("shape", [(), (6,), (7, 5), (3, 4, 5), (2, 3, 4, 5), (1, 6), (6, 1)], ids=shape_id)
 def test_default_hyperparameters_follow_the_spec_rules(shape, foreach, centralize, use_rms, gen):
@@ -315,7 +334,13 @@ def test_default_hyperparameters_follow_the_spec_rules(shape, foreach, centraliz
     p = torch.randn(shape, generator=gen).requires_grad_()
     opt = FusionOptimizer([p], lr=0.05, centralize=centralize, use_rms=use_rms, foreach=foreach)
     g0 = opt.param_groups[0]
-    assert (g0["eps"], g0["beta_decay"], g0["Lambda"], g0["momentum_beta"], g0["maximize"]) == (1e-8, 0.8, 0.01, 0.9, False)
+    assert (g0["eps"], g0["beta_decay"], g0["Lambda"], g0["momentum_beta"], g0["maximize"]) == (
+        1e-8,
+        0.8,
+        0.01,
+        0.9,
+        False,
+    )
     for scale in STEP_SCALES:
         set_grad(p, make_grad(shape, gen, 1e-8, scale))
         step_and_verify(opt, [p])
@@ -345,7 +370,9 @@ def test_first_step_second_moment_is_g_squared_because_beta_1_is_zero(shape, for
     h = hessian_of(opt, p)
     expected = [nu] if p.dim() <= 1 else sm3_cover(nu)
     for k, (a, ea) in enumerate(zip(as_list(h), expected)):
-        torch.testing.assert_close(a, ea.float(), rtol=1e-6, atol=0, msg=lambda m: f"a_{k} after step 1 (beta_1=0): {m}")
+        torch.testing.assert_close(
+            a, ea.float(), rtol=1e-6, atol=0, msg=lambda m: f"a_{k} after step 1 (beta_1=0): {m}"
+        )
 
 
 @ENGINES
@@ -414,7 +441,7 @@ def test_sm3_second_moment_starts_from_the_min_over_cover_accumulators(shape, fo
     mask = g2d.abs() > eps
 
     def expected_for(prev):
-        nu = torch.where(mask, b2 * prev + (1 - b2) * g2d ** 2, prev)
+        nu = torch.where(mask, b2 * prev + (1 - b2) * g2d**2, prev)
         return nu, sm3_cover(nu)
 
     prev = sm3_prev(acc, shape)
@@ -422,11 +449,15 @@ def test_sm3_second_moment_starts_from_the_min_over_cover_accumulators(shape, fo
     # the check below can tell min from the other natural choices on these inputs:
     for how in ("max", "mean", "first", "last"):
         _, alt = expected_for(_alternative_prev(acc, shape, how).clone())
-        assert any(not torch.allclose(x, y, rtol=1e-4) for x, y in zip(alt, expected)), f"inputs do not separate min from {how}"
+        assert any(not torch.allclose(x, y, rtol=1e-4) for x, y in zip(alt, expected)), (
+            f"inputs do not separate min from {how}"
+        )
     for k, (a, ea) in enumerate(zip(hessian_of(opt, p), expected)):
         torch.testing.assert_close(a.double(), ea, rtol=1e-6, atol=0, msg=lambda m: f"a_{k} after step 2: {m}")
     # and the update used that nu: u = g / (sqrt(nu) + eps) on unmasked entries
-    torch.testing.assert_close(p.detach().double(), p_before - 0.1 * g2d * mask / (nu.sqrt() + eps), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        p.detach().double(), p_before - 0.1 * g2d * mask / (nu.sqrt() + eps), rtol=1e-6, atol=1e-7
+    )
 
 
 @ENGINES
@@ -467,7 +498,9 @@ def test_momentum_buffer_starts_at_zero_so_the_first_step_moves_by_one_minus_bet
 def test_momentum_dtype_sets_the_buffer_dtype_and_math_stays_fp32(pdtype, momentum_dtype, foreach, gen):
     shapes = [(7, 5), (6,), (2, 3, 4)]
     params = [torch.randn(s, generator=gen).to(pdtype).requires_grad_() for s in shapes]
-    opt = FusionOptimizer(params, lr=0.1, eps=0.25, use_rms=True, centralize=True, momentum_dtype=momentum_dtype, foreach=foreach)
+    opt = FusionOptimizer(
+        params, lr=0.1, eps=0.25, use_rms=True, centralize=True, momentum_dtype=momentum_dtype, foreach=foreach
+    )
     for scale in STEP_SCALES:
         for p in params:
             set_grad(p, make_grad(p.shape, gen, 0.25, scale))
@@ -498,15 +531,24 @@ MANY_DTYPES = [torch.float32, torch.bfloat16, torch.float32, torch.float16, torc
 @pytest.mark.parametrize("Lambda", [0.0, 0.01], ids=["wd0", "wd.01"])
 @pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
 @pytest.mark.parametrize("centralize,use_rms,maximize", FLAGS, ids=[flag_id(f) for f in FLAGS])
-def test_foreach_and_single_tensor_engines_give_the_same_steps(centralize, use_rms, maximize, momentum_beta, Lambda, gen):
+def test_foreach_and_single_tensor_engines_give_the_same_steps(
+    centralize, use_rms, maximize, momentum_beta, Lambda, gen
+):
     init = [torch.randn(s, generator=gen).to(MANY_DTYPES[i % len(MANY_DTYPES)]) for i, s in enumerate(MANY_SHAPES)]
     runs = {}
     grads = [[make_grad(s, gen, 1 / 64, sc) for s in MANY_SHAPES] for sc in STEP_SCALES]
     for foreach in (False, True):
         params = [x.clone().requires_grad_() for x in init]
         opt = FusionOptimizer(
-            params, lr=0.05, eps=1 / 64, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize,
-            use_rms=use_rms, maximize=maximize, foreach=foreach,
+            params,
+            lr=0.05,
+            eps=1 / 64,
+            Lambda=Lambda,
+            momentum_beta=momentum_beta,
+            centralize=centralize,
+            use_rms=use_rms,
+            maximize=maximize,
+            foreach=foreach,
         )
         for t, gs in enumerate(grads):
             for i, (p, g) in enumerate(zip(params, gs)):
@@ -553,14 +595,16 @@ def test_state_holds_sum_of_dims_numbers_beyond_the_momentum(shape, momentum_bet
     expected = p.numel() if p.dim() <= 1 else sum(shape)
     assert n_hessian == expected, f"exp_hessian holds {n_hessian} numbers, SPEC: {expected}"
     if momentum_beta == 0:
-        assert "momentum_buffer" not in st or st["momentum_buffer"] is None, "momentum_buffer kept with momentum_beta == 0"
+        assert "momentum_buffer" not in st or st["momentum_buffer"] is None, (
+            "momentum_buffer kept with momentum_beta == 0"
+        )
     else:
         assert tuple(st["momentum_buffer"].shape) == tuple(shape)
     # Nothing else of parameter size is kept between steps.
     others = {k: v for k, v in st.items() if k not in ("momentum_buffer", "exp_hessian", "step")}
     extra = 0
     for k, v in others.items():
-        for x in (v if isinstance(v, (list, tuple)) else [v]):
+        for x in v if isinstance(v, (list, tuple)) else [v]:
             if isinstance(x, torch.Tensor):
                 extra += x.numel()
     if p.dim() >= 2 and sum(shape) < p.numel():
@@ -592,8 +636,8 @@ def test_closure_is_called_once_under_enable_grad_and_its_loss_is_returned(forea
     model = nn.Linear(4, 3)
     x = torch.randn(6, 4, generator=gen)
     opt = FusionOptimizer(model.parameters(), lr=0.1, foreach=foreach)
-    calls: List[bool] = []
-    losses: List[torch.Tensor] = []
+    calls: list[bool] = []
+    losses: list[torch.Tensor] = []
     params = list(model.parameters())
 
     def closure():
@@ -654,15 +698,27 @@ def test_add_param_group_uses_its_own_hyperparameters_and_its_own_step_count(for
         step_and_verify(opt, [p])
     q = torch.randn(3, 6, generator=gen).requires_grad_()
     r = torch.randn(7, generator=gen).requires_grad_()
-    opt.add_param_group({"params": [q, r], "lr": 0.3, "eps": 0.25, "Lambda": 0.1, "momentum_beta": 0.5,
-                         "centralize": True, "use_rms": True, "maximize": True, "beta_decay": 0.5})
+    opt.add_param_group(
+        {
+            "params": [q, r],
+            "lr": 0.3,
+            "eps": 0.25,
+            "Lambda": 0.1,
+            "momentum_beta": 0.5,
+            "centralize": True,
+            "use_rms": True,
+            "maximize": True,
+            "beta_decay": 0.5,
+        }
+    )
     g = opt.param_groups[1]
     assert (g["lr"], g["eps"], g["Lambda"], g["momentum_beta"], g["beta_decay"]) == (0.3, 0.25, 0.1, 0.5, 0.5)
     assert g["centralize"] and g["use_rms"] and g["maximize"]
     opt.add_param_group({"params": [torch.zeros(2, 2, requires_grad=True)]})
     g3 = opt.param_groups[2]
-    assert (g3["lr"], g3["eps"], g3["Lambda"], g3["momentum_beta"], g3["beta_decay"]) == (0.05, 1e-8, 0.01, 0.9, 0.8), \
+    assert (g3["lr"], g3["eps"], g3["Lambda"], g3["momentum_beta"], g3["beta_decay"]) == (0.05, 1e-8, 0.01, 0.9, 0.8), (
         "a group added without hyperparameters takes the defaults"
+    )
     for _ in range(3):
         for x in (p, q, r):
             set_grad(x, make_grad(x.shape, gen, 0.25))
@@ -771,7 +827,15 @@ SPARSE_BATCHES = [[0, 1, 1, 3], [2, 3, 7, 7, 7], [0, 9, 9, 5], [1], [4, 6, 0, 2,
 def test_sparse_gradient_updates_present_rows_as_the_dense_rule_and_leaves_absent_rows(
     foreach, centralize, use_rms, maximize, momentum_beta, Lambda, gen
 ):
-    hp = dict(lr=0.1, eps=0.05, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize)
+    hp = dict(
+        lr=0.1,
+        eps=0.05,
+        Lambda=Lambda,
+        momentum_beta=momentum_beta,
+        centralize=centralize,
+        use_rms=use_rms,
+        maximize=maximize,
+    )
     emb = nn.Embedding(10, 4, sparse=True)
     opt = FusionOptimizer(emb.parameters(), foreach=foreach, **hp)
     w = emb.weight
@@ -802,8 +866,12 @@ def test_sparse_gradient_updates_present_rows_as_the_dense_rule_and_leaves_absen
         tag = f"step {t} rows {sorted(set(rows))}"
         wn = w.detach()
         assert torch.equal(wn[~present], w_before[~present]), f"{tag}: absent rows of the weight changed"
-        assert_within(f"{tag} present rows vs float64 dense rule", wn[present], ref.param[present],
-                      1e-6 * (ref.param[present].abs() + 1))
+        assert_within(
+            f"{tag} present rows vs float64 dense rule",
+            wn[present],
+            ref.param[present],
+            1e-6 * (ref.param[present].abs() + 1),
+        )
         dense_rows = wd.detach()[present].double()
         assert_within(f"{tag} present rows vs dense engine", wn[present], dense_rows, 1e-6 * (dense_rows.abs() + 1))
         assert steps_taken(opt, w) == t
@@ -816,8 +884,12 @@ def test_sparse_gradient_updates_present_rows_as_the_dense_rule_and_leaves_absen
                 assert torch.equal(m[~present], m_before[~present]), f"{tag}: absent momentum rows changed (decayed?)"
             else:
                 assert torch.count_nonzero(m[~present]) == 0
-            assert_within(f"{tag} momentum present rows", m[present], ref.momentum_buffer[present],
-                          1e-6 * (ref.momentum_buffer[present].abs() + 1))
+            assert_within(
+                f"{tag} momentum present rows",
+                m[present],
+                ref.momentum_buffer[present],
+                1e-6 * (ref.momentum_buffer[present].abs() + 1),
+            )
 
 
 def sparse_rows(p: torch.Tensor) -> torch.Tensor:
@@ -876,8 +948,16 @@ def test_sparse_gradient_with_nonfinite_values_is_skipped_or_refused(mode, forea
 
 @pytest.mark.parametrize(
     "name,value",
-    [("lr", -1e-3), ("eps", -1e-8), ("beta_decay", 0.0), ("beta_decay", -0.1), ("beta_decay", 1.5),
-     ("momentum_beta", -0.1), ("momentum_beta", 1.0), ("Lambda", -0.01)],
+    [
+        ("lr", -1e-3),
+        ("eps", -1e-8),
+        ("beta_decay", 0.0),
+        ("beta_decay", -0.1),
+        ("beta_decay", 1.5),
+        ("momentum_beta", -0.1),
+        ("momentum_beta", 1.0),
+        ("Lambda", -0.01),
+    ],
 )
 def test_invalid_hyperparameter_raises_value_error_naming_it(name, value):
     p = torch.zeros(3, requires_grad=True)
@@ -886,7 +966,9 @@ def test_invalid_hyperparameter_raises_value_error_naming_it(name, value):
         FusionOptimizer([p], **kwargs)
 
 
-@pytest.mark.parametrize("name,value", [("beta_decay", 1.0), ("momentum_beta", 0.0), ("lr", 0.0), ("Lambda", 0.0), ("eps", 0.0)])
+@pytest.mark.parametrize(
+    "name,value", [("beta_decay", 1.0), ("momentum_beta", 0.0), ("lr", 0.0), ("Lambda", 0.0), ("eps", 0.0)]
+)
 def test_valid_edge_hyperparameters_are_accepted(name, value, gen):
     p = torch.randn(4, 3, generator=gen).requires_grad_()
     p0 = p.detach().clone()
@@ -903,7 +985,9 @@ def test_nonfinite_mode_other_than_mask_skip_or_raise_is_refused():
     with pytest.raises(ValueError):
         FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1, nonfinite="ignore")
     for mode in ("mask", "skip", "raise"):
-        assert FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1, nonfinite=mode).defaults["nonfinite"] == mode
+        assert (
+            FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1, nonfinite=mode).defaults["nonfinite"] == mode
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=dtype_id)
@@ -928,7 +1012,9 @@ def test_skip_mode_skips_a_nonfinite_param_warns_and_updates_the_others(bad, mom
     a = torch.randn(4, 5, generator=gen).requires_grad_()
     b = torch.randn(6, generator=gen).requires_grad_()
     c = torch.randn(3, 2, 2, generator=gen).requires_grad_()
-    opt = FusionOptimizer([a, b, c], lr=0.1, use_rms=True, momentum_beta=momentum_beta, nonfinite="skip", foreach=foreach)
+    opt = FusionOptimizer(
+        [a, b, c], lr=0.1, use_rms=True, momentum_beta=momentum_beta, nonfinite="skip", foreach=foreach
+    )
     for x in (a, b, c):
         x.grad = torch.randn(x.shape, generator=gen)
     step_and_verify(opt, [a, b, c])
@@ -986,7 +1072,9 @@ def test_raise_mode_raises_floating_point_error_before_changing_anything(bad, fo
     b.grad[-1] = bad
     with pytest.raises(FloatingPointError):
         opt.step()
-    assert torch.equal(a.detach(), params_before[0]) and torch.equal(b.detach(), params_before[1]), "a parameter changed"
+    assert torch.equal(a.detach(), params_before[0]) and torch.equal(b.detach(), params_before[1]), (
+        "a parameter changed"
+    )
     assert_same_tree(opt.state_dict()["state"], state_before)
     b.grad = torch.randn(b.shape, generator=gen)
     step_and_verify(opt, [a, b], "after the refused step: ")

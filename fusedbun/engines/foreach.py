@@ -178,7 +178,13 @@ def foreach_fusion(
     if not params:
         return stack_flags([], params) if find_nonfinite else None
     hyper = dict(
-        lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize
+        lr=lr,
+        eps=eps,
+        Lambda=Lambda,
+        momentum_beta=momentum_beta,
+        centralize=centralize,
+        use_rms=use_rms,
+        maximize=maximize,
     )
     torch._foreach_add_(state_steps, 1)
     betas = [step_decay(s, beta_decay=beta_decay) for s in state_steps]

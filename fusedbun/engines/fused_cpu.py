@@ -54,15 +54,31 @@ from torch import Tensor
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.hessian import hessian_decay
 
-__all__ = ["fused_fusion", "unavailable_reason", "library_path", "threading_backend", "find_compiler", "cache_dir",
-           "SOURCE"]
+__all__ = [
+    "fused_fusion",
+    "unavailable_reason",
+    "library_path",
+    "threading_backend",
+    "find_compiler",
+    "cache_dir",
+    "SOURCE",
+]
 
 SOURCE = Path(__file__).resolve().parent.parent / "_csrc" / "fused_step.c"
 _ABI_VERSION = 4
 # -fopenmp-simd: the `omp simd` reductions vectorize even in the build without an OpenMP runtime.
 # -ffp-contract=fast: a * b + c may be one fused multiply-add, as in torch's own vectorized kernels.
-_COMMON_FLAGS = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math",
-                 "-fopenmp-simd", "-ffp-contract=fast")
+_COMMON_FLAGS = (
+    "-O3",
+    "-std=gnu11",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+    "-fopenmp-simd",
+    "-ffp-contract=fast",
+)
 # Tried in order; the first that compiles, loads and (for OpenMP) shares torch's OpenMP runtime is used.
 _FLAG_SETS = (
     _COMMON_FLAGS + ("-fopenmp", "-march=native"),
@@ -146,7 +162,7 @@ def _cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiler_identity(cc: str) -> str:
     try:
         out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
@@ -163,8 +179,17 @@ def _compile(cc: str, directory: Path, flags: tuple[str, ...]) -> Path:
     """Compile SOURCE with ``flags`` into ``directory``, or return the cached build: its name is a hash of
     the source, the compiler, the flags and the CPU. Raises ``_BuildError`` with the compiler's message."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, _compiler_identity(cc).encode(), " ".join(flags).encode(),
-                                     platform.machine().encode(), _cpu_identity().encode()])).hexdigest()[:20]
+    key = hashlib.sha256(
+        b"\0".join(
+            [
+                source,
+                _compiler_identity(cc).encode(),
+                " ".join(flags).encode(),
+                platform.machine().encode(),
+                _cpu_identity().encode(),
+            ]
+        )
+    ).hexdigest()[:20]
     target = directory / f"fused_step-{key}.so"
     if target.exists():
         return target
@@ -213,8 +238,9 @@ def _load_build(cc: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Path]:
         # Two OpenMP runtimes in one process fight over the cores; the build must bind to torch's.
         added = _openmp_runtimes() - before
         if added or not before:
-            raise _BuildError(f"the OpenMP build does not share torch's OpenMP runtime ({sorted(before)}): "
-                              f"it loaded {sorted(added)}")
+            raise _BuildError(
+                f"the OpenMP build does not share torch's OpenMP runtime ({sorted(before)}): it loaded {sorted(added)}"
+            )
     if lib.fb_abi_version() != _ABI_VERSION:
         raise _BuildError(f"{path} has interface version {lib.fb_abi_version()}, expected {_ABI_VERSION}")
     lib.fb_fused_step.argtypes = [ctypes.POINTER(_Task), ctypes.c_int64, ctypes.POINTER(_Hyper), ctypes.c_void_p]
@@ -313,8 +339,15 @@ def fused_fusion(
     if not params:
         return found
     lr = float(lr)
-    hyper = dict(lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize,
-                 use_rms=use_rms, maximize=maximize)
+    hyper = dict(
+        lr=lr,
+        eps=eps,
+        Lambda=Lambda,
+        momentum_beta=momentum_beta,
+        centralize=centralize,
+        use_rms=use_rms,
+        maximize=maximize,
+    )
     fused, other = [], []
     for i, p in enumerate(params):
         if momentum_beta > 0 and momentum_buffers[i] is None:
@@ -322,9 +355,12 @@ def fused_fusion(
         m = momentum_buffers[i] if momentum_beta > 0 else None
         (fused if _fusable(p, grads[i], m, exp_hessians[i]) else other).append(i)
     if other:
-        flags = foreach_fusion(*([seq[i] for i in other] for seq in (params, grads, momentum_buffers, exp_hessians,
-                                                                     state_steps)),
-                               beta_decay=beta_decay, find_nonfinite=find_nonfinite, **hyper)
+        flags = foreach_fusion(
+            *([seq[i] for i in other] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)),
+            beta_decay=beta_decay,
+            find_nonfinite=find_nonfinite,
+            **hyper,
+        )
         if find_nonfinite:
             found[other] = flags
     if not fused:
@@ -364,9 +400,21 @@ def fused_fusion(
                 rest_ptr, colmax_ptr = rest.data_ptr(), colmax.data_ptr()
                 reduce_after.append((colmax, accs[1:]))
         tasks[n] = _Task(
-            p.data_ptr(), g.data_ptr(), None if m is None else m.data_ptr(), acc, rest_ptr,
-            colmax_ptr if kind == _SM3 else None, rows, row_len, _DTYPE_CODES[p.dtype], _DTYPE_CODES[g.dtype],
-            0 if m is None else _DTYPE_CODES[m.dtype], kind, beta, 1.0 - beta, 0,
+            p.data_ptr(),
+            g.data_ptr(),
+            None if m is None else m.data_ptr(),
+            acc,
+            rest_ptr,
+            colmax_ptr if kind == _SM3 else None,
+            rows,
+            row_len,
+            _DTYPE_CODES[p.dtype],
+            _DTYPE_CODES[g.dtype],
+            0 if m is None else _DTYPE_CODES[m.dtype],
+            kind,
+            beta,
+            1.0 - beta,
+            0,
         )
         positions.append(i)
         n += 1
@@ -376,8 +424,14 @@ def fused_fusion(
 
     flags = (_CENTRALIZE if centralize else 0) | (_USE_RMS if use_rms else 0) | (_MAXIMIZE if maximize else 0)
     nthreads = max(1, min(torch.get_num_threads(), total // _MIN_ELEMS_PER_THREAD))
-    h = _Hyper(neg_lr=-lr, decay=1.0 - lr * Lambda, eps=eps, momentum_weight=1.0 - momentum_beta,
-               flags=flags, nthreads=nthreads)
+    h = _Hyper(
+        neg_lr=-lr,
+        decay=1.0 - lr * Lambda,
+        eps=eps,
+        momentum_weight=1.0 - momentum_beta,
+        flags=flags,
+        nthreads=nthreads,
+    )
     # Per-thread column maxima, O(threads * sum of row lengths); allocated here so torch accounts for it.
     scratch = torch.empty(max(1, nthreads * cols), dtype=torch.float32)
     lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())

@@ -34,7 +34,7 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 from contextlib import nullcontext
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -59,7 +59,14 @@ class KernelConfig:
     next rows' loads in flight while a block is worked on, the kernel keeps the memory busy."""
 
     def __init__(
-        self, *, rows_per_tile=256, block_cols=128, elems_per_iter=2048, dense_cols=1024, num_warps=4, prefetch=True,
+        self,
+        *,
+        rows_per_tile=256,
+        block_cols=128,
+        elems_per_iter=2048,
+        dense_cols=1024,
+        num_warps=4,
+        prefetch=True,
         direct_launch=True,
     ):
         self.rows_per_tile = rows_per_tile
@@ -82,7 +89,7 @@ class KernelConfig:
 CONFIG = KernelConfig()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_import_error() -> str:
     try:
         import triton  # noqa: F401
@@ -168,7 +175,9 @@ class _Plan:
         self.flags = flags  # int32, one per tensor of the step's list; the kernel sets a tensor's at its position
         self.new_accs = self.means = None
         if not dense:
-            self.new_accs = torch.zeros(sum(a.numel() for item in items for a in item[3]), dtype=torch.float32, device=device)
+            self.new_accs = torch.zeros(
+                sum(a.numel() for item in items for a in item[3]), dtype=torch.float32, device=device
+            )
         if self.centralize:
             self.means = torch.empty(sum(item[0].shape[0] for item in items), dtype=torch.float32, device=device)
 
@@ -399,7 +408,13 @@ def fused_fusion(
     if not params:
         return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
     hyper = dict(
-        lr=lr, eps=eps, Lambda=Lambda, momentum_beta=momentum_beta, centralize=centralize, use_rms=use_rms, maximize=maximize
+        lr=lr,
+        eps=eps,
+        Lambda=Lambda,
+        momentum_beta=momentum_beta,
+        centralize=centralize,
+        use_rms=use_rms,
+        maximize=maximize,
     )
     if momentum_beta <= 0:
         momentum_buffers = [None] * len(params)
@@ -408,8 +423,12 @@ def fused_fusion(
         flags.zero_()
     if plan.fallback:
         lists = (params, grads, momentum_buffers, exp_hessians, state_steps)
-        found = foreach_fusion(*([seq[i] for i in plan.fallback] for seq in lists), beta_decay=beta_decay,
-                               find_nonfinite=find_nonfinite, **hyper)
+        found = foreach_fusion(
+            *([seq[i] for i in plan.fallback] for seq in lists),
+            beta_decay=beta_decay,
+            find_nonfinite=find_nonfinite,
+            **hyper,
+        )
         if find_nonfinite:
             for i, flag in zip(plan.fallback, found.unbind()):
                 plan.flags[params[i].device][i] = flag

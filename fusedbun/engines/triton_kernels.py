@@ -83,8 +83,22 @@ def _dim_index(row, cols, k: tl.constexpr, NDIM: tl.constexpr):
 
 
 @triton.jit
-def _load_block(r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old,
-                NDIM: tl.constexpr, HAS_MOMENTUM: tl.constexpr, BR: tl.constexpr):
+def _load_block(
+    r0,
+    row_end,
+    cols,
+    col_ok,
+    n_cols,
+    numel,
+    g_ptr,
+    m_ptr,
+    p_ptr,
+    v_ptr,
+    acc0_old,
+    NDIM: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    BR: tl.constexpr,
+):
     """Load the block of rows r0 .. r0 + BR: g, m, p as stored, and the previous second moment (the dense
     v for NDIM == 1, else the rows' a0)."""
     rows = r0 + tl.arange(0, BR)
@@ -184,7 +198,22 @@ def fusion_step_kernel(
     row_start = row_block * ROWS_PER_TILE
     row_end = tl.minimum(row_start + ROWS_PER_TILE, n_rows)
     if PREFETCH:  # the first block's loads; each iteration then issues the next block's before its own work
-        g_n, m_n, p_n, a_n = _load_block(row_start, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR)
+        g_n, m_n, p_n, a_n = _load_block(
+            row_start,
+            row_end,
+            cols,
+            col_ok,
+            n_cols,
+            numel,
+            g_ptr,
+            m_ptr,
+            p_ptr,
+            v_ptr,
+            acc0_old,
+            NDIM,
+            HAS_MOMENTUM,
+            BR,
+        )
     for r0 in range(row_start, row_end, BR):
         rows = r0 + tl.arange(0, BR)
         row_ok = rows < row_end
@@ -196,9 +225,26 @@ def fusion_step_kernel(
         # (the reductions below synchronize the program's warps).
         if PREFETCH:
             g, m, p, a = g_n, m_n, p_n, a_n
-            g_n, m_n, p_n, a_n = _load_block(r0 + BR, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR)
+            g_n, m_n, p_n, a_n = _load_block(
+                r0 + BR,
+                row_end,
+                cols,
+                col_ok,
+                n_cols,
+                numel,
+                g_ptr,
+                m_ptr,
+                p_ptr,
+                v_ptr,
+                acc0_old,
+                NDIM,
+                HAS_MOMENTUM,
+                BR,
+            )
         else:
-            g, m, p, a = _load_block(r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR)
+            g, m, p, a = _load_block(
+                r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR
+            )
 
         g = g.to(tl.float32)
         if CENTRALIZE:
