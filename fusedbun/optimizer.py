@@ -19,10 +19,10 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from fusedbun.engines import is_dtensor, select_engine
+from fusedbun.engines.sparse import sparse_fusion_
 from fusedbun.nonfinite import MODES as _NONFINITE_MODES
 from fusedbun.nonfinite import NonfiniteReports, finite_gradients
 from fusedbun.sm3 import sm3_accumulators
-from fusedbun.sparse import sparse_fusion_
 
 __all__ = ["FusionOptimizer", "fusion"]
 

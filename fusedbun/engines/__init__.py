@@ -65,7 +65,7 @@ def select_engine(device_type: str, *, distributed: bool = False, foreach: bool 
     if fused and foreach:
         raise ValueError("fused=True and foreach=True are mutually exclusive")
     if distributed:
-        from fusedbun.distributed import dtensor_fusion
+        from fusedbun.engines.dtensor import dtensor_fusion
 
         return dtensor_fusion
     if fused or (fused is None and foreach is None):
