@@ -151,9 +151,9 @@ def peak_step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, step: C
       ``profile_memory=True`` during the step, each allocation and free at its own time (see
       :func:`_profiled_peak`). ``opt_step_extra_bytes`` is the same running total inside the range that
       ``step`` marks with ``torch.profiler.record_function("optimizer.step")``, above its value when that
-      range began: the optimizer step's temporaries and any state it creates. ``rss_delta_bytes`` is the rise of the process's peak
-      resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over its size at the
-      start: what the OS saw, allocator caching included; ``None`` where that is not available.
+      range began: the optimizer step's temporaries and any state it creates. ``rss_delta_bytes`` is the rise of
+      the process's peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over its
+      size at the start: what the OS saw, allocator caching included; ``None`` where that is not available.
     """
     optimizer.zero_grad(set_to_none=True)
     device = next(model.parameters()).device
@@ -366,7 +366,10 @@ def summarize(runs: Sequence[dict], lr_factors: Sequence[float]) -> list[dict]:
         chosen = best_lr(sweep)
         lrs = [r["lr"] for r in sweep]
         ok = [r for r in seeds if not r["diverged"]]
-        med = lambda key: statistics.median([r[key] for r in ok if r[key] is not None]) if ok else None  # noqa: E731
+
+        def med(key, ok=ok):
+            return statistics.median([r[key] for r in ok if r[key] is not None]) if ok else None
+
         peaks = [r["memory"]["peak_bytes"] for r in ok if r.get("memory")]
         extras = [
             r["memory"]["opt_step_extra_bytes"]

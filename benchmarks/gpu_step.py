@@ -48,10 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusedbun import FusionOptimizer  # noqa: E402
-from fusedbun.engines import (
-    fused_cuda,  # noqa: E402
-    select_engine,  # noqa: E402
-)
+from fusedbun.engines import StepHyper, fused_cuda, select_engine, triton_plan  # noqa: E402
 
 N_LAYERS, ROWS, COLS = 24, 4096, 8192
 DEV = "cuda"
@@ -169,13 +166,11 @@ def fusion_engine_step(opt: FusionOptimizer):
     params, grads, bufs, steps = [], [], [], []
     opt._init_group(group, params, grads, bufs, steps)
     hess = [opt.state[p]["exp_hessian"] for p in params]
-    hyper = {
-        k: group[k] for k in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms", "maximize")
-    }
+    hyper = StepHyper.from_group(group)
     engine = select_engine("cuda", foreach=group["foreach"], fused=group["fused"])
 
     def step():
-        engine(params, grads, bufs, hess, steps, **hyper)
+        engine(params, grads, bufs, hess, steps, hyper)
 
     return step
 
@@ -184,7 +179,7 @@ def engine_buffer_bytes() -> int:
     """Device memory the fused engine keeps between steps in its cached plans (tables, the buffer the new
     accumulators are reduced into, row means)."""
     total = 0
-    for plan in fused_cuda._STEP_PLANS.values():
+    for plan in triton_plan._STEP_PLANS.values():
         for launch, _ in plan.launches:
             for t in (launch.meta, launch.tiles, launch.new_accs, launch.means):
                 if t is not None:
@@ -206,7 +201,7 @@ def run_case(
     n = sum(p.numel() for p in params)
     opt = make_opt(params)
     step = fusion_engine_step(opt) if engine_only else torch.compile(opt.step) if compiled else opt.step
-    fused_cuda._STEP_PLANS.clear()
+    triton_plan._STEP_PLANS.clear()
     result = dict(name=name, **time_steps(step, steps), state_bytes=state_bytes(opt), params=n)
     result["engine_buffer_bytes"] = engine_buffer_bytes()
     result["host_ms"] = host_ms(step)
@@ -387,7 +382,7 @@ def main() -> None:
                 try:
                     r = run_case(
                         label,
-                        lambda ps: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=m_dtype),
+                        lambda ps, m_dtype=m_dtype: FusionOptimizer(ps, lr=lr, fused=True, momentum_dtype=m_dtype),
                         steps=15,
                         engine_only=True,
                         kernel="fusion_step_kernel",

@@ -44,7 +44,7 @@ import torch
 
 import fusedbun
 from fusedbun import FusionOptimizer
-from fusedbun.engines import fused_cpu
+from fusedbun.engines import StepHyper, fused_cpu
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_speed.json"
 WIDTH = 1024
@@ -148,10 +148,8 @@ def diagnostic_runs(shapes) -> list[dict]:
         [opt.state[p]["exp_hessian"] for p in params],
         [opt.state[p]["step"] for p in params],
     )
-    hyper = {
-        k: group[k] for k in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta", "centralize", "use_rms", "maximize")
-    }
-    engine = _Call(lambda: fused_cpu.fused_fusion(*lists, **hyper))
+    hyper = StepHyper.from_group(group)
+    engine = _Call(lambda: fused_cpu.fused_fusion(*lists, hyper))
     check = _Call(lambda: torch._foreach_norm(lists[1], 2))
     return [
         dict(
@@ -345,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         del r["opt"], r["params"]
 
-    header = f"{'optimizer':40s} {'engine':8s} {'ms/step':>8s} {'p25-p75':>13s} {'state B/param':>13s} {'peak extra MB':>13s}"
+    header = f"{'optimizer':40s} {'engine':8s} {'ms/step':>8s} {'p25-p75':>13s} "
+    header += f"{'state B/param':>13s} {'peak extra MB':>13s}"
     print(header)
     print("-" * len(header))
     for x in results:
@@ -357,7 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = max(bandwidth_before, stream_bandwidth(n_params))  # before and after the steps: the better
     floor_ms = {f"{b}_bytes_per_param": 1e3 * b * n_params / bandwidth for b in (16, 20, 28)}
     print(
-        f"\nmemory bandwidth (best streaming rate) {bandwidth / 1e9:.1f} GB/s; floor for {n_params / 1e6:.2f}M parameters: "
+        f"\nmemory bandwidth (best streaming rate) {bandwidth / 1e9:.1f} GB/s; "
+        f"floor for {n_params / 1e6:.2f}M parameters: "
         + ", ".join(f"{k.split('_')[0]} B/param {v:.2f} ms" for k, v in floor_ms.items())
     )
 

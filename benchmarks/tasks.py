@@ -10,7 +10,8 @@ the run's seed; the seed sets the model's initialization and the order of the tr
   topics (``pydoc_data.topics.topics``), cross-entropy in nats per character. The text is cut into
   contiguous train / val / test stretches, so held-out characters never appear in training.
 - ``char_lm_large``: the same text and splits with a larger transformer (4 layers, d=256, context 128,
-  about 3.2M parameters) and longer runs, sized for a GPU (about 15 s a run on an H100; about 3 s a step on one CPU thread).
+  about 3.2M parameters) and longer runs, sized for a GPU (about 15 s a run on an H100; about 3 s a step
+  on one CPU thread).
 - ``tabular_diabetes``: scikit-learn's diabetes regression (``load_diabetes``, 442 patients, 10
   features), an MLP, mean squared error of the standardized target.
 - ``tabular_cancer``: scikit-learn's breast-cancer classification (``load_breast_cancer``, 569 tumours,

@@ -16,13 +16,19 @@ from torch import Tensor
 __all__ = ["hessian_decay", "masked_ema", "dense_second_moment_"]
 
 
-def hessian_decay(step: float, *, beta_decay: float) -> float:
+def hessian_decay(step: float | Tensor, *, beta_decay: float) -> float | Tensor:
     r"""The EMA decay at step ``t`` (1-based): :math:`\beta_t = 1 - t^{-c}`, with :math:`c` = ``beta_decay``.
 
     :math:`\beta_1 = 0`, so the first estimate is :math:`g_1^2` itself and no bias correction is needed;
     :math:`\beta_t \to 1` as :math:`t` grows, so the average lengthens with training. With ``beta_decay=1``
     it is the running mean of every :math:`g_t^2` so far; smaller values forget faster.
+
+    ``step`` is a number (returns a float) or a tensor of step counts (returns the decays as fp64 tensors
+    of its shape, computed where the counts are, without reading them: the form ``torch.compile`` and
+    counts kept on a device need). Every engine takes its decay from here.
     """
+    if isinstance(step, Tensor):
+        return 1.0 - step.to(torch.float64).pow(-beta_decay)
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
     return 1.0 - float(step) ** (-beta_decay)
@@ -52,7 +58,7 @@ def dense_second_moment_(exp_hessian: Tensor, grad: Tensor, mask: Tensor, *, bet
     Args:
         exp_hessian: :math:`v`, fp32, shaped like the parameter; updated in place.
         grad: the (masked) gradient :math:`g`, any float dtype.
-        mask: ``grad.abs() > eps``, boolean.
+        mask: where the entry is kept, ``eps < |g| < 2**64`` (:func:`fusedbun.eps_mask`), boolean.
         beta: :math:`\beta_t` from :func:`hessian_decay`.
 
     Returns:

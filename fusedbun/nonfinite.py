@@ -25,7 +25,7 @@ from collections import deque
 import torch
 from torch import Tensor
 
-from fusedbun.engines import is_dtensor
+from fusedbun.engines.common import is_dtensor
 
 __all__ = ["MODES", "finite_gradients", "NonfiniteReports"]
 

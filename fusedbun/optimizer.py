@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from fusedbun.engines import is_dtensor, select_engine
-from fusedbun.engines.sparse import sparse_fusion_
+from fusedbun.engines.common import StepHyper, is_dtensor
+from fusedbun.engines.dispatch import step_tensors
 from fusedbun.nonfinite import MODES as _NONFINITE_MODES
 from fusedbun.nonfinite import NonfiniteReports, finite_gradients
 from fusedbun.sm3 import sm3_accumulators
@@ -281,21 +281,15 @@ class FusionOptimizer(Optimizer):
             self._step_calls += 1
         for group_index, group, params, grads, momentum_buffers, exp_hessians, steps in work:
             lr = group["lr"]
-            found = _fusion(
+            # Under torch.compile a tensor lr stays a tensor: .item() would break the graph.
+            hyper = StepHyper.from_group(group, lr=lr.item() if isinstance(lr, Tensor) and not compiling else lr)
+            found = step_tensors(
                 params,
                 grads,
                 momentum_buffers,
                 exp_hessians,
                 steps,
-                # Under torch.compile a tensor lr stays a tensor: .item() would break the graph.
-                lr=lr.item() if isinstance(lr, Tensor) and not compiling else lr,
-                eps=group["eps"],
-                beta_decay=group["beta_decay"],
-                Lambda=group["Lambda"],
-                momentum_beta=group["momentum_beta"],
-                centralize=group["centralize"],
-                use_rms=group["use_rms"],
-                maximize=group["maximize"],
+                hyper,
                 foreach=group["foreach"],
                 fused=group["fused"],
                 find_nonfinite=group["nonfinite"] == "mask" and not compiling,
@@ -422,19 +416,15 @@ def fusion(
     r"""Functional form of one FusionOptimizer step over lists of tensors (see :class:`FusionOptimizer`).
 
     Sparse gradients take the lazy row-sparse path; dense ones are grouped by device and each group goes
-    to the engine that :func:`fusedbun.engines.select_engine` picks from ``foreach`` and ``fused``.
+    to the engine that :func:`fusedbun.engines.select_engine` picks from ``foreach`` and ``fused``
+    (:func:`fusedbun.engines.step_tensors`).
 
     Gradient entries that are NaN, Inf or :math:`\ge 2^{64}` in magnitude are masked (see
     :func:`fusedbun.adalite.eps_mask`). With ``find_nonfinite``, returns one 0-d bool tensor per
     parameter, in order, on its engine's device: True where its gradient held such an entry. Reading
     them is left to the caller (for CUDA tensors a read waits for the step to finish).
     """
-    pairs = _fusion(
-        params,
-        grads,
-        momentum_buffers,
-        exp_hessians,
-        state_steps,
+    hyper = StepHyper(
         lr=lr,
         eps=eps,
         beta_decay=beta_decay,
@@ -443,6 +433,14 @@ def fusion(
         centralize=centralize,
         use_rms=use_rms,
         maximize=maximize,
+    )
+    pairs = step_tensors(
+        params,
+        grads,
+        momentum_buffers,
+        exp_hessians,
+        state_steps,
+        hyper,
         foreach=foreach,
         fused=fused,
         find_nonfinite=find_nonfinite,
@@ -453,45 +451,4 @@ def fusion(
     for positions, flags in pairs:
         for i, flag in zip(positions, flags.unbind()):
             found[i] = flag
-    return found
-
-
-def _fusion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    *,
-    foreach: bool | None,
-    fused: bool | None,
-    find_nonfinite: bool,
-    **hyper: Any,
-) -> list[tuple[list[int], Tensor]]:
-    """:func:`fusion` with the flags as the engines return them: ``(positions, 1-D bool tensor)`` pairs, one
-    per engine call and per sparse gradient (none without ``find_nonfinite``), so that the optimizer hands
-    them on without splitting them into one tensor per parameter."""
-    found: list[tuple[list[int], Tensor]] = []
-    if fused is None and foreach is None and torch.compiler.is_compiling():
-        # The fused engines are kernels torch.compile cannot trace (a graph break, inside a loop, would make
-        # it give up on the step); the multi-tensor engine it traces, and fuses by itself.
-        foreach = True
-    by_device: dict[tuple[str, bool], list[int]] = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        if g.is_sparse:
-            flag = sparse_fusion_(
-                p, g, momentum_buffers[i], exp_hessians[i], state_steps[i], find_nonfinite=find_nonfinite, **hyper
-            )
-            if find_nonfinite:
-                found.append(([i], flag.reshape(1)))
-        else:  # p.is_cuda first: reading p.device builds a new object, for every tensor of every step
-            by_device.setdefault(("cuda" if p.is_cuda else p.device.type, is_dtensor(p)), []).append(i)
-    for (device_type, distributed), idx in by_device.items():
-        lists = [params, grads, momentum_buffers, exp_hessians, state_steps]
-        if len(idx) < len(params):
-            lists = [[seq[i] for i in idx] for seq in lists]
-        engine = select_engine(device_type, distributed=distributed, foreach=foreach, fused=fused)
-        flags = engine(*lists, find_nonfinite=find_nonfinite, **hyper)
-        if find_nonfinite:
-            found.append((idx, flags))
     return found

@@ -58,7 +58,8 @@ def sm3_second_moment_(accumulators: Sequence[Tensor], grad: Tensor, mask: Tenso
     Args:
         accumulators: :math:`a^{(k)}`, one fp32 tensor per dimension (see :func:`sm3_accumulators`).
         grad: the (masked) gradient :math:`g`, shaped like the parameter.
-        mask: ``grad.abs() > eps``; masked-out entries keep :math:`\nu = \mathrm{prev}`.
+        mask: where the entry is kept, ``eps < |g| < 2**64`` (:func:`fusedbun.eps_mask`); masked-out entries
+            keep :math:`\nu = \mathrm{prev}`.
         beta: :math:`\beta_t` from :func:`fusedbun.hessian_decay`.
 
     Returns:

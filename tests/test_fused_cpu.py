@@ -21,7 +21,8 @@ import torch
 
 import fusedbun
 from fusedbun import FusionOptimizer
-from fusedbun.engines import fused_cpu, select_engine
+from fusedbun.engines import _cbuild, fused_cpu, select_engine
+from fusedbun.engines.common import StepHyper
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -36,7 +37,7 @@ def kernel():
 @pytest.fixture
 def fresh_loader(monkeypatch):
     """Forget the process's loaded kernel for one test (monkeypatch restores it afterwards)."""
-    monkeypatch.setattr(fused_cpu, "_loaded", None)
+    monkeypatch.setattr(fused_cpu.LIBRARY, "_loaded", None)
 
 
 def assert_matches(name: str, got: torch.Tensor, expected: torch.Tensor, extra: torch.Tensor | float = 0.0) -> None:
@@ -253,14 +254,16 @@ def _identity_step(p: torch.Tensor, g: torch.Tensor, lr: float = 1.0) -> None:
         [None],
         [torch.zeros(p.shape)],
         [torch.tensor(0.0)],
-        lr=lr,
-        eps=0.0,
-        beta_decay=0.8,
-        Lambda=0.0,
-        momentum_beta=0.0,
-        centralize=False,
-        use_rms=False,
-        maximize=True,
+        StepHyper(
+            lr=lr,
+            eps=0.0,
+            beta_decay=0.8,
+            Lambda=0.0,
+            momentum_beta=0.0,
+            centralize=False,
+            use_rms=False,
+            maximize=True,
+        ),
     )
 
 
@@ -344,7 +347,7 @@ def test_default_engine_on_cpu_is_the_fused_one_when_it_can_run(kernel):
 
 
 def test_without_a_compiler_the_optimizer_falls_back_and_fused_true_says_why(fresh_loader, monkeypatch):
-    monkeypatch.setattr(fused_cpu, "find_compiler", lambda: None)
+    monkeypatch.setattr(_cbuild, "find_compiler", lambda: None)
     reason = fused_cpu.unavailable_reason()
     assert "no C compiler" in reason
     gen = torch.Generator().manual_seed(17)
@@ -362,14 +365,16 @@ def test_without_a_compiler_the_optimizer_falls_back_and_fused_true_says_why(fre
             [],
             [],
             [],
-            lr=0.1,
-            eps=1e-8,
-            beta_decay=0.8,
-            Lambda=0.0,
-            momentum_beta=0.0,
-            centralize=False,
-            use_rms=False,
-            maximize=False,
+            StepHyper(
+                lr=0.1,
+                eps=1e-8,
+                beta_decay=0.8,
+                Lambda=0.0,
+                momentum_beta=0.0,
+                centralize=False,
+                use_rms=False,
+                maximize=False,
+            ),
         )
 
 
@@ -392,12 +397,13 @@ def test_a_failing_compile_is_reported_with_the_compilers_message(fresh_loader, 
 
 
 def test_concurrent_builds_into_one_cache_directory_give_one_working_library(kernel, tmp_path):
-    cc, flags = fused_cpu.find_compiler(), fused_cpu._FLAG_SETS[-1]
+    cc = fused_cpu.find_compiler()
+    flags = _cbuild.FLAG_SETS[-1] + tuple(f"-D{k}={v}" for k, v in fused_cpu.DEFINES.items())
     paths, errors = [], []
 
     def build():
         try:
-            paths.append(fused_cpu._compile(cc, tmp_path, flags))
+            paths.append(_cbuild.compile_source(fused_cpu.SOURCE, cc, tmp_path, flags))
         except Exception as e:  # reported below
             errors.append(e)
 
@@ -409,10 +415,10 @@ def test_concurrent_builds_into_one_cache_directory_give_one_working_library(ker
     assert not errors, errors
     assert len(set(paths)) == 1 and paths[0].parent == tmp_path
     assert sorted(f.name for f in tmp_path.iterdir()) == [paths[0].name], "temporary files were left behind"
-    assert fused_cpu._compile(cc, tmp_path, flags) == paths[0]  # the second use is a cache hit
+    assert _cbuild.compile_source(fused_cpu.SOURCE, cc, tmp_path, flags) == paths[0]  # the second use is a cache hit
     import ctypes
 
-    assert ctypes.CDLL(str(paths[0])).fb_abi_version() == fused_cpu._ABI_VERSION
+    assert ctypes.CDLL(str(paths[0])).fb_abi_version() == fused_cpu.ABI_VERSION
 
 
 def test_an_openmp_build_that_would_bring_a_second_runtime_is_refused_for_posix_threads(
@@ -425,10 +431,10 @@ def test_an_openmp_build_that_would_bring_a_second_runtime_is_refused_for_posix_
         calls.append(None)
         return {"/torch/lib/libgomp.so.1"} | ({"/elsewhere/libomp.so"} if len(calls) % 2 == 0 else set())
 
-    monkeypatch.setattr(fused_cpu, "_openmp_runtimes", runtimes)
+    monkeypatch.setattr(_cbuild, "_openmp_runtimes", runtimes)
     assert fused_cpu.unavailable_reason() == ""
     assert fused_cpu.threading_backend() == "pthreads"
-    assert "-fopenmp" not in fused_cpu._FLAG_SETS[2]
+    assert "-fopenmp" not in _cbuild.FLAG_SETS[2]
 
 
 def test_openmp_and_posix_thread_builds_give_identical_steps(kernel, fresh_loader, monkeypatch, three_threads):
@@ -437,9 +443,9 @@ def test_openmp_and_posix_thread_builds_give_identical_steps(kernel, fresh_loade
     init = [torch.randn(s, generator=gen) for s in shapes]
     grads = make_grads(shapes, 2, gen, skip_second=False)
     runs = {}
-    for name, flag_sets in (("first choice", fused_cpu._FLAG_SETS), ("pthreads", fused_cpu._FLAG_SETS[2:])):
-        monkeypatch.setattr(fused_cpu, "_FLAG_SETS", flag_sets)
-        monkeypatch.setattr(fused_cpu, "_loaded", None)
+    for name, flag_sets in (("first choice", _cbuild.FLAG_SETS), ("pthreads", _cbuild.FLAG_SETS[2:])):
+        monkeypatch.setattr(fused_cpu.LIBRARY, "flag_sets", flag_sets)
+        monkeypatch.setattr(fused_cpu.LIBRARY, "_loaded", None)
         runs[name] = (
             fused_cpu.threading_backend(),
             run_steps(init, grads, engine=dict(fused=True), lr=0.1, use_rms=True, centralize=True),

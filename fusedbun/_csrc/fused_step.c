@@ -23,7 +23,7 @@
  * caller allocates (so every byte the step uses is visible to torch's memory profiler).
  *
  * Compiled at first use by fusedbun/engines/fused_cpu.py; the layout of fb_task and fb_hyper is mirrored
- * there with ctypes.
+ * there with ctypes and checked against fb_layout() when the build is loaded.
  */
 #include <math.h>
 #ifdef _OPENMP
@@ -34,9 +34,19 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <stddef.h>
+
 #define FB_TILE 512   /* elements per tile: the tile's fp32 temporaries stay in L1 */
 #define FB_LANES 16   /* independent partial results for the sums and maxima, so they vectorize */
-#define FB_GRAD_LIMIT 18446744073709551616.0f /* 2^64: fusedbun.adalite.GRAD_LIMIT */
+
+/* The rule's constants and the interface version come from Python (fusedbun/engines/fused_cpu.py) as
+ * compile-time definitions, so that they are written once. */
+#ifndef FB_GRAD_LIMIT
+#error "FB_GRAD_LIMIT (fusedbun.adalite.GRAD_LIMIT) must be defined by the build"
+#endif
+#ifndef FB_ABI_VERSION
+#error "FB_ABI_VERSION must be defined by the build"
+#endif
 
 enum { FB_F32 = 0, FB_BF16 = 1, FB_F16 = 2 };
 enum { FB_DENSE = 0, FB_SM3 = 1 };
@@ -521,7 +531,28 @@ int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h, float
 }
 
 /* The version of this file's interface; the loader checks it. */
-int fb_abi_version(void) { return 4; }
+int fb_abi_version(void) { return FB_ABI_VERSION; }
+
+/* The mask's upper bound as compiled; the loader checks it against fusedbun.adalite.GRAD_LIMIT. */
+float fb_grad_limit(void) { return FB_GRAD_LIMIT; }
+
+/* sizeof and the offset of every field of fb_task, then of fb_hyper, in declaration order, for the loader
+ * to compare with its ctypes mirrors. Returns how many numbers were written (at most n). */
+int64_t fb_layout(int64_t *out, int64_t n) {
+    const int64_t layout[] = {
+        sizeof(fb_task), offsetof(fb_task, p), offsetof(fb_task, g), offsetof(fb_task, m),
+        offsetof(fb_task, acc), offsetof(fb_task, rest), offsetof(fb_task, colmax), offsetof(fb_task, rows),
+        offsetof(fb_task, row_len), offsetof(fb_task, p_dtype), offsetof(fb_task, g_dtype),
+        offsetof(fb_task, m_dtype), offsetof(fb_task, kind), offsetof(fb_task, beta),
+        offsetof(fb_task, one_minus_beta), offsetof(fb_task, nonfinite),
+        sizeof(fb_hyper), offsetof(fb_hyper, neg_lr), offsetof(fb_hyper, decay), offsetof(fb_hyper, eps),
+        offsetof(fb_hyper, momentum_weight), offsetof(fb_hyper, flags), offsetof(fb_hyper, nthreads),
+    };
+    int64_t count = (int64_t)(sizeof layout / sizeof layout[0]);
+    if (count > n) count = n;
+    for (int64_t i = 0; i < count; i++) out[i] = layout[i];
+    return count;
+}
 
 /* 1 if built with OpenMP (threads from the OpenMP runtime), 0 for POSIX threads started per step. */
 int fb_uses_openmp(void) {

@@ -42,8 +42,8 @@ from torch.distributed.tensor import DTensor
 
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.distributed import all_reduce_, sharded_dims
-from fusedbun.engines.single_tensor import compute_dtype, stack_flags
-from fusedbun.hessian import dense_second_moment_, hessian_decay, masked_ema
+from fusedbun.engines.common import StepHyper, compute_dtype, stack_flags, step_decay
+from fusedbun.hessian import dense_second_moment_, masked_ema
 from fusedbun.sm3 import sm3_min, sm3_reduce_
 
 __all__ = ["dtensor_fusion"]
@@ -68,24 +68,18 @@ def dtensor_fusion(
     momentum_buffers: list[Tensor | None],
     exp_hessians: list[Tensor | list[Tensor]],
     state_steps: list[Tensor],
+    hyper: StepHyper,
     *,
-    lr: float,
-    eps: float,
-    beta_decay: float,
-    Lambda: float,
-    momentum_beta: float,
-    centralize: bool,
-    use_rms: bool,
-    maximize: bool,
     find_nonfinite: bool = False,
 ) -> Tensor | None:
-    """One step for DTensor parameters; the engine signature of :mod:`fusedbun.engines`.
+    """One step for DTensor parameters (the :class:`~fusedbun.engines.common.Engine` signature).
 
     Every rank must call it with the same parameters in the same order (as ``optimizer.step()`` on
     every rank does), because the accumulator maxima are reduced across ranks. The mask is elementwise,
     so a non-finite entry needs no agreement between ranks; with ``find_nonfinite`` the flags returned
     say what this rank's shards held (a plain tensor on the local device).
     """
+    lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
     found = []
     # Deferred accumulator maxima: (mesh, mesh dims) -> [(local accumulator, its new local maximum)].
     pending: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
@@ -95,7 +89,7 @@ def dtensor_fusion(
         if param.numel() == 0:
             found.append(torch.zeros((), dtype=torch.bool, device=param.to_local().device))
             continue  # nothing to update anywhere; the same decision on every rank (global shape)
-        beta = hessian_decay(step.item(), beta_decay=beta_decay)
+        beta = step_decay(step, beta_decay=hyper.beta_decay)
         dtype = compute_dtype(param)
         mesh = param.device_mesh
         shards = sharded_dims(param)
@@ -103,9 +97,9 @@ def dtensor_fusion(
 
         # 1-3: maximize, centralize, mask, on an fp32 (or fp64) copy of the local gradient.
         g = _local_grad(param, grad).to(dtype)
-        if maximize:
+        if hyper.maximize:
             g = -g
-        if centralize and g.dim() > 1:
+        if hyper.centralize and g.dim() > 1:
             dims = tuple(range(1, g.dim()))
             across = [i for i, d in shards.items() if d != 0]
             if not across:
@@ -136,7 +130,7 @@ def dtensor_fusion(
                     acc.copy_(a_new)  # exact locally; prev of this parameter is already computed
 
         # 5-8: normalize, momentum, decoupled weight decay, update: all elementwise on local shards.
-        u = rms_normalize(g, nu, eps=eps).to(dtype) if use_rms else g
+        u = rms_normalize(g, nu, eps=eps).to(dtype) if hyper.use_rms else g
         if momentum_beta > 0:
             u = momentum_(_local(buf), u, momentum_beta=momentum_beta).to(dtype)
         p = p_local if p_local.dtype == dtype else p_local.to(dtype)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusedbun.adalite import GRAD_LIMIT, decoupled_weight_decay_, momentum_
-from fusedbun.engines.single_tensor import compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import masked_ema
 
 __all__ = ["foreach_fusion", "BLOCK_ELEMS", "DEVICE_BLOCK_ELEMS"]
@@ -38,49 +38,36 @@ def _block_elems(t: Tensor) -> int:
     return BLOCK_ELEMS if t.device.type == "cpu" else DEVICE_BLOCK_ELEMS
 
 
-def _update_block(
-    p: Tensor,
-    g: Tensor,
-    m: Tensor | None,
-    second_moment,
-    *,
-    lr: float,
-    eps: float,
-    beta: float,
-    Lambda: float,
-    momentum_beta: float,
-    centralize: bool,
-    use_rms: bool,
-    maximize: bool,
-) -> Tensor:
+def _update_block(p: Tensor, g: Tensor, m: Tensor | None, second_moment, *, beta: float, hyper: StepHyper) -> Tensor:
     """One step on a block of rows; ``second_moment(g, mask, beta) -> nu`` updates its own state.
 
     Returns where the block's gradient holds usable numbers (``|g| < GRAD_LIMIT``), which the caller
     reduces to the per-tensor non-finite flags when asked."""
     dtype = compute_dtype(p)
+    lr, eps, momentum_beta = hyper.lr, hyper.eps, hyper.momentum_beta
     g = g.to(dtype, copy=True)
-    if maximize:
+    if hyper.maximize:
         g.neg_()
-    if centralize and g.dim() > 1:
+    if hyper.centralize and g.dim() > 1:
         g.sub_(g.mean(dim=tuple(range(1, g.dim())), keepdim=True))
     magnitude = g.abs()
     usable = torch.lt(magnitude, GRAD_LIMIT)  # False for NaN, Inf and |g| >= 2**64 (see adalite.eps_mask)
     mask = torch.gt(magnitude, eps).logical_and_(usable)
     g.masked_fill_(mask.logical_not(), 0.0)  # a select: g * mask would keep a NaN
     nu = second_moment(g, mask, beta)
-    if use_rms:
+    if hyper.use_rms:
         g.div_(nu.sqrt_().add_(eps))  # nu is a temporary of this block: reuse it as the denominator
     if momentum_beta > 0:
         g = momentum_(m, g, momentum_beta=momentum_beta).to(dtype)  # the update uses the momentum as stored
     q = p if p.dtype == dtype else p.to(dtype)
-    decoupled_weight_decay_(q, lr=lr, Lambda=Lambda)
+    decoupled_weight_decay_(q, lr=lr, Lambda=hyper.Lambda)
     q.add_(g, alpha=-lr)
     if q is not p:
         p.copy_(q)
     return usable
 
 
-def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, **hyper) -> Tensor | None:
+def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, hyper: StepHyper) -> Tensor | None:
     """Blocked step for a tensor of 2 or more dims with SM3 accumulators ``accs``; with ``find``, returns
     whether its gradient held an entry that is not a usable number (a 0-d bool tensor)."""
     usable_blocks = []
@@ -96,7 +83,7 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, **hype
         rs = slice(r0, r0 + per_block)
         acc0 = accs[0][rs]
 
-        def second_moment(gb: Tensor, mask: Tensor, beta: float) -> Tensor:
+        def second_moment(gb: Tensor, mask: Tensor, beta: float, acc0: Tensor = acc0) -> Tensor:
             prev = acc0
             for a in accs[1:]:
                 prev = torch.minimum(prev, a)
@@ -106,7 +93,7 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, **hype
                 torch.maximum(run, nu.amax(dim=dims[:k] + dims[k + 1 :], keepdim=True), out=run)
             return nu
 
-        usable = _update_block(p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, **hyper)
+        usable = _update_block(p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, hyper=hyper)
         if find:
             usable_blocks.append(usable.all())
 
@@ -115,7 +102,7 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, **hype
     return torch.stack(usable_blocks).all().logical_not() if find else None
 
 
-def _dense_flat_(params, grads, bufs, hessians, *, beta: float, find: bool, **hyper) -> list[Tensor]:
+def _dense_flat_(params, grads, bufs, hessians, *, beta: float, find: bool, hyper: StepHyper) -> list[Tensor]:
     """Step 0-D and 1-D tensors together as one flat vector per chunk of at most a block of numbers;
     with ``find``, returns per tensor whether its gradient held an entry that is not a usable number."""
     found = []
@@ -137,12 +124,12 @@ def _dense_flat_(params, grads, bufs, hessians, *, beta: float, find: bool, **hy
         v = torch.cat([hessians[i].reshape(-1) for i in idx])
         m = None if bufs[idx[0]] is None else torch.cat([bufs[i].reshape(-1) for i in idx])
 
-        def second_moment(gb: Tensor, mask: Tensor, beta: float) -> Tensor:
+        def second_moment(gb: Tensor, mask: Tensor, beta: float, v: Tensor = v) -> Tensor:
             nu = masked_ema(v, gb, mask, beta=beta)
             v.copy_(nu)
             return nu
 
-        usable = _update_block(p, g, m, second_moment, beta=beta, **hyper)
+        usable = _update_block(p, g, m, second_moment, beta=beta, hyper=hyper)
         sizes = [t.numel() for t in ps]
         if find:
             found.extend(u.all().logical_not() for u in usable.split(sizes))
@@ -159,41 +146,26 @@ def foreach_fusion(
     momentum_buffers: list[Tensor | None],
     exp_hessians: list[Tensor | list[Tensor]],
     state_steps: list[Tensor],
+    hyper: StepHyper,
     *,
-    lr: float,
-    eps: float,
-    beta_decay: float,
-    Lambda: float,
-    momentum_beta: float,
-    centralize: bool,
-    use_rms: bool,
-    maximize: bool,
     find_nonfinite: bool = False,
 ) -> Tensor | None:
     """One step over lists of tensors: 2-D and larger in cache-sized row blocks, 0-D/1-D as flat vectors.
 
-    Same arguments, rule and return value as :func:`~fusedbun.engines.single_tensor.single_tensor_fusion`.
+    The :class:`~fusedbun.engines.common.Engine` signature; the rule of
+    :func:`~fusedbun.engines.single_tensor.single_tensor_fusion`.
     """
     found: list[Tensor | None] = [None] * len(params)
     if not params:
         return stack_flags([], params) if find_nonfinite else None
-    hyper = dict(
-        lr=lr,
-        eps=eps,
-        Lambda=Lambda,
-        momentum_beta=momentum_beta,
-        centralize=centralize,
-        use_rms=use_rms,
-        maximize=maximize,
-    )
     torch._foreach_add_(state_steps, 1)
-    betas = [step_decay(s, beta_decay=beta_decay) for s in state_steps]
+    betas = [step_decay(s, beta_decay=hyper.beta_decay) for s in state_steps]
 
     flat: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if p.dim() >= 2:
             found[i] = _sm3_tensor_(
-                p, grads[i], momentum_buffers[i], exp_hessians[i], beta=betas[i], find=find_nonfinite, **hyper
+                p, grads[i], momentum_buffers[i], exp_hessians[i], beta=betas[i], find=find_nonfinite, hyper=hyper
             )
         else:
             buf = momentum_buffers[i]
@@ -203,7 +175,7 @@ def foreach_fusion(
             key = (p.device, p.dtype, grads[i].dtype, None if buf is None else buf.dtype, beta_key)
             flat.setdefault(key, []).append(i)
 
-    for key, idx in flat.items():
+    for idx in flat.values():
         flags = _dense_flat_(
             [params[i] for i in idx],
             [grads[i] for i in idx],
@@ -211,7 +183,7 @@ def foreach_fusion(
             [exp_hessians[i] for i in idx],
             beta=betas[idx[0]],
             find=find_nonfinite,
-            **hyper,
+            hyper=hyper,
         )
         for i, flag in zip(idx, flags):
             found[i] = flag

@@ -27,30 +27,25 @@ Whole-tensor PyTorch ops move several times that. This engine runs the step as o
   into one FMA (as in torch's own vector kernels) and the row mean is summed in another order; a bf16 or
   fp16 result may then differ by one unit in the last place. They do not depend on the thread count.
 
-The C file is compiled at first use with the system C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``), ``-O3`` and, where they work, ``-fopenmp`` and ``-march=native``, into a cache directory
-(``$FUSEDBUN_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusedbun`` or ``~/.cache/fusedbun``), under a name keyed
-by a hash of the source, the compiler, its flags and the CPU. It is written to a temporary name and renamed into place, so two
-processes compiling at once do not clash. Without a working compiler, :func:`unavailable_reason` says
-why and the optimizer uses the multi-tensor engine; importing :mod:`fusedbun` never compiles anything.
+The C file is compiled at first use (:mod:`fusedbun.engines._cbuild`: the compiler, the flags, the cache
+and the OpenMP runtime). The rule's constants it needs (the mask's upper bound ``GRAD_LIMIT``, the
+interface version) are handed to it as compile-time definitions from this module, and the layout of its
+structs is checked against the ctypes mirrors below when it loads, so the two sides cannot drift apart.
+Without a working compiler, :func:`unavailable_reason` says why and the optimizer uses the multi-tensor
+engine; importing :mod:`fusedbun` never compiles anything.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from fusedbun.adalite import GRAD_LIMIT
+from fusedbun.engines._cbuild import BuildError, SharedLibrary, cache_dir, find_compiler
+from fusedbun.engines.common import StepHyper
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.hessian import hessian_decay
 
@@ -62,32 +57,13 @@ __all__ = [
     "find_compiler",
     "cache_dir",
     "SOURCE",
+    "ABI_VERSION",
+    "LIBRARY",
 ]
 
 SOURCE = Path(__file__).resolve().parent.parent / "_csrc" / "fused_step.c"
-_ABI_VERSION = 4
-# -fopenmp-simd: the `omp simd` reductions vectorize even in the build without an OpenMP runtime.
-# -ffp-contract=fast: a * b + c may be one fused multiply-add, as in torch's own vectorized kernels.
-_COMMON_FLAGS = (
-    "-O3",
-    "-std=gnu11",
-    "-fPIC",
-    "-shared",
-    "-pthread",
-    "-fno-math-errno",
-    "-fno-trapping-math",
-    "-fopenmp-simd",
-    "-ffp-contract=fast",
-)
-# Tried in order; the first that compiles, loads and (for OpenMP) shares torch's OpenMP runtime is used.
-_FLAG_SETS = (
-    _COMMON_FLAGS + ("-fopenmp", "-march=native"),
-    _COMMON_FLAGS + ("-fopenmp",),
-    _COMMON_FLAGS + ("-march=native",),
-    _COMMON_FLAGS,
-)
-_OPENMP_LIBS = ("libgomp", "libomp", "libiomp")
-_COMPILE_TIMEOUT_S = 120
+ABI_VERSION = 5
+"""The version of the C interface (the structs and functions below); the build must report the same."""
 _MIN_ELEMS_PER_THREAD = 1 << 16  # below this a thread costs more to start than it saves
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -96,7 +72,7 @@ _CENTRALIZE, _USE_RMS, _MAXIMIZE = 1, 2, 4
 
 
 class _Task(ctypes.Structure):
-    """Mirrors ``fb_task`` in fused_step.c."""
+    """Mirrors ``fb_task`` in fused_step.c (checked at load by :func:`_check_build`)."""
 
     _fields_ = [
         ("p", ctypes.c_void_p),
@@ -118,7 +94,7 @@ class _Task(ctypes.Structure):
 
 
 class _Hyper(ctypes.Structure):
-    """Mirrors ``fb_hyper`` in fused_step.c."""
+    """Mirrors ``fb_hyper`` in fused_step.c (checked at load by :func:`_check_build`)."""
 
     _fields_ = [
         ("neg_lr", ctypes.c_float),
@@ -130,152 +106,57 @@ class _Hyper(ctypes.Structure):
     ]
 
 
-def find_compiler() -> str | None:
-    """The C compiler to use: ``$CC`` if set, else the first of ``cc``, ``gcc``, ``clang`` on the PATH."""
-    cc = os.environ.get("CC")
-    if cc:
-        return shutil.which(cc) or cc
-    for name in ("cc", "gcc", "clang"):
-        path = shutil.which(name)
-        if path:
-            return path
-    return None
+def _c_float(x: float) -> str:
+    """A C float literal that is exactly ``x`` (a hexadecimal literal: no decimal rounding)."""
+    return f"{float(x).hex()}f"
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels are kept: ``$FUSEDBUN_CACHE_DIR``, else a per-user cache directory."""
-    explicit = os.environ.get("FUSEDBUN_CACHE_DIR")
-    if explicit:
-        return Path(explicit)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "fusedbun"
+DEFINES = {"FB_ABI_VERSION": str(ABI_VERSION), "FB_GRAD_LIMIT": _c_float(GRAD_LIMIT)}
+"""The compile-time definitions: the interface version and the constants of the rule, from Python."""
 
 
-def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the CPU model and its feature flags, where the OS tells them."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            lines = [line.strip() for line in f if line.startswith(("model name", "flags", "Features", "CPU part"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
+def struct_layout(struct: type[ctypes.Structure]) -> list[int]:
+    """``[sizeof, offset of each field...]`` of a ctypes struct, in the order :c:func:`fb_layout` reports."""
+    return [ctypes.sizeof(struct)] + [getattr(struct, name).offset for name, _ in struct._fields_]
 
 
-@functools.cache
-def _compiler_identity(cc: str) -> str:
-    try:
-        out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30)
-        return f"{os.path.realpath(cc)}\n{out.stdout}"
-    except (OSError, subprocess.SubprocessError) as e:
-        raise _BuildError(f"the C compiler {cc!r} does not run: {e}") from None
+def built_layout(lib: ctypes.CDLL) -> tuple[list[int], list[int]]:
+    """The layouts of ``fb_task`` and ``fb_hyper`` as the build sees them (``sizeof`` and offsets)."""
+    n_task, n_hyper = len(_Task._fields_) + 1, len(_Hyper._fields_) + 1
+    out = (ctypes.c_int64 * (n_task + n_hyper))()
+    lib.fb_layout.argtypes = [ctypes.POINTER(ctypes.c_int64), ctypes.c_int64]
+    lib.fb_layout.restype = ctypes.c_int64
+    written = lib.fb_layout(out, n_task + n_hyper)
+    if written != n_task + n_hyper:
+        raise BuildError(f"fb_layout reported {written} numbers, expected {n_task + n_hyper}")
+    return list(out[:n_task]), list(out[n_task:])
 
 
-class _BuildError(Exception):
-    pass
-
-
-def _compile(cc: str, directory: Path, flags: tuple[str, ...]) -> Path:
-    """Compile SOURCE with ``flags`` into ``directory``, or return the cached build: its name is a hash of
-    the source, the compiler, the flags and the CPU. Raises ``_BuildError`` with the compiler's message."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join(
-            [
-                source,
-                _compiler_identity(cc).encode(),
-                " ".join(flags).encode(),
-                platform.machine().encode(),
-                _cpu_identity().encode(),
-            ]
+def _check_build(lib: ctypes.CDLL) -> None:
+    """Refuse a build whose interface version, struct layouts or constants differ from this module's."""
+    if lib.fb_abi_version() != ABI_VERSION:
+        raise BuildError(f"the build has interface version {lib.fb_abi_version()}, expected {ABI_VERSION}")
+    task, hyper = built_layout(lib)
+    if task != struct_layout(_Task) or hyper != struct_layout(_Hyper):
+        raise BuildError(
+            f"the C structs differ from their ctypes mirrors: fb_task {task} vs {struct_layout(_Task)}, "
+            f"fb_hyper {hyper} vs {struct_layout(_Hyper)} (sizeof, then offsets)"
         )
-    ).hexdigest()[:20]
-    target = directory / f"fused_step-{key}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fused_step-", suffix=".so.tmp", dir=directory)
-    os.close(fd)
-    cmd = [cc, *flags, str(SOURCE), "-o", tmp, "-lm"]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
-        if out.returncode != 0:
-            raise _BuildError(f"$ {' '.join(cmd)}\n{(out.stderr or out.stdout).strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same bytes
-        return target
-    except (OSError, subprocess.SubprocessError) as e:
-        raise _BuildError(f"$ {' '.join(cmd)}\n{e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _openmp_runtimes() -> set[str] | None:
-    """Files of OpenMP runtimes mapped into this process, or ``None`` where the OS does not say."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            paths = {line.split(None, 5)[-1].strip() for line in f if line.count(" ") >= 5}
-    except OSError:
-        return None
-    return {p for p in paths if os.path.basename(p).startswith(_OPENMP_LIBS)}
-
-
-_lock = threading.Lock()
-_loaded: tuple[ctypes.CDLL | None, str, Path | None] | None = None  # (library, reason, path), once tried
-
-
-def _load_build(cc: str, flags: tuple[str, ...]) -> tuple[ctypes.CDLL, Path]:
-    try:
-        path = _compile(cc, cache_dir(), flags)
-    except OSError:  # the cache directory is not writable: a per-user temporary one
-        user = os.getuid() if hasattr(os, "getuid") else "user"
-        path = _compile(cc, Path(tempfile.gettempdir()) / f"fusedbun-{user}", flags)
-    before = _openmp_runtimes() if "-fopenmp" in flags else None
-    if "-fopenmp" in flags and before is None:
-        raise _BuildError("cannot check which OpenMP runtime an OpenMP build would use here")
-    lib = ctypes.CDLL(str(path))
-    if "-fopenmp" in flags:
-        # Two OpenMP runtimes in one process fight over the cores; the build must bind to torch's.
-        added = _openmp_runtimes() - before
-        if added or not before:
-            raise _BuildError(
-                f"the OpenMP build does not share torch's OpenMP runtime ({sorted(before)}): it loaded {sorted(added)}"
-            )
-    if lib.fb_abi_version() != _ABI_VERSION:
-        raise _BuildError(f"{path} has interface version {lib.fb_abi_version()}, expected {_ABI_VERSION}")
+    lib.fb_grad_limit.restype = ctypes.c_float
+    if lib.fb_grad_limit() != GRAD_LIMIT:
+        raise BuildError(f"the build's GRAD_LIMIT is {lib.fb_grad_limit()}, expected {GRAD_LIMIT}")
     lib.fb_fused_step.argtypes = [ctypes.POINTER(_Task), ctypes.c_int64, ctypes.POINTER(_Hyper), ctypes.c_void_p]
     lib.fb_fused_step.restype = ctypes.c_int
-    return lib, path
 
 
-def _load() -> tuple[ctypes.CDLL | None, str, Path | None]:
-    """Compile (or find in the cache) and load the kernel, once per process: the first flag set of
-    ``_FLAG_SETS`` that compiles and loads wins."""
-    global _loaded
-    with _lock:
-        if _loaded is not None:
-            return _loaded
-        cc = find_compiler()
-        if cc is None:
-            _loaded = (None, "no C compiler found (set $CC, or install cc, gcc or clang)", None)
-            return _loaded
-        errors = []
-        for flags in _FLAG_SETS:
-            try:
-                lib, path = _load_build(cc, flags)
-            except (_BuildError, OSError) as e:
-                errors.append(str(e))
-                continue
-            _loaded = (lib, "", path)
-            return _loaded
-        _loaded = (None, "compiling the fused CPU kernel failed:\n" + "\n".join(errors), None)
-        return _loaded
+LIBRARY = SharedLibrary(SOURCE, defines=DEFINES, check=_check_build)
+"""The kernel, compiled at first use (:class:`fusedbun.engines._cbuild.SharedLibrary`)."""
 
 
 def threading_backend() -> str:
     """How the kernel runs on several threads: ``"openmp"`` (torch's own OpenMP runtime) or ``"pthreads"``;
     ``""`` when the engine cannot run."""
-    lib = _load()[0]
+    lib = LIBRARY.load()[0]
     return "" if lib is None else ("openmp" if lib.fb_uses_openmp() else "pthreads")
 
 
@@ -284,12 +165,12 @@ def unavailable_reason() -> str:
 
     The first call compiles the kernel (about a second) unless a cached build exists.
     """
-    return _load()[1]
+    return LIBRARY.load()[1]
 
 
 def library_path() -> Path | None:
     """The compiled kernel's path, or ``None`` when the engine cannot run."""
-    return _load()[2]
+    return LIBRARY.load()[2]
 
 
 def _fusable(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
@@ -317,37 +198,22 @@ def fused_fusion(
     momentum_buffers: list[Tensor | None],
     exp_hessians: list[Tensor | list[Tensor]],
     state_steps: list[Tensor],
+    hyper: StepHyper,
     *,
-    lr: float,
-    eps: float,
-    beta_decay: float,
-    Lambda: float,
-    momentum_beta: float,
-    centralize: bool,
-    use_rms: bool,
-    maximize: bool,
     find_nonfinite: bool = False,
 ) -> Tensor | None:
-    """One FusionOptimizer step over lists of CPU tensors (the engine signature of :mod:`fusedbun.engines`).
+    """One FusionOptimizer step over lists of CPU tensors (the :class:`~fusedbun.engines.common.Engine`
+    signature).
 
     The kernel masks gradient entries that are not usable numbers in its one pass and flags their tasks,
     so ``find_nonfinite`` costs nothing extra."""
-    lib, reason, _ = _load()
+    lib, reason, _ = LIBRARY.load()
     if lib is None:
         raise RuntimeError(f"the fused CPU engine cannot run: {reason}")
     found = torch.zeros(len(params), dtype=torch.bool) if find_nonfinite else None
     if not params:
         return found
-    lr = float(lr)
-    hyper = dict(
-        lr=lr,
-        eps=eps,
-        Lambda=Lambda,
-        momentum_beta=momentum_beta,
-        centralize=centralize,
-        use_rms=use_rms,
-        maximize=maximize,
-    )
+    lr, momentum_beta = float(hyper.lr), hyper.momentum_beta
     fused, other = [], []
     for i, p in enumerate(params):
         if momentum_beta > 0 and momentum_buffers[i] is None:
@@ -357,9 +223,8 @@ def fused_fusion(
     if other:
         flags = foreach_fusion(
             *([seq[i] for i in other] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)),
-            beta_decay=beta_decay,
+            hyper,
             find_nonfinite=find_nonfinite,
-            **hyper,
         )
         if find_nonfinite:
             found[other] = flags
@@ -378,7 +243,7 @@ def fused_fusion(
         if p.numel() == 0:
             continue  # nothing to update; accumulators cover nothing (as in the reference)
         m = momentum_buffers[i] if momentum_beta > 0 else None
-        beta = hessian_decay(step.item(), beta_decay=beta_decay)
+        beta = hessian_decay(step.item(), beta_decay=hyper.beta_decay)
         if p.dim() <= 1:
             kind, rows, row_len = _DENSE, p.numel(), 1
             acc, rest_ptr = exp_hessians[i].data_ptr(), None
@@ -422,19 +287,22 @@ def fused_fusion(
     if n == 0:
         return found
 
-    flags = (_CENTRALIZE if centralize else 0) | (_USE_RMS if use_rms else 0) | (_MAXIMIZE if maximize else 0)
+    flags = (_CENTRALIZE if hyper.centralize else 0) | (_USE_RMS if hyper.use_rms else 0)
+    flags |= _MAXIMIZE if hyper.maximize else 0
     nthreads = max(1, min(torch.get_num_threads(), total // _MIN_ELEMS_PER_THREAD))
     h = _Hyper(
         neg_lr=-lr,
-        decay=1.0 - lr * Lambda,
-        eps=eps,
+        decay=1.0 - lr * hyper.Lambda,
+        eps=hyper.eps,
         momentum_weight=1.0 - momentum_beta,
         flags=flags,
         nthreads=nthreads,
     )
     # Per-thread column maxima, O(threads * sum of row lengths); allocated here so torch accounts for it.
     scratch = torch.empty(max(1, nthreads * cols), dtype=torch.float32)
-    lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
+    used = lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
+    if not 1 <= used <= nthreads:
+        raise RuntimeError(f"the fused CPU kernel reports {used} threads for {n} tasks on {nthreads} threads")
     # The kernel wrote through raw pointers; tell autograd, as torch's in-place ops do, so that a tensor
     # saved for backward and then stepped is reported instead of silently used.
     written = [params[i] for i in fused]

@@ -31,62 +31,18 @@ is first used, so :mod:`fusedbun` imports on machines without it.
 
 from __future__ import annotations
 
-import struct
-from collections import OrderedDict
 from contextlib import nullcontext
 from functools import cache
 
 import torch
 from torch import Tensor
 
+from fusedbun.engines.common import StepHyper
 from fusedbun.engines.foreach import foreach_fusion
+from fusedbun.engines.triton_plan import CONFIG, KernelConfig, step_plan  # noqa: F401 (re-exported)
 from fusedbun.hessian import hessian_decay
 
 __all__ = ["fused_fusion", "unavailable_reason", "KernelConfig", "CONFIG"]
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_NDIM = 6  # must match triton_kernels.MAX_NDIM (kept here so that this module imports without Triton)
-_MAX_PLANS = 16
-
-
-class KernelConfig:
-    """Tile shape of the kernel: a program owns ``rows_per_tile`` rows by ``block_cols`` columns and walks
-    them ``elems_per_iter // block_cols`` rows at a time; 0-D and 1-D tensors are cut into rows of
-    ``dense_cols`` numbers. ``prefetch`` issues the next rows' loads before working on the current ones.
-
-    The defaults were the fastest of a sweep on an H100 (``benchmarks/gpu_step.py --sweep``): with 128
-    columns a warp holds whole rows, so a row's maximum needs no exchange between warps, and with the
-    next rows' loads in flight while a block is worked on, the kernel keeps the memory busy."""
-
-    def __init__(
-        self,
-        *,
-        rows_per_tile=256,
-        block_cols=128,
-        elems_per_iter=2048,
-        dense_cols=1024,
-        num_warps=4,
-        prefetch=True,
-        direct_launch=True,
-    ):
-        self.rows_per_tile = rows_per_tile
-        self.block_cols = block_cols
-        self.elems_per_iter = elems_per_iter
-        self.dense_cols = dense_cols
-        self.num_warps = num_warps
-        self.prefetch = prefetch
-        # After a plan's first launch, launch the compiled kernel it keeps directly, past Triton's dispatch
-        # (which re-derives the kernel from the arguments every time); any error falls back to the dispatch.
-        self.direct_launch = direct_launch
-
-    def as_dict(self) -> dict:
-        return dict(vars(self))
-
-    def key(self) -> tuple:
-        return tuple(sorted(vars(self).items()))
-
-
-CONFIG = KernelConfig()
 
 
 @cache
@@ -106,283 +62,6 @@ def unavailable_reason() -> str:
     return _triton_import_error()
 
 
-def _f32_bits(x: float) -> int:
-    """The bit pattern of ``x`` rounded to float32, as a non-negative int (for an int64 table slot)."""
-    return struct.unpack("<I", struct.pack("<f", x))[0]
-
-
-def _kernel_takes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
-    if p.dtype not in _KERNEL_DTYPES or g.dtype not in _KERNEL_DTYPES or p.dim() > _MAX_NDIM:
-        return False
-    if m is not None and (m.dtype not in _KERNEL_DTYPES or not m.is_contiguous() or m.device != p.device):
-        return False
-    if g.device != p.device or not (p.is_contiguous() and g.is_contiguous()):
-        return False
-    accs = (hess,) if isinstance(hess, Tensor) else hess
-    return all(a.is_contiguous() and a.dtype == torch.float32 and a.device == p.device for a in accs)
-
-
-def _block_cols(n_cols: int, cap: int) -> int:
-    """Columns per block: the smallest of 16, 64 and ``cap`` that covers a row, else ``cap`` (few sizes, so
-    few kernel variants to compile)."""
-    for bc in sorted({16, 64, cap}):
-        if n_cols <= bc:
-            return bc
-    return cap
-
-
-class _Offsets:
-    """Element offsets of tensors of one dtype from a base tensor, and whether all are 16-byte aligned."""
-
-    def __init__(self, base: Tensor):
-        self.base = base
-        self.address = base.data_ptr()
-        self.size = base.element_size()
-        self.aligned = True
-
-    def __call__(self, t: Tensor) -> int:
-        delta = t.data_ptr() - self.address
-        if delta % self.size:  # cannot happen for tensors of one dtype, which are aligned to their size
-            raise RuntimeError("fused cuda engine: a tensor is not aligned to its element size")
-        self.aligned &= t.data_ptr() % 16 == 0
-        return delta // self.size
-
-    def shift(self) -> int:
-        """log2 of the elements in 16 bytes when every tensor seen is 16-byte aligned, else 0."""
-        return (16 // self.size).bit_length() - 1 if self.aligned else 0
-
-
-class _Plan:
-    """What one launch needs that does not change from step to step, for one list of tensors: the tables
-    on the device, and the buffers for the new accumulators (zeroed between steps) and the row means.
-
-    A plan keeps no reference to the tensors themselves: the table holds element offsets from the first
-    tensor of each kind, and each launch passes the current first tensors as the bases.
-    """
-
-    def __init__(self, items, positions, flags, *, ndim: int, bc: int, centralize: bool, config: KernelConfig):
-        from fusedbun.engines import triton_kernels as tk
-
-        p0, g0, m0, h0 = items[0]
-        device = p0.device
-        dense = ndim == 1
-        self.ndim, self.bc, self.centralize = ndim, bc, centralize and not dense
-        self.br = max(1, config.elems_per_iter // bc)
-        self.rows_per_tile = max(config.rows_per_tile, self.br)
-        self.num_warps, self.prefetch, self.direct_launch = config.num_warps, config.prefetch, config.direct_launch
-        self.compiled: dict[tuple, object] = {}
-        self.has_momentum = m0 is not None
-        self.flags = flags  # int32, one per tensor of the step's list; the kernel sets a tensor's at its position
-        self.new_accs = self.means = None
-        if not dense:
-            self.new_accs = torch.zeros(
-                sum(a.numel() for item in items for a in item[3]), dtype=torch.float32, device=device
-            )
-        if self.centralize:
-            self.means = torch.empty(sum(item[0].shape[0] for item in items), dtype=torch.float32, device=device)
-
-        p_off, g_off, f_off = _Offsets(p0), _Offsets(g0), _Offsets(h0 if dense else h0[0])
-        m_off = _Offsets(m0) if self.has_momentum else None
-        cols_aligned = True
-        table: list[int] = []
-        grid_rows, grid_cols = [], []
-        self.copy_src, self.mean_jobs = [], []
-        acc_pos = mean_pos = 0
-        for (p, g, m, hess), position in zip(items, positions):
-            row = [0] * tk.META_WIDTH
-            row[tk.P], row[tk.G], row[tk.FLAG] = p_off(p), g_off(g), position
-            if self.has_momentum:
-                row[tk.M] = m_off(m)
-            if dense:
-                rows, cols = -(-p.numel() // bc), bc
-                cols_aligned &= p.numel() % 16 == 0
-                row[tk.ACC0_OLD] = f_off(hess)
-            else:
-                rows, cols = p.shape[0], p.numel() // p.shape[0]
-                cols_aligned &= cols % 16 == 0
-                sizes = [a.numel() for a in hess]
-                views = self.new_accs[acc_pos : acc_pos + sum(sizes)].split(sizes)
-                row[tk.ACC0_OLD], row[tk.ACC0_NEW] = f_off(hess[0]), acc_pos
-                stride, pos = cols, acc_pos + sizes[0]
-                for k in range(1, p.dim()):
-                    stride //= p.shape[k]
-                    base = tk.DIM_BASE + tk.DIM_SLOTS * (k - 1)
-                    row[base : base + 4] = [p.shape[k], stride, f_off(hess[k]), pos]
-                    pos += sizes[k]
-                acc_pos += sum(sizes)
-                self.copy_src.extend(v.view_as(a) for v, a in zip(views, hess))
-                if self.centralize:
-                    row[tk.MEAN] = f_off(self.means[mean_pos:])
-                    self.mean_jobs.append((rows, cols, self.means[mean_pos : mean_pos + rows]))
-                    mean_pos += rows
-            row[tk.ROWS], row[tk.COLS], row[tk.NUMEL] = rows, cols, p.numel()
-            table.extend(row)
-            grid_rows.append(-(-rows // self.rows_per_tile))
-            grid_cols.append(-(-cols // bc))
-        pinned = device.type == "cuda"
-        self.meta = _to_device(torch.tensor(table, dtype=torch.int64, pin_memory=pinned), device)
-        self.meta = self.meta.view(len(items), tk.META_WIDTH)
-        self.tiles = _to_device(_tile_table(grid_rows, grid_cols, pinned), device)
-        self.grid = (sum(r * c for r, c in zip(grid_rows, grid_cols)), 1, 1)
-        self.shifts = dict(
-            P_SHIFT=p_off.shift() if cols_aligned else 0,
-            G_SHIFT=g_off.shift() if cols_aligned else 0,
-            M_SHIFT=m_off.shift() if self.has_momentum and cols_aligned else 0,
-            V_SHIFT=f_off.shift() if dense and cols_aligned else 0,
-            COLS_SHIFT=4 if cols_aligned else 0,
-        )
-
-    def set_betas(self, betas: list[float] | None, device_betas: tuple[Tensor, Tensor] | None, index: list[int]):
-        """Per-tensor decays into the table: from host floats (one small copy) or from device tensors."""
-        from fusedbun.engines import triton_kernels as tk
-
-        if betas is not None:
-            bits = [[_f32_bits(b), _f32_bits(1.0 - b)] for b in betas]
-            src = torch.tensor(bits, dtype=torch.int64, pin_memory=self.meta.is_cuda)
-            self.meta[:, tk.BETA : tk.BETA + 2].copy_(src, non_blocking=True)
-        else:
-            at = _to_device(torch.tensor(index, pin_memory=self.meta.is_cuda), self.meta.device)
-            self.meta[:, tk.BETA] = device_betas[0][at].view(torch.int32).to(torch.int64)
-            self.meta[:, tk.ONE_MINUS_BETA] = device_betas[1][at].view(torch.int32).to(torch.int64)
-
-    def launch(self, p0, g0, m0, h0, grads, hessians, *, beta: float | None, hyper: dict) -> None:
-        """One step of the plan's tensors; ``p0, g0, m0, h0`` are the current first tensors (the bases of
-        the offsets), ``grads`` and ``hessians`` the current lists (for the row means and the copy back)."""
-        for (rows, cols, out), g in zip(self.mean_jobs, grads):
-            torch.mean(g.view(rows, cols), dim=1, dtype=torch.float32, out=out)
-        f32_base = h0 if self.ndim == 1 else h0[0]
-        lr = float(hyper["lr"])
-        args = (
-            self.tiles,
-            self.meta,
-            p0,
-            g0,
-            m0 if self.has_momentum else p0,
-            f32_base,
-            (f32_base if self.new_accs is None else self.new_accs).view(torch.int32),
-            self.flags,
-            lr,
-            1.0 - lr * hyper["Lambda"],
-            hyper["eps"],
-            1.0 - hyper["momentum_beta"],
-            0.0 if beta is None else beta,
-            0.0 if beta is None else 1.0 - beta,
-        )
-        variant = (hyper["maximize"], hyper["use_rms"], beta is None)
-        compiled = self.compiled.get(variant) if self.direct_launch else None
-        if compiled is not None:
-            try:  # the launcher takes every argument in signature order, constexprs included (Triton 3.x)
-                compiled[0][self.grid](*args, *compiled[1])
-                return self._copy_back(hessians)
-            except (TypeError, IndexError, AttributeError, KeyError):  # another Triton's launcher: use the dispatch
-                self.direct_launch = False
-        tk = _kernels()
-        constexprs = dict(
-            NDIM=self.ndim,
-            HAS_MOMENTUM=self.has_momentum,
-            CENTRALIZE=self.centralize,
-            MAXIMIZE=hyper["maximize"],
-            USE_RMS=hyper["use_rms"],
-            ROWS_PER_TILE=self.rows_per_tile,
-            BR=self.br,
-            BC=self.bc,
-            PREFETCH=self.prefetch,
-            PER_TENSOR_BETA=beta is None,
-            **self.shifts,
-        )
-        compiled = tk.fusion_step_kernel[self.grid](*args, **constexprs, num_warps=self.num_warps)
-        names = tk.fusion_step_kernel.arg_names
-        self.compiled[variant] = (compiled, tuple(constexprs[n] for n in names[len(args) :]))
-        self._copy_back(hessians)
-
-    def _copy_back(self, hessians) -> None:
-        if self.new_accs is not None:  # the new maxima over the accumulators; zero for the next step
-            torch._foreach_copy_([a for h in hessians for a in h], self.copy_src)
-            self.new_accs.zero_()
-
-
-def _kernels():
-    """:mod:`fusedbun.engines.triton_kernels`, imported on first use (it imports Triton)."""
-    from fusedbun.engines import triton_kernels
-
-    return triton_kernels
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    return t.to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
-def _tile_table(grid_rows: list[int], grid_cols: list[int], pinned: bool) -> Tensor:
-    """(tensor, row block, column block) for every program of a launch."""
-    entries = []
-    for t, (nr, nc) in enumerate(zip(grid_rows, grid_cols)):
-        for rb in range(nr):
-            for cb in range(nc):
-                entries.extend((t, rb, cb))
-    return torch.tensor(entries, dtype=torch.int32, pin_memory=pinned)
-
-
-class _StepPlan:
-    """For one list of tensors: which of them the multi-tensor engine steps, and the kernel launches for
-    the others (a plan, and the positions of its tensors in the list)."""
-
-    def __init__(self, params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig):
-        takes = [_kernel_takes(p, g, m, h) for p, g, m, h in zip(params, grads, momentum_buffers, exp_hessians)]
-        self.fallback = [i for i, ok in enumerate(takes) if not ok]
-        self.kernel_positions = [i for i, ok in enumerate(takes) if ok]
-        groups: dict[tuple, list[int]] = {}
-        for i in self.kernel_positions:
-            p, g, m = params[i], grads[i], momentum_buffers[i]
-            if p.numel() == 0:
-                continue  # nothing to update; its accumulators cover nothing (as in the reference)
-            if p.dim() <= 1:
-                ndim, bc = 1, config.dense_cols
-            else:
-                ndim, bc = p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
-            key = (p.device, p.dtype, g.dtype, None if m is None else m.dtype, bc, ndim)
-            groups.setdefault(key, []).append(i)
-        self.launches = []
-        # Per device, one flag per tensor of the list (the kernel sets those of its tensors; zeroed per step).
-        devices = dict.fromkeys(p.device for p in params)
-        self.flags = {d: torch.zeros(len(params), dtype=torch.int32, device=d) for d in devices}
-        for (device, *_, bc, ndim), idx in groups.items():
-            items = [(params[i], grads[i], momentum_buffers[i], exp_hessians[i]) for i in idx]
-            plan = _Plan(items, idx, self.flags[device], ndim=ndim, bc=bc, centralize=centralize, config=config)
-            self.launches.append((plan, idx))
-
-
-_STEP_PLANS: OrderedDict = OrderedDict()
-
-
-def _step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig) -> _StepPlan:
-    """The cached plan of these tensors, or a new one. The key holds every address, shape, dtype and
-    layout fact the plan depends on, so a plan is reused only for tensors laid out as when it was built
-    (gradients freed and reallocated at the same addresses reuse it)."""
-    # Built with map() and one tuple per fact: this runs before every launch, and the device idles meanwhile.
-    data_ptr = Tensor.data_ptr
-    key = (
-        config.key(),
-        centralize,
-        tuple(map(data_ptr, params)),  # addresses imply devices
-        tuple(p.shape for p in params),
-        tuple(p.dtype for p in params),
-        tuple(map(data_ptr, grads)),
-        tuple(g.dtype for g in grads),
-        tuple(map(Tensor.is_contiguous, grads)),
-        tuple(0 if m is None else (m.data_ptr(), m.dtype) for m in momentum_buffers),
-        tuple(h.data_ptr() if isinstance(h, Tensor) else tuple(map(data_ptr, h)) for h in exp_hessians),
-    )
-    plan = _STEP_PLANS.get(key)
-    if plan is None:
-        plan = _StepPlan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=config)
-        _STEP_PLANS[key] = plan
-        while len(_STEP_PLANS) > _MAX_PLANS:
-            _STEP_PLANS.popitem(last=False)
-    else:
-        _STEP_PLANS.move_to_end(key)
-    return plan
-
-
 @torch.compiler.disable
 def fused_fusion(
     params: list[Tensor],
@@ -390,44 +69,30 @@ def fused_fusion(
     momentum_buffers: list[Tensor | None],
     exp_hessians: list[Tensor | list[Tensor]],
     state_steps: list[Tensor],
+    hyper: StepHyper,
     *,
-    lr: float,
-    eps: float,
-    beta_decay: float,
-    Lambda: float,
-    momentum_beta: float,
-    centralize: bool,
-    use_rms: bool,
-    maximize: bool,
     find_nonfinite: bool = False,
 ) -> Tensor | None:
-    """One step of the rule over lists of CUDA tensors (the engine signature; see :mod:`fusedbun.engines`).
+    """One step of the rule over lists of CUDA tensors (the :class:`~fusedbun.engines.common.Engine`
+    signature). Under Triton's interpreter (``TRITON_INTERPRET=1``) it also steps CPU tensors, which is how
+    the kernel is tested on machines without a GPU.
 
     The flags of ``find_nonfinite`` are the kernel's own (on the device): asking for them costs a few tiny
     copies, no extra read of the gradients and no sync."""
     if not params:
         return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
-    hyper = dict(
-        lr=lr,
-        eps=eps,
-        Lambda=Lambda,
-        momentum_beta=momentum_beta,
-        centralize=centralize,
-        use_rms=use_rms,
-        maximize=maximize,
-    )
-    if momentum_beta <= 0:
+    beta_decay = hyper.beta_decay
+    if hyper.momentum_beta <= 0:
         momentum_buffers = [None] * len(params)
-    plan = _step_plan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=CONFIG)
+    plan = step_plan(params, grads, momentum_buffers, exp_hessians, centralize=hyper.centralize, config=CONFIG)
     for flags in plan.flags.values():
         flags.zero_()
     if plan.fallback:
         lists = (params, grads, momentum_buffers, exp_hessians, state_steps)
         found = foreach_fusion(
             *([seq[i] for i in plan.fallback] for seq in lists),
-            beta_decay=beta_decay,
+            hyper,
             find_nonfinite=find_nonfinite,
-            **hyper,
         )
         if find_nonfinite:
             for i, flag in zip(plan.fallback, found.unbind()):
@@ -439,7 +104,7 @@ def fused_fusion(
     elif steps:  # counts on a device: incremented and turned into beta_t there (fp64, rounded to fp32)
         torch._foreach_add_(steps, 1)
         dev = params[plan.kernel_positions[0]].device
-        b = 1.0 - torch.stack([s.to(dev, torch.float64) for s in state_steps]).pow(-beta_decay)
+        b = hessian_decay(torch.stack([s.to(dev) for s in state_steps]), beta_decay=beta_decay)
         device_betas = (b.float(), (1.0 - b).float())
     for launch, idx in plan.launches:
         beta = None

@@ -23,11 +23,11 @@ from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
-from fusedbun.engines.single_tensor import compute_dtype
-from fusedbun.hessian import hessian_decay, masked_ema
+from fusedbun.engines.common import StepHyper, compute_dtype, stack_flags, step_decay
+from fusedbun.hessian import masked_ema
 from fusedbun.sm3 import sm3_min
 
-__all__ = ["sparse_fusion_"]
+__all__ = ["sparse_fusion"]
 
 
 def _present_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
@@ -40,34 +40,47 @@ def _present_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return grad.indices()[0], grad.values()
 
 
-def sparse_fusion_(
+def sparse_fusion(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    exp_hessians: list[Tensor | list[Tensor]],
+    state_steps: list[Tensor],
+    hyper: StepHyper,
+    *,
+    find_nonfinite: bool = False,
+) -> Tensor | None:
+    """One lazy step for each parameter whose gradient is sparse along dim 0 (the
+    :class:`~fusedbun.engines.common.Engine` signature; the flags say whether the mask dropped a present
+    entry for not being a usable number)."""
+    found = []
+    for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
+        flag = _sparse_step_(param, grad, buf, hess, step, hyper, find_nonfinite=find_nonfinite)
+        if find_nonfinite:
+            found.append(flag)
+    return stack_flags(found, params) if find_nonfinite else None
+
+
+def _sparse_step_(
     param: Tensor,
     grad: Tensor,
     momentum_buffer: Tensor | None,
     exp_hessian: Tensor | list[Tensor],
     step: Tensor,
+    hyper: StepHyper,
     *,
-    lr: float,
-    eps: float,
-    beta_decay: float,
-    Lambda: float,
-    momentum_beta: float,
-    centralize: bool,
-    use_rms: bool,
-    maximize: bool,
-    find_nonfinite: bool = False,
+    find_nonfinite: bool,
 ) -> Tensor | None:
-    """One lazy step for a parameter whose gradient is sparse along dim 0; with ``find_nonfinite``,
-    returns whether the mask dropped a present entry for not being a usable number (a 0-d bool tensor)."""
+    lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
     rows, values = _present_rows(grad)
     step += 1
-    beta = hessian_decay(step.item(), beta_decay=beta_decay)
+    beta = step_decay(step, beta_decay=hyper.beta_decay)
     dtype = compute_dtype(param)
 
     g = values.to(dtype)
-    if maximize:
+    if hyper.maximize:
         g = -g
-    if centralize and param.dim() > 1:
+    if hyper.centralize and param.dim() > 1:
         g = centralize_grad(g)  # per row: local to the present rows
     found = nonfinite_entries(g).any() if find_nonfinite else None
     g, mask = eps_mask(g, eps=eps)
@@ -89,7 +102,7 @@ def sparse_fusion_(
             present = nu.amax(dim=dims[:k] + dims[k + 1 :], keepdim=True)
             acc[k].copy_(torch.maximum(present, torch.minimum(acc[k], carried)))
 
-    u = rms_normalize(g, nu, eps=eps).to(dtype) if use_rms else g
+    u = rms_normalize(g, nu, eps=eps).to(dtype) if hyper.use_rms else g
     if momentum_beta > 0:
         m = momentum_(momentum_buffer[rows], u, momentum_beta=momentum_beta)  # a gathered copy of the rows
         momentum_buffer[rows] = m

@@ -5,12 +5,13 @@ Imported only by :mod:`fusedbun.engines.fused_cuda` once Triton is known to be i
 
 One launch steps many tensors of one dtype combination and rank class. The host passes two tables:
 
-- ``meta``: one row of ``META_WIDTH`` int64 per tensor (layout below): where the parameter, gradient,
-  momentum, row means and accumulators are, the sizes, and ``beta_t`` and ``1 - beta_t`` as fp32 bit
-  patterns (step counts may differ per tensor, so the decay does too). A location is an element offset
-  from a base pointer of the same dtype passed as a kernel argument: Triton knows a pointer argument's
-  alignment, and keeps it through ``base + offset`` when the offset is known to be a multiple of 16 bytes,
-  so loads and stores are 16 bytes wide. (An address read from memory and cast to a pointer loses that.)
+- ``meta``: one row of ``META_WIDTH`` int64 per tensor (its layout is in
+  :mod:`fusedbun.engines.triton_plan`): where the parameter, gradient, momentum, row means and
+  accumulators are, the sizes, and ``beta_t`` and ``1 - beta_t`` as fp32 bit patterns (step counts may
+  differ per tensor, so the decay does too). A location is an element offset from a base pointer of the
+  same dtype passed as a kernel argument: Triton knows a pointer argument's alignment, and keeps it
+  through ``base + offset`` when the offset is known to be a multiple of 16 bytes, so loads and stores
+  are 16 bytes wide. (An address read from memory and cast to a pointer loses that.)
 - ``tiles``: one row of 3 int32 per program: (tensor, row block, column block).
 
 A tensor of ``d >= 2`` dims is viewed as ``(n0, C)``, ``C`` the product of its other dims. A program owns
@@ -41,18 +42,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Layout of a row of the meta table (int64 slots). Locations are element offsets from the base pointers.
-P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG = range(12)
-DIM_BASE = 12  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
-DIM_SLOTS = 4
-MAX_NDIM = 6
-META_WIDTH = DIM_BASE + DIM_SLOTS * (MAX_NDIM - 1)
+from fusedbun.adalite import GRAD_LIMIT
+from fusedbun.engines.triton_plan import (
+    ACC0_NEW,
+    ACC0_OLD,
+    BETA,
+    COLS,
+    DIM_BASE,
+    DIM_SLOTS,
+    FLAG,
+    MEAN,
+    META_WIDTH,
+    NUMEL,
+    ONE_MINUS_BETA,
+    ROWS,
+    G,
+    M,
+    P,
+)
 
-# The same numbers as constexpr globals, which is how a Triton kernel may read module constants.
+# The layout of a row of the meta table (fusedbun.engines.triton_plan, which fills it) and the mask's upper
+# bound (fusedbun.adalite.GRAD_LIMIT), as constexpr globals: how a Triton kernel may read module constants.
 _P, _G, _M, _MEAN, _ROWS, _COLS, _NUMEL = (tl.constexpr(v) for v in (P, G, M, MEAN, ROWS, COLS, NUMEL))
 _BETA, _ONE_MINUS_BETA, _ACC0_OLD, _ACC0_NEW, _FLAG = (
     tl.constexpr(v) for v in (BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG)
 )
+_GRAD_LIMIT = tl.constexpr(GRAD_LIMIT)
 _DIM_BASE, _DIM_SLOTS, _META_WIDTH = tl.constexpr(DIM_BASE), tl.constexpr(DIM_SLOTS), tl.constexpr(META_WIDTH)
 
 
@@ -252,7 +267,7 @@ def fusion_step_kernel(
         if MAXIMIZE:
             g = -g
         magnitude = tl.abs(g)
-        usable = magnitude < 18446744073709551616.0  # 2**64 (fusedbun.adalite.GRAD_LIMIT); False for NaN
+        usable = magnitude < _GRAD_LIMIT  # False for NaN
         bad_acc = tl.maximum(bad_acc, tl.where(usable, 0, 1))
         keep = (magnitude > eps) & usable
         g = tl.where(keep, g, 0.0)

@@ -1,0 +1,103 @@
+"""What every engine shares: the hyperparameters of a step as one object, the engine signature, and the
+small helpers each engine would otherwise write again (the arithmetic dtype, the decay of a step count,
+the per-tensor non-finite flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from fusedbun.hessian import hessian_decay
+
+__all__ = ["StepHyper", "Engine", "compute_dtype", "step_decay", "stack_flags", "is_dtensor"]
+
+
+@dataclass(frozen=True)
+class StepHyper:
+    """The hyperparameters of one step of one param group, as the engines receive them.
+
+    The names are the constructor's (see :class:`fusedbun.FusionOptimizer`); ``lr`` is a float, or a
+    0-d tensor under ``torch.compile``.
+    """
+
+    lr: float | Tensor
+    eps: float
+    beta_decay: float
+    Lambda: float
+    momentum_beta: float
+    centralize: bool
+    use_rms: bool
+    maximize: bool
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any], **override: Any) -> StepHyper:
+        """The step's hyperparameters from a param group (``override`` replaces entries, e.g. ``lr``)."""
+        values = {name: group[name] for name in cls.__dataclass_fields__}
+        values.update(override)
+        return cls(**values)
+
+
+class Engine(Protocol):
+    """One FusionOptimizer step over parallel lists of tensors.
+
+    ``momentum_buffers[i]`` is ``None`` when ``momentum_beta == 0``; ``exp_hessians[i]`` is a tensor shaped
+    like ``params[i]`` (0-D, 1-D) or its list of SM3 accumulators; ``state_steps[i]`` is a float32 0-d
+    tensor, incremented by the engine. With ``find_nonfinite``, returns a 1-D bool tensor, one entry per
+    tensor, on the first tensor's device (on the CPU for an empty list): did the mask drop an entry of its
+    gradient for being NaN, Inf or too large to square in fp32? Otherwise ``None``.
+    """
+
+    def __call__(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        momentum_buffers: list[Tensor | None],
+        exp_hessians: list[Tensor | list[Tensor]],
+        state_steps: list[Tensor],
+        hyper: StepHyper,
+        *,
+        find_nonfinite: bool = False,
+    ) -> Tensor | None: ...
+
+
+def compute_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of a step's arithmetic: fp64 for fp64 parameters, fp32 for every other float dtype."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def step_decay(step: Tensor, *, beta_decay: float) -> float | Tensor:
+    r""":math:`\beta_t` (:func:`fusedbun.hessian_decay`) for a step count held in a 0-d tensor.
+
+    Eagerly a Python float (the count is a CPU tensor, so reading it costs no device sync). Under
+    ``torch.compile`` a 0-d fp64 tensor computed from the count: ``.item()`` would break the graph, and a
+    Python float that changes every step would make the compiled step recompile every step.
+    """
+    if torch.compiler.is_compiling():
+        return hessian_decay(step, beta_decay=beta_decay)
+    return hessian_decay(step.item(), beta_decay=beta_decay)
+
+
+def stack_flags(flags: list[Tensor], params: list[Tensor]) -> Tensor:
+    """Per-tensor 0-d bool flags as one 1-D tensor on the first tensor's device (empty lists included)."""
+    device = params[0].device if params else torch.device("cpu")
+    if not flags:
+        return torch.zeros(0, dtype=torch.bool, device=device)
+    return torch.stack([f.to(device) for f in flags])
+
+
+_DTENSOR: type | tuple | None = None  # DTensor, or () where torch has none; looked up on first use
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Is ``t`` a DTensor (a parameter sharded by FSDP2 or tensor parallelism)?"""
+    global _DTENSOR
+    if _DTENSOR is None:  # this runs for every tensor of every step: import once, not per call
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:  # a torch built without distributed support has no DTensors
+            DTensor = ()
+        _DTENSOR = DTensor
+    return isinstance(t, _DTENSOR)
