@@ -98,6 +98,45 @@ def _dim_index(row, cols, k: tl.constexpr, NDIM: tl.constexpr):
 
 
 @triton.jit
+def _bits_to_bf16_rne(u):
+    """fp32 bit patterns (uint32) to bf16 bit patterns (uint32 holding 16 bits), rounded to nearest even;
+    NaN stays a quiet NaN. The same integer arithmetic as the C kernel's f32_to_bf16 (and bit for bit what
+    the hardware's conversion gives): written out, so that Triton's CPU interpreter, whose own float
+    conversions truncate, computes what the GPU computes."""
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded)
+
+
+@triton.jit
+def _bits_to_f16_rne(u):
+    """fp32 bit patterns (uint32) to fp16 bit patterns (uint32 holding 16 bits), rounded to nearest even,
+    as the C kernel's f32_to_f16: NaN stays NaN, beyond the largest finite value gives Inf, subnormals are
+    rounded by the fp32 adder."""
+    sign = (u >> 16) & 0x8000
+    a = u & 0x7FFFFFFF
+    normal = (a + 0xFFF + ((a >> 13) & 1) - 0x38000000) >> 13
+    # Below 2**-14: adding 0.5 makes the fp32 adder round (to nearest even) at 2**-24.
+    shifted = (a.to(tl.float32, bitcast=True) + 0.5).to(tl.uint32, bitcast=True) - 0x3F000000
+    out = tl.where(a < 0x38800000, shifted, normal)
+    out = tl.where(a >= 0x477FF000, 0x7C00, out)
+    out = tl.where(a > 0x7F800000, 0x7E00, out)
+    return sign | out
+
+
+@triton.jit
+def _round_to(x, ty: tl.constexpr):
+    """``x`` (fp32) rounded to nearest even into ``ty`` (fp32, bf16 or fp16)."""
+    if ty == tl.float32:
+        return x
+    u = x.to(tl.uint32, bitcast=True)
+    if ty == tl.bfloat16:
+        bits = _bits_to_bf16_rne(u)
+    else:
+        bits = _bits_to_f16_rne(u)
+    return bits.to(tl.uint16).to(ty, bitcast=True)
+
+
+@triton.jit
 def _load_block(
     r0,
     row_end,
@@ -294,12 +333,12 @@ def fusion_step_kernel(
             # torch.lerp's two-sided formula, so the fp32 result matches the reference's m.lerp_(u, w).
             diff = u - m
             m = tl.where(momentum_weight < 0.5, m + momentum_weight * diff, u - diff * (1.0 - momentum_weight))
-            m_stored = m.to(m_ptr.dtype.element_ty)
+            m_stored = _round_to(m, m_ptr.dtype.element_ty)
             tl.store(m_ptr + offs, m_stored, mask=ok)
             u = m_stored.to(tl.float32)  # the update uses the momentum as stored
         p = p.to(tl.float32) * decay
         p = p + (-lr) * u
-        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=ok)
+        tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=ok)
 
     bad = tl.max(tl.max(bad_acc, axis=1), axis=0)
     tl.store(flags + tl.load(row + _FLAG), bad, mask=bad > 0)
