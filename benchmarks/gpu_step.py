@@ -48,7 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusedbun import FusionOptimizer  # noqa: E402
-from fusedbun.engines import StepHyper, fused_cuda, select_engine, triton_plan  # noqa: E402
+from fusedbun.engines import StepHyper, StepTensors, fused_cuda, select_engine, triton_plan  # noqa: E402
 
 N_LAYERS, ROWS, COLS = 24, 4096, 8192
 DEV = "cuda"
@@ -170,7 +170,7 @@ def fusion_engine_step(opt: FusionOptimizer):
     engine = select_engine("cuda", foreach=group["foreach"], fused=group["fused"])
 
     def step():
-        engine(params, grads, bufs, hess, steps, hyper)
+        engine(StepTensors(params, grads, bufs, hess, steps), hyper)
 
     return step
 

@@ -44,7 +44,7 @@ import torch
 
 import fusedbun
 from fusedbun import FusionOptimizer
-from fusedbun.engines import StepHyper, fused_cpu
+from fusedbun.engines import StepHyper, StepTensors, fused_cpu
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_speed.json"
 WIDTH = 1024
@@ -149,7 +149,7 @@ def diagnostic_runs(shapes) -> list[dict]:
         [opt.state[p]["step"] for p in params],
     )
     hyper = StepHyper.from_group(group)
-    engine = _Call(lambda: fused_cpu.fused_fusion(*lists, hyper))
+    engine = _Call(lambda: fused_cpu.fused_fusion(StepTensors(*lists), hyper))
     check = _Call(lambda: torch._foreach_norm(lists[1], 2))
     return [
         dict(

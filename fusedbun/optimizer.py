@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
-from fusedbun.engines.common import StepHyper, is_dtensor
+from fusedbun.engines.common import StepHyper, StepTensors, is_dtensor
 from fusedbun.engines.dispatch import step_tensors
 from fusedbun.nonfinite import MODES as _NONFINITE_MODES
 from fusedbun.nonfinite import NonfiniteReports, finite_gradients
@@ -284,11 +284,7 @@ class FusionOptimizer(Optimizer):
             # Under torch.compile a tensor lr stays a tensor: .item() would break the graph.
             hyper = StepHyper.from_group(group, lr=lr.item() if isinstance(lr, Tensor) and not compiling else lr)
             found = step_tensors(
-                params,
-                grads,
-                momentum_buffers,
-                exp_hessians,
-                steps,
+                StepTensors(params, grads, momentum_buffers, exp_hessians, steps),
                 hyper,
                 foreach=group["foreach"],
                 fused=group["fused"],
@@ -435,11 +431,7 @@ def fusion(
         maximize=maximize,
     )
     pairs = step_tensors(
-        params,
-        grads,
-        momentum_buffers,
-        exp_hessians,
-        state_steps,
+        StepTensors(params, grads, momentum_buffers, exp_hessians, state_steps),
         hyper,
         foreach=foreach,
         fused=fused,

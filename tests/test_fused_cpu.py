@@ -22,7 +22,7 @@ import torch
 import fusedbun
 from fusedbun import FusionOptimizer
 from fusedbun.engines import _cbuild, fused_cpu, select_engine
-from fusedbun.engines.common import StepHyper
+from fusedbun.engines.common import StepHyper, StepTensors
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -249,11 +249,7 @@ def _identity_step(p: torch.Tensor, g: torch.Tensor, lr: float = 1.0) -> None:
     so only zeros, NaN, Inf and |g| >= 2**64 are masked): the kernel's load of g's dtype and store to p's
     dtype, with fp32 in between."""
     fused_cpu.fused_fusion(
-        [p],
-        [g],
-        [None],
-        [torch.zeros(p.shape)],
-        [torch.tensor(0.0)],
+        StepTensors([p], [g], [None], [torch.zeros(p.shape)], [torch.tensor(0.0)]),
         StepHyper(
             lr=lr,
             eps=0.0,
@@ -315,9 +311,9 @@ def test_fp64_and_non_contiguous_tensors_go_to_the_foreach_engine_with_the_same_
     seen = []
     real = fused_cpu.foreach_fusion
 
-    def spy(params, *args, **kwargs):
-        seen.extend((p.dtype, p.is_contiguous()) for p in params)
-        return real(params, *args, **kwargs)
+    def spy(tensors, *args, **kwargs):
+        seen.extend((p.dtype, p.is_contiguous()) for p in tensors.params)
+        return real(tensors, *args, **kwargs)
 
     monkeypatch.setattr(fused_cpu, "foreach_fusion", spy)
     hyper = dict(lr=0.05, eps=0.2, use_rms=True, centralize=True)
@@ -360,11 +356,7 @@ def test_without_a_compiler_the_optimizer_falls_back_and_fused_true_says_why(fre
         run_steps(init, grads, engine=dict(fused=True), lr=0.1)
     with pytest.raises(RuntimeError, match="no C compiler"):
         fused_cpu.fused_fusion(
-            [],
-            [],
-            [],
-            [],
-            [],
+            StepTensors([], [], [], [], []),
             StepHyper(
                 lr=0.1,
                 eps=1e-8,

@@ -17,7 +17,7 @@ import torch
 
 from fusedbun import FusionOptimizer
 from fusedbun.engines import fused_cuda, select_engine
-from fusedbun.engines.common import StepHyper
+from fusedbun.engines.common import StepHyper, StepTensors
 from fusedbun.engines.single_tensor import single_tensor_fusion
 from fusedbun.optimizer import fusion
 from fusedbun.sm3 import sm3_accumulators
@@ -263,7 +263,7 @@ def test_gradients_of_another_dtype_and_per_tensor_step_counts(dtype, grad_dtype
         steps_at=[0.0, 7.0, 2.0, 40.0],
     )
     ref, fused = clone_inputs(inputs), clone_inputs(inputs)
-    single_tensor_fusion(*ref, StepHyper(**HYPER_ALL))
+    single_tensor_fusion(StepTensors(*ref), StepHyper(**HYPER_ALL))
     fusion(*fused, **HYPER_ALL, fused=True)
     assert_inputs_close(ref, fused)
 

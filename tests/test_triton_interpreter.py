@@ -163,9 +163,9 @@ def test_interpreted_kernel_takes_per_tensor_step_counts_and_reports_flags():
     )
     ref, tri = inputs(), inputs()
     fusion(*ref, **hyper, foreach=False)
-    from fusedbun.engines.common import StepHyper
+    from fusedbun.engines.common import StepHyper, StepTensors
 
-    flags = fused_cuda.fused_fusion(*tri, StepHyper(**hyper), find_nonfinite=True)
+    flags = fused_cuda.fused_fusion(StepTensors(*tri), StepHyper(**hyper), find_nonfinite=True)
     assert flags.tolist() == [False, True, False, False]
     for a, b in zip([ref[0], *ref[2:4]], [tri[0], *tri[2:4]]):  # parameters, momenta, second moments
         for x, y in zip(a, b):

@@ -1,7 +1,8 @@
 """Engines: interchangeable implementations of one FusionOptimizer step over lists of tensors.
 
-Every engine has the signature of :class:`~fusedbun.engines.common.Engine` (parallel lists of tensors and
-one :class:`~fusedbun.engines.common.StepHyper`) and computes the same rule (see
+Every engine has the signature of :class:`~fusedbun.engines.common.Engine`: the step's tensors
+(:class:`~fusedbun.engines.common.StepTensors`) and its hyperparameters
+(:class:`~fusedbun.engines.common.StepHyper`) and computes the same rule (see
 :class:`fusedbun.FusionOptimizer`):
 
 - :mod:`~fusedbun.engines.single_tensor`: a plain loop over tensors built from the component functions;
@@ -21,7 +22,7 @@ component modules (:mod:`fusedbun.adalite`, :mod:`fusedbun.sm3`, :mod:`fusedbun.
 
 from __future__ import annotations
 
-from fusedbun.engines.common import Engine, StepHyper, is_dtensor
+from fusedbun.engines.common import Engine, StepHyper, StepTensors, is_dtensor
 from fusedbun.engines.dispatch import select_engine, step_tensors
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.engines.single_tensor import single_tensor_fusion
@@ -29,6 +30,7 @@ from fusedbun.engines.single_tensor import single_tensor_fusion
 __all__ = [
     "Engine",
     "StepHyper",
+    "StepTensors",
     "select_engine",
     "step_tensors",
     "is_dtensor",

@@ -5,14 +5,14 @@ the per-tensor non-finite flags)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from fusedbun.hessian import hessian_decay
 
-__all__ = ["StepHyper", "Engine", "compute_dtype", "step_decay", "stack_flags", "is_dtensor"]
+__all__ = ["StepHyper", "StepTensors", "Engine", "compute_dtype", "step_decay", "stack_flags", "is_dtensor"]
 
 
 @dataclass(frozen=True)
@@ -40,27 +40,34 @@ class StepHyper:
         return cls(**values)
 
 
-class Engine(Protocol):
-    """One FusionOptimizer step over parallel lists of tensors.
+class StepTensors(NamedTuple):
+    """The tensors of one step, as parallel lists (position ``i`` of each list belongs to ``params[i]``).
 
     ``momentum_buffers[i]`` is ``None`` when ``momentum_beta == 0``; ``exp_hessians[i]`` is a tensor shaped
     like ``params[i]`` (0-D, 1-D) or its list of SM3 accumulators; ``state_steps[i]`` is a float32 0-d
-    tensor, incremented by the engine. With ``find_nonfinite``, returns a 1-D bool tensor, one entry per
-    tensor, on the first tensor's device (on the CPU for an empty list): did the mask drop an entry of its
-    gradient for being NaN, Inf or too large to square in fp32? Otherwise ``None``.
+    tensor, which the engine increments.
     """
 
-    def __call__(
-        self,
-        params: list[Tensor],
-        grads: list[Tensor],
-        momentum_buffers: list[Tensor | None],
-        exp_hessians: list[Tensor | list[Tensor]],
-        state_steps: list[Tensor],
-        hyper: StepHyper,
-        *,
-        find_nonfinite: bool = False,
-    ) -> Tensor | None: ...
+    params: list[Tensor]
+    grads: list[Tensor]
+    momentum_buffers: list[Tensor | None]
+    exp_hessians: list[Tensor | list[Tensor]]
+    state_steps: list[Tensor]
+
+    def select(self, positions: list[int]) -> StepTensors:
+        """The tensors at ``positions``, in that order."""
+        return StepTensors(*([seq[i] for i in positions] for seq in self))
+
+
+class Engine(Protocol):
+    """One FusionOptimizer step over the tensors of one param group.
+
+    With ``find_nonfinite``, returns a 1-D bool tensor, one entry per tensor, on the first tensor's device
+    (on the CPU for an empty list): did the mask drop an entry of its gradient for being NaN, Inf or too
+    large to square in fp32? Otherwise ``None``.
+    """
+
+    def __call__(self, tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None: ...
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusedbun.engines.common import Engine, StepHyper, is_dtensor
+from fusedbun.engines.common import Engine, StepHyper, StepTensors, is_dtensor
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.engines.single_tensor import single_tensor_fusion
 
@@ -53,18 +53,9 @@ def select_engine(device_type: str, *, distributed: bool = False, foreach: bool 
 
 
 def step_tensors(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    hyper: StepHyper,
-    *,
-    foreach: bool | None,
-    fused: bool | None,
-    find_nonfinite: bool,
+    tensors: StepTensors, hyper: StepHyper, *, foreach: bool | None, fused: bool | None, find_nonfinite: bool
 ) -> list[tuple[list[int], Tensor]]:
-    """One step of ``hyper``'s rule over the lists, each tensor on the engine that fits it.
+    """One step of ``hyper``'s rule over ``tensors``, each tensor on the engine that fits it.
 
     Returns the engines' non-finite flags as they come, ``(positions, 1-D bool tensor)`` pairs, one per
     engine call (none without ``find_nonfinite``), so that callers pass them on without splitting them into
@@ -76,20 +67,19 @@ def step_tensors(
         # it give up on the step); the multi-tensor engine it traces, and fuses by itself.
         foreach = True
     groups: dict[tuple[str, str], list[int]] = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
+    for i, (p, g) in enumerate(zip(tensors.params, tensors.grads)):
         if g.is_sparse:
             key = ("sparse", "")
         else:  # p.is_cuda first: reading p.device builds a new object, for every tensor of every step
             key = ("dtensor" if is_dtensor(p) else "dense", "cuda" if p.is_cuda else p.device.type)
         groups.setdefault(key, []).append(i)
-    lists = (params, grads, momentum_buffers, exp_hessians, state_steps)
     for (kind, device_type), idx in groups.items():
         if kind == "sparse":
             from fusedbun.engines.sparse import sparse_fusion as engine
         else:
             engine = select_engine(device_type, distributed=kind == "dtensor", foreach=foreach, fused=fused)
-        chosen = lists if len(idx) == len(params) else [[seq[i] for i in idx] for seq in lists]
-        flags = engine(*chosen, hyper, find_nonfinite=find_nonfinite)
+        chosen = tensors if len(idx) == len(tensors.params) else tensors.select(idx)
+        flags = engine(chosen, hyper, find_nonfinite=find_nonfinite)
         if find_nonfinite:
             found.append((idx, flags))
     return found

@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.distributed import all_reduce_, sharded_dims
-from fusedbun.engines.common import StepHyper, compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import dense_second_moment_, masked_ema
 from fusedbun.sm3 import sm3_min, sm3_reduce_
 
@@ -62,16 +62,7 @@ def _local_grad(param: DTensor, grad: Tensor) -> Tensor:
     return grad.to_local()
 
 
-def dtensor_fusion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    hyper: StepHyper,
-    *,
-    find_nonfinite: bool = False,
-) -> Tensor | None:
+def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One step for DTensor parameters (the :class:`~fusedbun.engines.common.Engine` signature).
 
     Every rank must call it with the same parameters in the same order (as ``optimizer.step()`` on
@@ -79,6 +70,7 @@ def dtensor_fusion(
     so a non-finite entry needs no agreement between ranks; with ``find_nonfinite`` the flags returned
     say what this rank's shards held (a plain tensor on the local device).
     """
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
     lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
     found = []
     # Deferred accumulator maxima: (mesh, mesh dims) -> [(local accumulator, its new local maximum)].

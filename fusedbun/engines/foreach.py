@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusedbun.adalite import GRAD_LIMIT, decoupled_weight_decay_, momentum_
-from fusedbun.engines.common import StepHyper, compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import masked_ema
 
 __all__ = ["foreach_fusion", "BLOCK_ELEMS", "DEVICE_BLOCK_ELEMS"]
@@ -140,21 +140,13 @@ def _dense_flat_(params, grads, bufs, hessians, *, beta: float, find: bool, hype
     return found
 
 
-def foreach_fusion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    hyper: StepHyper,
-    *,
-    find_nonfinite: bool = False,
-) -> Tensor | None:
+def foreach_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One step over lists of tensors: 2-D and larger in cache-sized row blocks, 0-D/1-D as flat vectors.
 
     The :class:`~fusedbun.engines.common.Engine` signature; the rule of
     :func:`~fusedbun.engines.single_tensor.single_tensor_fusion`.
     """
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
     found: list[Tensor | None] = [None] * len(params)
     if not params:
         return stack_flags([], params) if find_nonfinite else None

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from fusedbun.adalite import GRAD_LIMIT
 from fusedbun.engines._cbuild import BuildError, SharedLibrary, cache_dir, find_compiler
-from fusedbun.engines.common import StepHyper
+from fusedbun.engines.common import StepHyper, StepTensors
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.hessian import hessian_decay
 
@@ -192,21 +192,13 @@ def _fusable(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
     return True
 
 
-def fused_fusion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    hyper: StepHyper,
-    *,
-    find_nonfinite: bool = False,
-) -> Tensor | None:
+def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One FusionOptimizer step over lists of CPU tensors (the :class:`~fusedbun.engines.common.Engine`
     signature).
 
     The kernel masks gradient entries that are not usable numbers in its one pass and flags their tasks,
     so ``find_nonfinite`` costs nothing extra."""
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
     lib, reason, _ = LIBRARY.load()
     if lib is None:
         raise RuntimeError(f"the fused CPU engine cannot run: {reason}")
@@ -221,11 +213,7 @@ def fused_fusion(
         m = momentum_buffers[i] if momentum_beta > 0 else None
         (fused if _fusable(p, grads[i], m, exp_hessians[i]) else other).append(i)
     if other:
-        flags = foreach_fusion(
-            *([seq[i] for i in other] for seq in (params, grads, momentum_buffers, exp_hessians, state_steps)),
-            hyper,
-            find_nonfinite=find_nonfinite,
-        )
+        flags = foreach_fusion(tensors.select(other), hyper, find_nonfinite=find_nonfinite)
         if find_nonfinite:
             found[other] = flags
     if not fused:

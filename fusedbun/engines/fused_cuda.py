@@ -37,7 +37,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from fusedbun.engines.common import StepHyper
+from fusedbun.engines.common import StepHyper, StepTensors
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.engines.triton_plan import CONFIG, KernelConfig, step_plan  # noqa: F401 (re-exported)
 from fusedbun.hessian import hessian_decay
@@ -63,22 +63,14 @@ def unavailable_reason() -> str:
 
 
 @torch.compiler.disable
-def fused_fusion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    hyper: StepHyper,
-    *,
-    find_nonfinite: bool = False,
-) -> Tensor | None:
+def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One step of the rule over lists of CUDA tensors (the :class:`~fusedbun.engines.common.Engine`
     signature). Under Triton's interpreter (``TRITON_INTERPRET=1``) it also steps CPU tensors, which is how
     the kernel is tested on machines without a GPU.
 
     The flags of ``find_nonfinite`` are the kernel's own (on the device): asking for them costs a few tiny
     copies, no extra read of the gradients and no sync."""
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
     if not params:
         return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
     beta_decay = hyper.beta_decay
@@ -88,12 +80,8 @@ def fused_fusion(
     for flags in plan.flags.values():
         flags.zero_()
     if plan.fallback:
-        lists = (params, grads, momentum_buffers, exp_hessians, state_steps)
-        found = foreach_fusion(
-            *([seq[i] for i in plan.fallback] for seq in lists),
-            hyper,
-            find_nonfinite=find_nonfinite,
-        )
+        lists = StepTensors(params, grads, momentum_buffers, exp_hessians, state_steps)
+        found = foreach_fusion(lists.select(plan.fallback), hyper, find_nonfinite=find_nonfinite)
         if find_nonfinite:
             for i, flag in zip(plan.fallback, found.unbind()):
                 plan.flags[params[i].device][i] = flag

@@ -10,25 +10,17 @@ from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
-from fusedbun.engines.common import StepHyper, compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import dense_second_moment_
 from fusedbun.sm3 import sm3_second_moment_
 
 __all__ = ["single_tensor_fusion"]
 
 
-def single_tensor_fusion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    hyper: StepHyper,
-    *,
-    find_nonfinite: bool = False,
-) -> Tensor | None:
+def single_tensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One step of the rule for each tensor in turn, composed from the component functions (the
     :class:`~fusedbun.engines.common.Engine` signature)."""
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
     lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
     found = []
     for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
-from fusedbun.engines.common import StepHyper, compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import masked_ema
 from fusedbun.sm3 import sm3_min
 
@@ -40,19 +40,11 @@ def _present_rows(grad: Tensor) -> tuple[Tensor, Tensor]:
     return grad.indices()[0], grad.values()
 
 
-def sparse_fusion(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    exp_hessians: list[Tensor | list[Tensor]],
-    state_steps: list[Tensor],
-    hyper: StepHyper,
-    *,
-    find_nonfinite: bool = False,
-) -> Tensor | None:
+def sparse_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One lazy step for each parameter whose gradient is sparse along dim 0 (the
     :class:`~fusedbun.engines.common.Engine` signature; the flags say whether the mask dropped a present
     entry for not being a usable number)."""
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
     found = []
     for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
         flag = _sparse_step_(param, grad, buf, hess, step, hyper, find_nonfinite=find_nonfinite)

@@ -147,14 +147,13 @@ def _load_block(
     g_ptr,
     m_ptr,
     p_ptr,
-    v_ptr,
-    acc0_old,
+    prev_ptr,
     NDIM: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr,
     BR: tl.constexpr,
 ):
-    """Load the block of rows r0 .. r0 + BR: g, m, p as stored, and the previous second moment (the dense
-    v for NDIM == 1, else the rows' a0)."""
+    """Load the block of rows r0 .. r0 + BR: g, m, p as stored, and the previous second moment from
+    ``prev_ptr`` (the dense v for NDIM == 1, else the rows' a0)."""
     rows = r0 + tl.arange(0, BR)
     row_ok = rows < row_end
     offs = rows[:, None] * n_cols + cols[None, :]
@@ -168,9 +167,9 @@ def _load_block(
         m = g
     p = tl.load(p_ptr + offs, mask=ok, other=0.0)
     if NDIM == 1:
-        a = tl.load(v_ptr + offs, mask=ok, other=0.0)
+        a = tl.load(prev_ptr + offs, mask=ok, other=0.0)
     else:
-        a = tl.load(acc0_old + rows, mask=row_ok, other=float("inf"))
+        a = tl.load(prev_ptr + rows, mask=row_ok, other=float("inf"))
     return g, m, p, a
 
 
@@ -228,11 +227,11 @@ def fusion_step_kernel(
     if NDIM == 1:
         v_ptr = f32_base + _offset(row, _ACC0_OLD, V_SHIFT)
         numel = _offset(row, _NUMEL, COLS_SHIFT)  # for a dense tensor COLS_SHIFT says how numel divides
-        acc0_old = v_ptr  # unused
+        prev_ptr = v_ptr
     else:
         v_ptr = f32_base  # unused
         numel = 0  # unused
-        acc0_old = f32_base + _offset(row, _ACC0_OLD, 0)
+        prev_ptr = f32_base + _offset(row, _ACC0_OLD, 0)  # the old a0
         acc0_new = i32_base + _offset(row, _ACC0_NEW, 0)
         # The column side of prev: min over k >= 1 of a_k at each column's index along dim k.
         col_prev = tl.full([BC], float("inf"), tl.float32)
@@ -253,20 +252,7 @@ def fusion_step_kernel(
     row_end = tl.minimum(row_start + ROWS_PER_TILE, n_rows)
     if PREFETCH:  # the first block's loads; each iteration then issues the next block's before its own work
         g_n, m_n, p_n, a_n = _load_block(
-            row_start,
-            row_end,
-            cols,
-            col_ok,
-            n_cols,
-            numel,
-            g_ptr,
-            m_ptr,
-            p_ptr,
-            v_ptr,
-            acc0_old,
-            NDIM,
-            HAS_MOMENTUM,
-            BR,
+            row_start, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, prev_ptr, NDIM, HAS_MOMENTUM, BR
         )
     for r0 in range(row_start, row_end, BR):
         rows = r0 + tl.arange(0, BR)
@@ -280,24 +266,11 @@ def fusion_step_kernel(
         if PREFETCH:
             g, m, p, a = g_n, m_n, p_n, a_n
             g_n, m_n, p_n, a_n = _load_block(
-                r0 + BR,
-                row_end,
-                cols,
-                col_ok,
-                n_cols,
-                numel,
-                g_ptr,
-                m_ptr,
-                p_ptr,
-                v_ptr,
-                acc0_old,
-                NDIM,
-                HAS_MOMENTUM,
-                BR,
+                r0 + BR, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, prev_ptr, NDIM, HAS_MOMENTUM, BR
             )
         else:
             g, m, p, a = _load_block(
-                r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, v_ptr, acc0_old, NDIM, HAS_MOMENTUM, BR
+                r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, prev_ptr, NDIM, HAS_MOMENTUM, BR
             )
 
         g = g.to(tl.float32)
