@@ -1,6 +1,7 @@
 r"""What a step does with gradients that hold NaN, Inf or numbers too large to square in fp32.
 
-The SPEC leaves the choice open as long as the state is never silently corrupted. Three modes, set per
+The algorithm contract (the book's page "The algorithm contract") asks only that the state is never
+silently corrupted; this module makes the choice. Three modes, set per
 param group with ``nonfinite=``:
 
 - ``"mask"`` (default): such an entry is masked like an entry at or below ``eps`` (see

@@ -1,7 +1,7 @@
-"""A plain float64 re-derivation of one FusionOptimizer step, written from SPEC.md ("One step") alone.
+"""A plain float64 re-derivation of one FusionOptimizer step, written from the algorithm contract (book/contract.md) ("One step") alone.
 
 Nothing here imports or mirrors the package: it is the oracle the specification tests compare against.
-Every line below names the SPEC rule it implements.
+Every line below names the contract's rule it implements.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def beta_t(t: int, beta_decay: float) -> float:
 
 
 def accumulator_shape(shape: Sequence[int], k: int) -> list[int]:
-    """SPEC's a_k: ``[1, ..., shape[k], ..., 1]``."""
+    """the contract's a_k: ``[1, ..., shape[k], ..., 1]``."""
     return [n if i == k else 1 for i, n in enumerate(shape)]
 
 
@@ -78,7 +78,7 @@ def reference_step(
     use_rms: bool = False,
     maximize: bool = False,
 ) -> RefStep:
-    """One step of SPEC "One step, for one parameter p with dense gradient g, at step t", in float64."""
+    """One step of the contract's "One step, for one parameter p with dense gradient g, at step t", in float64."""
     p = param.detach().to(F64).clone()
     g = grad.detach().to(F64).clone()
     if g.is_sparse:

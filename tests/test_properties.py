@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis) over shapes, dtypes, gradient magnitudes and hyperparameters.
 
-Each property is a consequence of the rule in SPEC.md that must hold for every input, not only for the
+Each property is a consequence of the algorithm contract (book/contract.md) that must hold for every input, not only for the
 hand-picked ones of ``test_spec.py``:
 
 - finite inputs never give non-finite parameters or state (gradients from 1e-30 to 1e18, fp16's range);

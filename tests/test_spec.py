@@ -1,9 +1,9 @@
-"""Specification tests for ``fusedbun.FusionOptimizer``, written from the algorithm contract (SPEC.md) alone.
+"""Specification tests for ``fusedbun.FusionOptimizer``, written from the algorithm contract (book/contract.md) alone.
 
 Each test's name states the property of the contract it checks; each body checks it on fresh random inputs,
 seeded per test (from the test id). The float64 oracle is ``spec_reference.reference_step``.
 
-Reading of SPEC used where it is terse (the places an implementer may want to check first):
+Reading of the contract used where it is terse (the places an implementer may want to check first):
 - The momentum buffer is zeros before the first step (the EMA form of rule 6, like Adam's first moment),
   so the first step moves by ``(1 - momentum_beta) * u``.
 - "fp32 arithmetic" for bf16/fp16 parameters is checked as: the new parameter is the float64 result of
@@ -76,7 +76,7 @@ def make_grad(shape, gen: torch.Generator, eps: float, scale: float = 1.0) -> to
     """A float64 gradient whose entries include exact zeros, tiny values (|g| < eps) and, when eps is exactly
     representable in every parameter dtype, |g| == eps exactly, so the mask of rule 3 matters (its strict
     ``>`` included). (For an eps such as 0.3, fp32(0.3) > 0.3: whether such a g is masked would depend on the
-    precision of the comparison, which SPEC does not pin down, so those boundary entries are not drawn.)"""
+    precision of the comparison, which the contract does not pin down, so those boundary entries are not drawn.)"""
     g = torch.randn(shape, generator=gen, dtype=F64) * scale
     r = torch.rand(shape, generator=gen, dtype=F64)
     tiny = (torch.rand(shape, generator=gen, dtype=F64) * 2 - 1) * eps * 0.9
@@ -114,7 +114,7 @@ def hessian_of(opt, p):
     if p.dim() <= 1:
         assert isinstance(h, torch.Tensor), f"exp_hessian of a {p.dim()}-D param must be a tensor, got {type(h)}"
         assert tuple(h.shape) == tuple(p.shape), f"exp_hessian shape {tuple(h.shape)} != param shape {tuple(p.shape)}"
-        assert h.dtype == torch.float32, f"exp_hessian dtype {h.dtype}, SPEC keeps accumulators in fp32"
+        assert h.dtype == torch.float32, f"exp_hessian dtype {h.dtype}, the contract keeps accumulators in fp32"
         return h
     assert isinstance(h, (list, tuple)), f"exp_hessian of a {p.dim()}-D param must be a list of a_k, got {type(h)}"
     assert len(h) == p.dim(), f"{len(h)} accumulators for a {p.dim()}-D param"
@@ -122,7 +122,7 @@ def hessian_of(opt, p):
         assert list(a.shape) == accumulator_shape(p.shape, k), (
             f"a_{k} shape {list(a.shape)} != {accumulator_shape(p.shape, k)}"
         )
-        assert a.dtype == torch.float32, f"a_{k} dtype {a.dtype}, SPEC keeps accumulators in fp32"
+        assert a.dtype == torch.float32, f"a_{k} dtype {a.dtype}, the contract keeps accumulators in fp32"
     return list(h)
 
 
@@ -593,7 +593,7 @@ def test_state_holds_sum_of_dims_numbers_beyond_the_momentum(shape, momentum_bet
     h = hessian_of(opt, p)
     n_hessian = sum(a.numel() for a in as_list(h))
     expected = p.numel() if p.dim() <= 1 else sum(shape)
-    assert n_hessian == expected, f"exp_hessian holds {n_hessian} numbers, SPEC: {expected}"
+    assert n_hessian == expected, f"exp_hessian holds {n_hessian} numbers, the contract: {expected}"
     if momentum_beta == 0:
         assert "momentum_buffer" not in st or st["momentum_buffer"] is None, (
             "momentum_buffer kept with momentum_beta == 0"
@@ -908,7 +908,7 @@ def test_sparse_and_dense_params_in_one_group_each_follow_their_rule(dtype, fore
     for rows in SPARSE_BATCHES:
         if dtype != torch.float32:
             # Duplicate indices are summed when the gradient is coalesced; in bf16 that sum is rounded, and
-            # SPEC does not say in which precision it happens. Keep the indices unique here.
+            # the contract does not say in which precision it happens. Keep the indices unique here.
             rows = sorted(set(rows))
         opt.zero_grad()
         lin(emb(torch.tensor(rows))).float().pow(2).mean().backward()
