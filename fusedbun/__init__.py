@@ -15,6 +15,7 @@ from fusedbun.adalite import (
 from fusedbun.hessian import dense_second_moment_, hessian_decay, masked_ema
 from fusedbun.optimizer import FusionOptimizer, fusion
 from fusedbun.param_groups import param_groups_no_decay
+from fusedbun.rounding import stochastic_round
 from fusedbun.sm3 import sm3_accumulators, sm3_second_moment_
 
 Fusedbun = FusionOptimizer
@@ -34,6 +35,7 @@ __all__ = [
     "momentum_",
     "decoupled_weight_decay_",
     "param_groups_no_decay",
+    "stochastic_round",
 ]
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import Optimizer
+from torch.optim.optimizer import Optimizer, required
 
 from fusedbun.engines.common import StepHyper, StepTensors, is_dtensor
 from fusedbun.engines.dispatch import step_tensors
@@ -30,7 +30,11 @@ _FP32_TINY = torch.finfo(torch.float32).tiny
 
 
 def _check_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ``TypeError`` or ``ValueError``, naming the argument and its valid range, for a bad value. The
+    constructor's defaults may leave ``lr`` unset (``required``): each param group then carries its own."""
     lr = group["lr"]
+    if lr is required:
+        lr = 0.0  # checked in each group instead (add_param_group)
     if isinstance(lr, Tensor) and (lr.numel() != 1 or lr.is_complex()):
         raise ValueError(f"lr as a tensor must hold one real element, got shape {tuple(lr.shape)}, {lr.dtype}")
     lr_value = lr.item() if isinstance(lr, Tensor) else lr
@@ -66,6 +70,13 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     dtype = group["momentum_dtype"]
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"Invalid momentum_dtype: {dtype!r}; it must be None or a floating torch.dtype")
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise TypeError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r}; it must be True or False")
+    seed = group["rounding_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
 
 
 class FusionOptimizer(Optimizer):
@@ -131,7 +142,7 @@ class FusionOptimizer(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor,
+        lr: float | Tensor = required,
         eps: float = 1e-8,
         beta_decay: float = 0.8,
         Lambda: float = 0.01,
@@ -144,6 +155,8 @@ class FusionOptimizer(Optimizer):
         fused: bool | None = None,
         momentum_dtype: torch.dtype | None = None,
         nonfinite: str = "mask",
+        stochastic_rounding: bool = False,
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -158,13 +171,23 @@ class FusionOptimizer(Optimizer):
             fused=fused,
             momentum_dtype=momentum_dtype,
             nonfinite=nonfinite,
+            stochastic_rounding=stochastic_rounding,
+            rounding_seed=rounding_seed,
         )
         _check_hyperparameters(defaults)
-        super().__init__(params, defaults)
         self._nonfinite_reports = NonfiniteReports()
         self._step_calls = 0
+        self._in_backward = None  # the StepInBackward handle stepping this optimizer, if any
+        self._positions: dict | None = None  # parameter -> (group index, key), built when needed
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "lr" not in param_group and self.defaults["lr"] is required:
+            raise ValueError(
+                f"param group {len(self.param_groups)} has no lr, and the optimizer has no default lr: "
+                "give every param group an 'lr', or pass lr= to FusionOptimizer"
+            )
+        self._positions = None
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
@@ -183,6 +206,8 @@ class FusionOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_nonfinite_reports", NonfiniteReports())
         self.__dict__.setdefault("_step_calls", 0)
+        self.__dict__.setdefault("_in_backward", None)
+        self.__dict__.setdefault("_positions", None)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 # torch adds "differentiable" to the defaults here; FusionOptimizer has no such option, and a
@@ -226,9 +251,20 @@ class FusionOptimizer(Optimizer):
             momentum_buffers.append(state.get("momentum_buffer") if group["momentum_beta"] > 0 else None)
             steps.append(state["step"])
 
+    _step_supports_amp_scaling = True
+    """``torch.amp.GradScaler`` hands the loss scale and its overflow flag to :meth:`step` (as the
+    attributes ``grad_scale`` and ``found_inf``): the engines divide the scale out in their one pass, and a
+    step with an overflow is skipped whole, instead of the scaler reading and writing every gradient."""
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        if self._in_backward is not None:
+            raise RuntimeError(
+                "this optimizer steps each parameter during backward (fusedbun.step_in_backward): the "
+                "parameters are already stepped, so optimizer.step() must not be called; call the handle's "
+                ".remove() to step it the usual way again"
+            )
         if not torch.compiler.is_compiling():  # hyperparameters set in a group between steps are checked too
             for group in self.param_groups:
                 _check_hyperparameters(group)
@@ -236,25 +272,52 @@ class FusionOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_unscale = self._amp_grad_unscale()
+        if grad_unscale is None:  # GradScaler found Inf or NaN in the scaled gradients: skip the whole step
+            return loss
+        if not torch.compiler.is_compiling():
+            self._step_calls += 1
+        self._step_groups(list(enumerate(self.param_groups)), grad_unscale=grad_unscale)
+        return loss
 
+    def _amp_grad_unscale(self) -> float | None:
+        """The factor that undoes GradScaler's loss scale (1 without one), or ``None`` when its ``found_inf``
+        says that this step must be skipped. Reading them waits for the device, as GradScaler's own
+        ``step`` does for optimizers that take no scale."""
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return 1.0
+        values = [torch.as_tensor(found_inf if found_inf is not None else 0.0, dtype=torch.float32).cpu()]
+        if grad_scale is not None:
+            values.append(torch.as_tensor(grad_scale, dtype=torch.float32).cpu())
+        values = [float(v) for v in values]
+        if values[0] != 0.0:
+            return None
+        return 1.0 / values[1] if grad_scale is not None else 1.0
+
+    def _step_groups(self, groups: list[tuple[int, dict[str, Any]]], *, grad_unscale: float = 1.0) -> None:
+        """Step the parameters of ``(group index, group)`` pairs that have gradients."""
         # Gather every group, check the gradients of "skip" and "raise" groups at once, then step. That
         # check is the step's one host sync; under torch.compile it is a graph break, which must fall
         # outside any loop (a graph break inside a loop makes torch.compile give up on the whole step).
         # "mask" groups (the default) need no check: the engines mask and report in their one pass.
         gathered = []
-        for group in self.param_groups:
+        for group_index, group in groups:
             params, grads, momentum_buffers, steps = [], [], [], []
             self._init_group(group, params, grads, momentum_buffers, steps)
             exp_hessians = [self.state[p]["exp_hessian"] for p in params]
-            gathered.append((group, params, grads, momentum_buffers, exp_hessians, steps))
-        checked = [g for item in gathered if item[0]["nonfinite"] != "mask" for g in item[2]]
+            keys = self._rounding_keys(group_index, group, params)
+            gathered.append(
+                (group_index, group, StepTensors(params, grads, momentum_buffers, exp_hessians, steps, keys))
+            )
+        checked = [g for _, group, t in gathered if group["nonfinite"] != "mask" for g in t.grads]
         keep_all = finite_gradients(checked) if checked else []
 
         work = []
-        for group_index, (group, params, grads, momentum_buffers, exp_hessians, steps) in enumerate(gathered):
+        for group_index, group, tensors in gathered:
             if group["nonfinite"] != "mask":
-                keep, keep_all = keep_all[: len(params)], keep_all[len(params) :]
-            if not params:
+                keep, keep_all = keep_all[: len(tensors.params)], keep_all[len(tensors.params) :]
+            if not tensors.params:
                 continue
             if group["nonfinite"] != "mask" and not all(keep):
                 names = [i for i, ok in enumerate(keep) if not ok]
@@ -268,23 +331,20 @@ class FusionOptimizer(Optimizer):
                     f"non-finite gradients (positions {names} among those with gradients); their values and "
                     "state are unchanged",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-                params, grads, momentum_buffers, exp_hessians, steps = (
-                    [x for x, ok in zip(seq, keep) if ok]
-                    for seq in (params, grads, momentum_buffers, exp_hessians, steps)
-                )
-            work.append((group_index, group, params, grads, momentum_buffers, exp_hessians, steps))
+                tensors = tensors.select([i for i, ok in enumerate(keep) if ok])
+            work.append((group_index, group, tensors))
 
         compiling = torch.compiler.is_compiling()
-        if not compiling:
-            self._step_calls += 1
-        for group_index, group, params, grads, momentum_buffers, exp_hessians, steps in work:
+        for group_index, group, tensors in work:
             lr = group["lr"]
             # Under torch.compile a tensor lr stays a tensor: .item() would break the graph.
-            hyper = StepHyper.from_group(group, lr=lr.item() if isinstance(lr, Tensor) and not compiling else lr)
+            hyper = StepHyper.from_group(
+                group, lr=lr.item() if isinstance(lr, Tensor) and not compiling else lr, grad_unscale=grad_unscale
+            )
             found = step_tensors(
-                StepTensors(params, grads, momentum_buffers, exp_hessians, steps),
+                tensors,
                 hyper,
                 foreach=group["foreach"],
                 fused=group["fused"],
@@ -294,7 +354,32 @@ class FusionOptimizer(Optimizer):
                 self._nonfinite_reports.add(self._step_calls, group_index, found)
         if not compiling:
             self._nonfinite_reports.poll()
-        return loss
+
+    def _rounding_keys(self, group_index: int, group: dict[str, Any], params: list[Tensor]) -> list[int] | None:
+        """Each parameter's position in the optimizer (the numbering of ``state_dict()``), which keys its
+        stochastic rounding; ``None`` where the group rounds to nearest."""
+        if not group["stochastic_rounding"]:
+            return None
+        if self._positions is None:
+            positions, k = {}, 0
+            for gi, g in enumerate(self.param_groups):
+                for p in g["params"]:
+                    positions.setdefault(p, (gi, k))
+                    k += 1
+            self._positions = positions
+        return [self._positions[p][1] for p in params]
+
+    def _step_parameter(self, param: Tensor) -> None:
+        """Step one parameter as :meth:`step` would (its group's hyperparameters, engine and state); the
+        entry point of :func:`fusedbun.step_in_backward`."""
+        if self._positions is None or param not in self._positions:
+            self._positions = None
+            self._rounding_keys(0, {"stochastic_rounding": True}, [])
+        group_index, _ = self._positions[param]
+        group = self.param_groups[group_index]
+        _check_hyperparameters(group)
+        self._step_groups([(group_index, {**group, "params": [param]})])
+        self._opt_called = True  # what torch's LR schedulers look at to tell that the optimizer stepped
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; state tensors keep the dtype they were saved in (fp32 statistics of a bf16

@@ -439,7 +439,7 @@ def test_invalid_value_set_in_a_group_between_steps_is_refused_at_step(name, val
         (lambda p: FusionOptimizer([{"params": [p]}, {"params": [p]}], lr=0.1), ValueError, "more than one"),
         (lambda p: FusionOptimizer([{"lr": 0.1}], lr=0.1), KeyError, "params"),
         (lambda p: FusionOptimizer([p], lr=0.1, betas=(0.9, 0.99)), TypeError, "betas"),
-        (lambda p: FusionOptimizer([p]), TypeError, "lr"),
+        (lambda p: FusionOptimizer([p]), ValueError, "lr"),
     ],
     ids=[
         "tensor-not-list",

@@ -6,7 +6,7 @@
  * is the one of fusedbun/engines/single_tensor.py, computed in fp32 in the same order of operations
  * (a multiply and an add may fuse into one FMA, as in torch's vectorized kernels):
  *
- *   g    = (maximize ? -g : g) - (centralize ? row mean : 0)
+ *   g    = (maximize ? -1 : 1) * grad_unscale * g - (centralize ? row mean : 0)
  *   mask = eps < |g| < 2^64 (false for NaN and Inf, and where g^2 would overflow fp32);  g = mask ? g : 0
  *          a task's `nonfinite` is set when an entry fails the upper bound (fusedbun.adalite.eps_mask)
  *   prev = SM3: min(a0[i], rest[j]) (all >= 0)  dense (0-D/1-D): v[i]
@@ -14,7 +14,8 @@
  *          SM3: new a0[i] = max_j nu, column maxima max_i nu -> colmax[j]    dense: v[i] = nu
  *   u    = use_rms ? g / (sqrt(nu) + eps) : g
  *   m    = lerp(m, u, 1 - momentum_beta), rounded to m's dtype;  u = m (the momentum as stored)
- *   p    = p * (1 - lr * Lambda) - lr * u, rounded once to p's dtype
+ *   p    = p * (1 - lr * Lambda) - lr * u, rounded once to p's dtype (to nearest even, or stochastically
+ *          with the random word of the element's flat index: see fusedbun/rounding.py)
  *
  * rest[j] is min over the accumulators of dims 1.. (computed by the caller, O(row_len)); the caller also
  * turns colmax into the accumulators of dims 1... Rows are split among threads in contiguous ranges of
@@ -64,6 +65,8 @@ typedef struct {
     int32_t p_dtype, g_dtype, m_dtype, kind;
     float beta, one_minus_beta;
     int32_t nonfinite;  /* out: set to 1 when the gradient held NaN, Inf or |g| >= 2^64 (masked) */
+    int32_t stochastic; /* 1: round p (bf16, fp16) stochastically with the stream of (round_k0, round_k1) */
+    uint32_t round_k0, round_k1;
 } fb_task;
 
 typedef struct {
@@ -73,6 +76,7 @@ typedef struct {
     float momentum_weight;  /* 1 - momentum_beta */
     int32_t flags;
     int32_t nthreads;
+    float grad_unscale; /* multiplies every gradient first: 1 / the loss scale of torch.amp.GradScaler, else 1 */
 } fb_hyper;
 
 /* ---- dtype conversions: fp32 arithmetic, round-to-nearest-even when storing ---------------------- */
@@ -128,6 +132,59 @@ static inline uint16_t f32_to_f16(float f) {
     }
     uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);               /* round to nearest even at bit 13 */
     return (uint16_t)(sign | ((rounded - 0x38000000u) >> 13));     /* rebias 127 -> 15 */
+}
+
+/* ---- stochastic rounding (fusedbun/rounding.py has the same rule, as the reference) -------------- */
+
+/* MurmurHash3's 32-bit finalizer: a bijection of 32-bit words with good avalanche. */
+static inline uint32_t fb_fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+/* The random word of the element at flat index `index` in the stream (k0, k1). */
+static inline uint32_t fb_random(int64_t index, uint32_t k0, uint32_t k1) {
+    uint32_t lo = (uint32_t)index, hi = (uint32_t)((uint64_t)index >> 32);
+    return fb_fmix32((fb_fmix32(lo ^ k0) ^ hi) + k1);
+}
+
+/* Up with probability equal to the dropped 16 bits: add the top 16 random bits below the kept ones. */
+static inline uint16_t f32_to_bf16_sr(float f, uint32_t r) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) >= 0x7f800000u) return f32_to_bf16(f); /* NaN, Inf: as to nearest */
+    return (uint16_t)((u + (r >> 16)) >> 16);
+}
+
+static inline uint16_t f32_to_f16_sr(float f, uint32_t r) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a >= 0x7f800000u) return f32_to_f16(f); /* NaN, Inf: as to nearest */
+    if (a >= 0x38800000u) {                     /* fp16's normal range: 13 dropped bits */
+        uint32_t kept = (a + (r >> 19)) & ~0x1fffu;
+        float y;
+        memcpy(&y, &kept, sizeof y);
+        return (uint16_t)(sign | f32_to_f16(y)); /* exact, or Inf at 2^16 and beyond */
+    }
+    /* Subnormal range, a grid of 2^-24: up with probability frac, from the top 24 random bits. */
+    const float n = fabsf(f) * 16777216.0f, low = floorf(n);
+    const uint32_t up = (float)(r >> 8) < (n - low) * 16777216.0f;
+    return (uint16_t)(sign | ((uint32_t)low + up)); /* 1024 is 0x0400, the smallest normal */
+}
+
+static void store_f32_sr(void *dst, int32_t dtype, int64_t offset, const float *restrict src, int n, uint32_t k0,
+                         uint32_t k1) {
+    uint16_t *d = (uint16_t *)dst + offset;
+    if (dtype == FB_BF16) {
+        for (int j = 0; j < n; j++) d[j] = f32_to_bf16_sr(src[j], fb_random(offset + j, k0, k1));
+    } else {
+        for (int j = 0; j < n; j++) d[j] = f32_to_f16_sr(src[j], fb_random(offset + j, k0, k1));
+    }
 }
 
 /* min(a, b) for a, b >= 0, taken on the bit patterns: for non-negative floats the order of the patterns as
@@ -236,7 +293,12 @@ static inline void update_tile(const fb_task *t, const fb_hyper *h, int64_t off,
     } else {
         for (int j = 0; j < n; j++) p[j] = p[j] + neg_lr * step[j];
     }
-    if (t->p_dtype != FB_F32) store_f32(t->p, t->p_dtype, off, pbuf, n);
+    if (t->p_dtype != FB_F32) {
+        if (t->stochastic)
+            store_f32_sr(t->p, t->p_dtype, off, pbuf, n, t->round_k0, t->round_k1);
+        else
+            store_f32(t->p, t->p_dtype, off, pbuf, n);
+    }
 }
 
 static inline const float *grad_tile(const fb_task *t, int64_t off, int n, float *restrict buf) {
@@ -317,7 +379,7 @@ static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
 static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
                        const float *restrict rest, float *restrict col, int *restrict bad) {
     const int sm3 = t->kind == FB_SM3, rms = (h->flags & FB_USE_RMS) != 0;
-    const int shift = (h->flags & (FB_MAXIMIZE | FB_CENTRALIZE)) != 0;
+    const int shift = (h->flags & (FB_MAXIMIZE | FB_CENTRALIZE)) != 0 || h->grad_unscale != 1.0f;
     const int mom = t->m == NULL ? FB_MOM_NONE : t->m_dtype == FB_F32 ? FB_MOM_F32 : FB_MOM_BF16;
     const int variant = sm3 * 24 + rms * 12 + shift * 6 + mom * 2; /* + 0: keeps the switch dense */
     switch (variant) {
@@ -343,7 +405,7 @@ static inline void flag_nonfinite(const fb_task *t) {
 static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restrict col) {
     float gbuf[FB_TILE], nubuf[FB_TILE], ubuf[FB_TILE];
     const int64_t R = t->row_len, base = i * R;
-    const float sign = (h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f;
+    const float sign = ((h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f) * h->grad_unscale;
     const int use_rms = (h->flags & FB_USE_RMS) != 0;
     float mean = 0.0f;
     if (h->flags & FB_CENTRALIZE) {
@@ -395,7 +457,7 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
 
 static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int64_t end) {
     float gbuf[FB_TILE], ubuf[FB_TILE];
-    const float sign = (h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f;
+    const float sign = ((h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f) * h->grad_unscale;
     const int fast = fast_tile_applies(t, h);
     int bad = 0;
     for (int64_t c = begin; c < end; c += FB_TILE) {
@@ -544,9 +606,11 @@ int64_t fb_layout(int64_t *out, int64_t n) {
         offsetof(fb_task, acc), offsetof(fb_task, rest), offsetof(fb_task, colmax), offsetof(fb_task, rows),
         offsetof(fb_task, row_len), offsetof(fb_task, p_dtype), offsetof(fb_task, g_dtype),
         offsetof(fb_task, m_dtype), offsetof(fb_task, kind), offsetof(fb_task, beta),
-        offsetof(fb_task, one_minus_beta), offsetof(fb_task, nonfinite),
+        offsetof(fb_task, one_minus_beta), offsetof(fb_task, nonfinite), offsetof(fb_task, stochastic),
+        offsetof(fb_task, round_k0), offsetof(fb_task, round_k1),
         sizeof(fb_hyper), offsetof(fb_hyper, neg_lr), offsetof(fb_hyper, decay), offsetof(fb_hyper, eps),
         offsetof(fb_hyper, momentum_weight), offsetof(fb_hyper, flags), offsetof(fb_hyper, nthreads),
+        offsetof(fb_hyper, grad_unscale),
     };
     int64_t count = (int64_t)(sizeof layout / sizeof layout[0]);
     if (count > n) count = n;

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fusedbun.hessian import hessian_decay
+from fusedbun.rounding import ROUNDED_DTYPES, rounding_keys, rounding_keys_at
 
 __all__ = ["StepHyper", "StepTensors", "Engine", "compute_dtype", "step_decay", "stack_flags", "is_dtensor"]
 
@@ -20,7 +21,8 @@ class StepHyper:
     """The hyperparameters of one step of one param group, as the engines receive them.
 
     The names are the constructor's (see :class:`fusedbun.FusionOptimizer`); ``lr`` is a float, or a
-    0-d tensor under ``torch.compile``.
+    0-d tensor under ``torch.compile``. ``grad_unscale`` multiplies every gradient before the rule (the
+    reciprocal of a loss scale, as ``torch.amp.GradScaler`` hands it over; 1 otherwise).
     """
 
     lr: float | Tensor
@@ -31,13 +33,28 @@ class StepHyper:
     centralize: bool
     use_rms: bool
     maximize: bool
+    stochastic_rounding: bool = False
+    rounding_seed: int = 0
+    grad_unscale: float = 1.0
 
     @classmethod
     def from_group(cls, group: dict[str, Any], **override: Any) -> StepHyper:
         """The step's hyperparameters from a param group (``override`` replaces entries, e.g. ``lr``)."""
-        values = {name: group[name] for name in cls.__dataclass_fields__}
+        values = {name: group[name] for name in cls.__dataclass_fields__ if name in group}
         values.update(override)
         return cls(**values)
+
+    def rounding(self, param: Tensor, key: int | None, step: Tensor) -> tuple | None:
+        """The keys of the random stream that rounds ``param`` stochastically at this step (its step count
+        already incremented), or ``None`` where it rounds to nearest (the option off, or an fp32 or fp64
+        parameter)."""
+        if not self.stochastic_rounding or param.dtype not in ROUNDED_DTYPES:
+            return None
+        if key is None:
+            raise ValueError("stochastic rounding needs each parameter's key (its position in the optimizer)")
+        if torch.compiler.is_compiling():
+            return rounding_keys_at(self.rounding_seed, key, step)
+        return rounding_keys(self.rounding_seed, key, int(step.item()))
 
 
 class StepTensors(NamedTuple):
@@ -45,7 +62,8 @@ class StepTensors(NamedTuple):
 
     ``momentum_buffers[i]`` is ``None`` when ``momentum_beta == 0``; ``exp_hessians[i]`` is a tensor shaped
     like ``params[i]`` (0-D, 1-D) or its list of SM3 accumulators; ``state_steps[i]`` is a float32 0-d
-    tensor, which the engine increments.
+    tensor, which the engine increments. ``keys[i]`` is the parameter's position in the optimizer (the
+    numbering of ``state_dict()``), which keys its stochastic rounding; ``None`` where nothing needs it.
     """
 
     params: list[Tensor]
@@ -53,10 +71,15 @@ class StepTensors(NamedTuple):
     momentum_buffers: list[Tensor | None]
     exp_hessians: list[Tensor | list[Tensor]]
     state_steps: list[Tensor]
+    keys: list[int] | None = None
 
     def select(self, positions: list[int]) -> StepTensors:
         """The tensors at ``positions``, in that order."""
-        return StepTensors(*([seq[i] for i in positions] for seq in self))
+        return StepTensors(*([seq[i] for i in positions] if seq is not None else None for seq in self))
+
+    def key(self, i: int) -> int | None:
+        """The position in the optimizer of the ``i``-th parameter (what keys its stochastic rounding)."""
+        return None if self.keys is None else self.keys[i]
 
 
 class Engine(Protocol):

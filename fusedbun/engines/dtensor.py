@@ -44,6 +44,7 @@ from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfi
 from fusedbun.distributed import all_reduce_, sharded_dims
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import dense_second_moment_, masked_ema
+from fusedbun.rounding import stochastic_round_at
 from fusedbun.sm3 import sm3_min, sm3_reduce_
 
 __all__ = ["dtensor_fusion"]
@@ -51,6 +52,22 @@ __all__ = ["dtensor_fusion"]
 
 def _local(t: Tensor | None) -> Tensor | None:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _global_index(param: DTensor) -> Tensor:
+    """The flat row-major index in the whole parameter of each element of the local shard (int64)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    device = param.to_local().device
+    index = torch.zeros(local_shape, dtype=torch.int64, device=device)
+    stride = 1
+    for k in reversed(range(len(local_shape))):
+        shape = [1] * len(local_shape)
+        shape[k] = local_shape[k]
+        index += (torch.arange(local_shape[k], dtype=torch.int64, device=device) + offset[k]).view(shape) * stride
+        stride *= param.shape[k]
+    return index
 
 
 def _local_grad(param: DTensor, grad: Tensor) -> Tensor:
@@ -70,13 +87,13 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
     so a non-finite entry needs no agreement between ranks; with ``find_nonfinite`` the flags returned
     say what this rank's shards held (a plain tensor on the local device).
     """
-    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors[:5]
     lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
     found = []
     # Deferred accumulator maxima: (mesh, mesh dims) -> [(local accumulator, its new local maximum)].
     pending: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
 
-    for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
+    for i, (param, grad, buf, hess, step) in enumerate(zip(params, grads, momentum_buffers, exp_hessians, state_steps)):
         step += 1
         if param.numel() == 0:
             found.append(torch.zeros((), dtype=torch.bool, device=param.to_local().device))
@@ -89,6 +106,8 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
 
         # 1-3: maximize, centralize, mask, on an fp32 (or fp64) copy of the local gradient.
         g = _local_grad(param, grad).to(dtype)
+        if hyper.grad_unscale != 1.0:  # a loss scale handed over by torch.amp.GradScaler
+            g = g * hyper.grad_unscale
         if hyper.maximize:
             g = -g
         if hyper.centralize and g.dim() > 1:
@@ -128,7 +147,10 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
         p = p_local if p_local.dtype == dtype else p_local.to(dtype)
         decoupled_weight_decay_(p, lr=lr, Lambda=Lambda)
         p.add_(u, alpha=-lr)
-        if p is not p_local:
+        keys = hyper.rounding(p_local, tensors.key(i), step)
+        if keys is not None:  # each element at its index in the whole (unsharded) parameter
+            p_local.copy_(stochastic_round_at(p, p_local.dtype, keys, _global_index(param)))
+        elif p is not p_local:
             p_local.copy_(p)
 
     # One MAX all-reduce per (mesh, mesh dims) for every replicated accumulator of the step.

@@ -24,6 +24,7 @@ from torch import Tensor
 from fusedbun.adalite import GRAD_LIMIT, decoupled_weight_decay_, momentum_
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import masked_ema
+from fusedbun.rounding import stochastic_round_at
 
 __all__ = ["foreach_fusion", "BLOCK_ELEMS", "DEVICE_BLOCK_ELEMS"]
 
@@ -38,14 +39,20 @@ def _block_elems(t: Tensor) -> int:
     return BLOCK_ELEMS if t.device.type == "cpu" else DEVICE_BLOCK_ELEMS
 
 
-def _update_block(p: Tensor, g: Tensor, m: Tensor | None, second_moment, *, beta: float, hyper: StepHyper) -> Tensor:
+def _update_block(
+    p: Tensor, g: Tensor, m: Tensor | None, second_moment, *, beta: float, hyper: StepHyper, rounding=None
+) -> Tensor:
     """One step on a block of rows; ``second_moment(g, mask, beta) -> nu`` updates its own state.
+    ``rounding``, ``(keys, first index)``, rounds the block into ``p`` stochastically: its elements are
+    those of the parameter from ``first index`` on, in order.
 
     Returns where the block's gradient holds usable numbers (``|g| < GRAD_LIMIT``), which the caller
     reduces to the per-tensor non-finite flags when asked."""
     dtype = compute_dtype(p)
     lr, eps, momentum_beta = hyper.lr, hyper.eps, hyper.momentum_beta
     g = g.to(dtype, copy=True)
+    if hyper.grad_unscale != 1.0:  # a loss scale handed over by torch.amp.GradScaler
+        g.mul_(hyper.grad_unscale)
     if hyper.maximize:
         g.neg_()
     if hyper.centralize and g.dim() > 1:
@@ -62,12 +69,16 @@ def _update_block(p: Tensor, g: Tensor, m: Tensor | None, second_moment, *, beta
     q = p if p.dtype == dtype else p.to(dtype)
     decoupled_weight_decay_(q, lr=lr, Lambda=hyper.Lambda)
     q.add_(g, alpha=-lr)
-    if q is not p:
+    if rounding is not None:
+        keys, first = rounding
+        index = torch.arange(first, first + q.numel(), dtype=torch.int64, device=q.device).view(q.shape)
+        p.copy_(stochastic_round_at(q, p.dtype, keys, index))
+    elif q is not p:
         p.copy_(q)
     return usable
 
 
-def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, hyper: StepHyper) -> Tensor | None:
+def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, hyper: StepHyper, keys=None) -> Tensor | None:
     """Blocked step for a tensor of 2 or more dims with SM3 accumulators ``accs``; with ``find``, returns
     whether its gradient held an entry that is not a usable number (a 0-d bool tensor)."""
     usable_blocks = []
@@ -93,7 +104,10 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, hyper:
                 torch.maximum(run, nu.amax(dim=dims[:k] + dims[k + 1 :], keepdim=True), out=run)
             return nu
 
-        usable = _update_block(p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, hyper=hyper)
+        rounding = None if keys is None else (keys, r0 * p[0].numel())
+        usable = _update_block(
+            p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, hyper=hyper, rounding=rounding
+        )
         if find:
             usable_blocks.append(usable.all())
 
@@ -102,9 +116,12 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, hyper:
     return torch.stack(usable_blocks).all().logical_not() if find else None
 
 
-def _dense_flat_(params, grads, bufs, hessians, *, beta: float, find: bool, hyper: StepHyper) -> list[Tensor]:
+def _dense_flat_(
+    params, grads, bufs, hessians, *, beta: float, find: bool, hyper: StepHyper, keys=None
+) -> list[Tensor]:
     """Step 0-D and 1-D tensors together as one flat vector per chunk of at most a block of numbers;
-    with ``find``, returns per tensor whether its gradient held an entry that is not a usable number."""
+    with ``find``, returns per tensor whether its gradient held an entry that is not a usable number.
+    ``keys`` (one tensor only) rounds it stochastically."""
     found = []
     chunks, chunk, size = [], [], 0
     limit = max(_block_elems(p) for p in params) if torch.compiler.is_compiling() else _block_elems(params[0])
@@ -129,7 +146,9 @@ def _dense_flat_(params, grads, bufs, hessians, *, beta: float, find: bool, hype
             v.copy_(nu)
             return nu
 
-        usable = _update_block(p, g, m, second_moment, beta=beta, hyper=hyper)
+        usable = _update_block(
+            p, g, m, second_moment, beta=beta, hyper=hyper, rounding=None if keys is None else (keys, 0)
+        )
         sizes = [t.numel() for t in ps]
         if find:
             found.extend(u.all().logical_not() for u in usable.split(sizes))
@@ -146,24 +165,35 @@ def foreach_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
     The :class:`~fusedbun.engines.common.Engine` signature; the rule of
     :func:`~fusedbun.engines.single_tensor.single_tensor_fusion`.
     """
-    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors[:5]
     found: list[Tensor | None] = [None] * len(params)
     if not params:
         return stack_flags([], params) if find_nonfinite else None
     torch._foreach_add_(state_steps, 1)
     betas = [step_decay(s, beta_decay=hyper.beta_decay) for s in state_steps]
 
+    roundings = [hyper.rounding(p, tensors.key(i), s) for i, (p, s) in enumerate(zip(params, state_steps))]
+
     flat: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if p.dim() >= 2:
             found[i] = _sm3_tensor_(
-                p, grads[i], momentum_buffers[i], exp_hessians[i], beta=betas[i], find=find_nonfinite, hyper=hyper
+                p,
+                grads[i],
+                momentum_buffers[i],
+                exp_hessians[i],
+                beta=betas[i],
+                find=find_nonfinite,
+                hyper=hyper,
+                keys=roundings[i],
             )
         else:
             buf = momentum_buffers[i]
             # Tensors that share a beta are stepped as one flat vector. Under torch.compile beta is a
-            # tensor, not a value to group by: each tensor is its own group (the compiler fuses them).
-            beta_key = betas[i] if isinstance(betas[i], float) else i
+            # tensor, not a value to group by: each tensor is its own group (the compiler fuses them). A
+            # tensor rounded stochastically has a random stream of its own: it is its own group too.
+            own = roundings[i] is not None or not isinstance(betas[i], float)
+            beta_key = ("own", i) if own else betas[i]
             key = (p.device, p.dtype, grads[i].dtype, None if buf is None else buf.dtype, beta_key)
             flat.setdefault(key, []).append(i)
 
@@ -176,6 +206,7 @@ def foreach_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
             beta=betas[idx[0]],
             find=find_nonfinite,
             hyper=hyper,
+            keys=roundings[idx[0]],
         )
         for i, flag in zip(idx, flags):
             found[i] = flag

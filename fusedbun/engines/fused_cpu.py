@@ -20,7 +20,8 @@ Whole-tensor PyTorch ops move several times that. This engine runs the step as o
   OpenMP runtime (two thread pools fighting over the cores), or the compiler has no OpenMP, a build that
   starts POSIX threads per step is used instead (:func:`threading_backend` says which).
 - fp32, bf16 and fp16 parameters and gradients, fp32/bf16/fp16 momentum; the arithmetic is fp32, the
-  stores round to nearest even, the update uses the momentum as stored. Other tensors (fp64 parameters,
+  stores round to nearest even (a bf16 or fp16 parameter stochastically, with ``stochastic_rounding``:
+  :mod:`fusedbun.rounding`), the update uses the momentum as stored. Other tensors (fp64 parameters,
   non-contiguous tensors, other dtypes or devices) are stepped by the multi-tensor engine
   (:func:`fusedbun.engines.foreach.foreach_fusion`) in the same call, so any input gives the same rule.
 - Results match the reference engine to fp32 rounding, not bit for bit: a multiply and an add may fuse
@@ -62,7 +63,7 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).resolve().parent.parent / "_csrc" / "fused_step.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 """The version of the C interface (the structs and functions below); the build must report the same."""
 _MIN_ELEMS_PER_THREAD = 1 << 16  # below this a thread costs more to start than it saves
 
@@ -90,6 +91,9 @@ class _Task(ctypes.Structure):
         ("beta", ctypes.c_float),
         ("one_minus_beta", ctypes.c_float),
         ("nonfinite", ctypes.c_int32),
+        ("stochastic", ctypes.c_int32),
+        ("round_k0", ctypes.c_uint32),
+        ("round_k1", ctypes.c_uint32),
     ]
 
 
@@ -103,6 +107,7 @@ class _Hyper(ctypes.Structure):
         ("momentum_weight", ctypes.c_float),
         ("flags", ctypes.c_int32),
         ("nthreads", ctypes.c_int32),
+        ("grad_unscale", ctypes.c_float),
     ]
 
 
@@ -198,7 +203,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
 
     The kernel masks gradient entries that are not usable numbers in its one pass and flags their tasks,
     so ``find_nonfinite`` costs nothing extra."""
-    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors[:5]
     lib, reason, _ = LIBRARY.load()
     if lib is None:
         raise RuntimeError(f"the fused CPU engine cannot run: {reason}")
@@ -232,6 +237,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             continue  # nothing to update; accumulators cover nothing (as in the reference)
         m = momentum_buffers[i] if momentum_beta > 0 else None
         beta = hessian_decay(step.item(), beta_decay=hyper.beta_decay)
+        rounding = hyper.rounding(p, tensors.key(i), step)
         if p.dim() <= 1:
             kind, rows, row_len = _DENSE, p.numel(), 1
             acc, rest_ptr = exp_hessians[i].data_ptr(), None
@@ -268,6 +274,8 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             beta,
             1.0 - beta,
             0,
+            rounding is not None,
+            *(rounding or (0, 0)),
         )
         positions.append(i)
         n += 1
@@ -285,6 +293,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         momentum_weight=1.0 - momentum_beta,
         flags=flags,
         nthreads=nthreads,
+        grad_unscale=hyper.grad_unscale,
     )
     # Per-thread column maxima, O(threads * sum of row lengths); allocated here so torch accounts for it.
     scratch = torch.empty(max(1, nthreads * cols), dtype=torch.float32)

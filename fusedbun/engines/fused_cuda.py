@@ -70,7 +70,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
 
     The flags of ``find_nonfinite`` are the kernel's own (on the device): asking for them costs a few tiny
     copies, no extra read of the gradients and no sync."""
-    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors[:5]
     if not params:
         return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
     beta_decay = hyper.beta_decay

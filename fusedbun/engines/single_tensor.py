@@ -12,6 +12,7 @@ from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import dense_second_moment_
+from fusedbun.rounding import flat_index, stochastic_round_at
 from fusedbun.sm3 import sm3_second_moment_
 
 __all__ = ["single_tensor_fusion"]
@@ -20,16 +21,18 @@ __all__ = ["single_tensor_fusion"]
 def single_tensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One step of the rule for each tensor in turn, composed from the component functions (the
     :class:`~fusedbun.engines.common.Engine` signature)."""
-    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors[:5]
     lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
     found = []
-    for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
+    for i, (param, grad, buf, hess, step) in enumerate(zip(params, grads, momentum_buffers, exp_hessians, state_steps)):
         step += 1
         beta = step_decay(step, beta_decay=hyper.beta_decay)
         dtype = compute_dtype(param)
 
         # 1-3: maximize, centralize, mask; all on an fp32 (or fp64) copy, never on p.grad itself.
         g = grad.to(dtype)
+        if hyper.grad_unscale != 1.0:  # a loss scale handed over by torch.amp.GradScaler
+            g = g * hyper.grad_unscale
         if hyper.maximize:
             g = -g
         if hyper.centralize:
@@ -49,10 +52,14 @@ def single_tensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfini
         if momentum_beta > 0:
             u = momentum_(buf, u, momentum_beta=momentum_beta).to(dtype)
 
-        # 7-8: decoupled weight decay, then the step; low-precision params round once, at the end.
+        # 7-8: decoupled weight decay, then the step; low-precision params round once, at the end (to
+        # nearest, or stochastically).
         p = param if param.dtype == dtype else param.to(dtype)
         decoupled_weight_decay_(p, lr=lr, Lambda=Lambda)
         p.add_(u, alpha=-lr)
-        if p is not param:
+        keys = hyper.rounding(param, tensors.key(i), step)
+        if keys is not None:
+            param.copy_(stochastic_round_at(p, param.dtype, keys, flat_index(param.shape, param.device)))
+        elif p is not param:
             param.copy_(p)
     return stack_flags(found, params) if find_nonfinite else None

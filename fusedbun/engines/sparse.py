@@ -25,6 +25,7 @@ from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.hessian import masked_ema
+from fusedbun.rounding import flat_index, stochastic_round_at
 from fusedbun.sm3 import sm3_min
 
 __all__ = ["sparse_fusion"]
@@ -44,10 +45,10 @@ def sparse_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: boo
     """One lazy step for each parameter whose gradient is sparse along dim 0 (the
     :class:`~fusedbun.engines.common.Engine` signature; the flags say whether the mask dropped a present
     entry for not being a usable number)."""
-    params, grads, momentum_buffers, exp_hessians, state_steps = tensors
+    params, grads, momentum_buffers, exp_hessians, state_steps = tensors[:5]
     found = []
-    for param, grad, buf, hess, step in zip(params, grads, momentum_buffers, exp_hessians, state_steps):
-        flag = _sparse_step_(param, grad, buf, hess, step, hyper, find_nonfinite=find_nonfinite)
+    for i, (param, grad, buf, hess, step) in enumerate(zip(params, grads, momentum_buffers, exp_hessians, state_steps)):
+        flag = _sparse_step_(param, grad, buf, hess, step, hyper, key=tensors.key(i), find_nonfinite=find_nonfinite)
         if find_nonfinite:
             found.append(flag)
     return stack_flags(found, params) if find_nonfinite else None
@@ -61,6 +62,7 @@ def _sparse_step_(
     step: Tensor,
     hyper: StepHyper,
     *,
+    key: int | None,
     find_nonfinite: bool,
 ) -> Tensor | None:
     lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
@@ -70,6 +72,8 @@ def _sparse_step_(
     dtype = compute_dtype(param)
 
     g = values.to(dtype)
+    if hyper.grad_unscale != 1.0:  # a loss scale handed over by torch.amp.GradScaler
+        g = g * hyper.grad_unscale
     if hyper.maximize:
         g = -g
     if hyper.centralize and param.dim() > 1:
@@ -103,5 +107,11 @@ def _sparse_step_(
     p = param[rows].to(dtype)  # a gathered copy too
     decoupled_weight_decay_(p, lr=lr, Lambda=Lambda)
     p.add_(u, alpha=-lr)
-    param[rows] = p.to(param.dtype)
+    keys = hyper.rounding(param, key, step)
+    if keys is None:
+        param[rows] = p.to(param.dtype)
+    else:  # each present element at its index in the whole parameter, as a dense step would round it
+        row_len = p[0].numel() if p.dim() > 1 else 1
+        index = rows.view(-1, *[1] * (p.dim() - 1)) * row_len + flat_index(p.shape[1:], p.device)
+        param[rows] = stochastic_round_at(p, param.dtype, keys, index)
     return found
