@@ -12,6 +12,7 @@ from fusedbun.adalite import (
     momentum_,
     rms_normalize,
 )
+from fusedbun.backward import StepInBackward, step_in_backward
 from fusedbun.hessian import dense_second_moment_, hessian_decay, masked_ema
 from fusedbun.optimizer import FusionOptimizer, fusion
 from fusedbun.param_groups import param_groups_no_decay
@@ -36,6 +37,8 @@ __all__ = [
     "decoupled_weight_decay_",
     "param_groups_no_decay",
     "stochastic_round",
+    "step_in_backward",
+    "StepInBackward",
 ]
 
 __version__ = "0.1.0"
