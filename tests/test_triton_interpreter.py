@@ -172,3 +172,47 @@ def test_interpreted_kernel_takes_per_tensor_step_counts_and_reports_flags():
             for u, v in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
                 torch.testing.assert_close(v, u, rtol=2e-5, atol=1e-6)
     assert [s.item() for s in ref[4]] == [s.item() for s in tri[4]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_interpreted_kernel_rounds_exactly_as_stochastic_round(triton_on_cpu, dtype):
+    # With no momentum, decay or normalization and a power-of-two lr, a step is p - lr * g exactly in fp32,
+    # so the stored value is fusedbun.stochastic_round of it, bit for bit (key: the position, step: the count).
+    from fusedbun import stochastic_round
+
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(), (7,), (5, 3), (2, 3, 4), (300,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
+    lr = 2.0**-5
+    exact = dict(momentum_beta=0.0, Lambda=0.0, use_rms=False, eps=0.0)
+    opt = FusionOptimizer(params, lr=lr, fused=True, stochastic_rounding=True, rounding_seed=77, **exact)
+    for step in (1, 2):
+        expected = []
+        for k, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            g = torch.where(g == 0, torch.ones((), dtype=dtype), g)
+            p.grad = g
+            expected.append(stochastic_round(p.detach().float() - lr * g.float(), dtype, seed=77, key=k, step=step))
+        opt.step()
+        for k, (p, e) in enumerate(zip(params, expected)):
+            assert torch.equal(p.detach().view(torch.int16), e.view(torch.int16)), f"step {step}, parameter {k}"
+
+
+def test_interpreted_kernel_divides_out_a_loss_scale(triton_on_cpu):
+    # GradScaler's protocol: grad_scale and found_inf set on the optimizer around step().
+    gen = torch.Generator().manual_seed(22)
+    shapes = [(6, 9), (9,), (2, 3, 4)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    runs = []
+    for scale in (None, 2.0**10):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = FusionOptimizer(params, lr=0.01, fused=True, use_rms=True, centralize=True)
+        for p, g in zip(params, grads):
+            p.grad = g if scale is None else g * scale
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a.detach(), b.detach())

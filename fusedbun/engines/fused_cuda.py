@@ -41,6 +41,7 @@ from fusedbun.engines.common import StepHyper, StepTensors
 from fusedbun.engines.foreach import foreach_fusion
 from fusedbun.engines.triton_plan import CONFIG, KernelConfig, step_plan  # noqa: F401 (re-exported)
 from fusedbun.hessian import hessian_decay
+from fusedbun.rounding import ROUNDED_DTYPES
 
 __all__ = ["fused_fusion", "unavailable_reason", "KernelConfig", "CONFIG"]
 
@@ -102,6 +103,10 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             beta = hessian_decay(counts[idx[0]], beta_decay=beta_decay)
         else:
             launch.set_betas([hessian_decay(counts[i], beta_decay=beta_decay) for i in idx], None, idx)
+        stochastic = hyper.stochastic_rounding and params[idx[0]].dtype in ROUNDED_DTYPES
+        if stochastic:  # the step counts after this step's increment key the random stream
+            after = {i: state_steps[i] + 1 for i in idx} if on_host else {i: state_steps[i] for i in idx}
+            launch.set_rounding([hyper.rounding(params[i], tensors.key(i), after[i]) for i in idx])
         i0 = idx[0]
         device = params[i0].device
         switch = device.type == "cuda" and device.index != torch.cuda.current_device()
@@ -115,6 +120,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
                 [exp_hessians[i] for i in idx] if launch.ndim > 1 else (),
                 beta=beta,
                 hyper=hyper,
+                stochastic=stochastic,
             )
     if on_host and steps:
         torch._foreach_add_(steps, 1)

@@ -55,6 +55,8 @@ from fusedbun.engines.triton_plan import (
     META_WIDTH,
     NUMEL,
     ONE_MINUS_BETA,
+    ROUND_K0,
+    ROUND_K1,
     ROWS,
     G,
     M,
@@ -67,6 +69,7 @@ _P, _G, _M, _MEAN, _ROWS, _COLS, _NUMEL = (tl.constexpr(v) for v in (P, G, M, ME
 _BETA, _ONE_MINUS_BETA, _ACC0_OLD, _ACC0_NEW, _FLAG = (
     tl.constexpr(v) for v in (BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG)
 )
+_ROUND_K0, _ROUND_K1 = tl.constexpr(ROUND_K0), tl.constexpr(ROUND_K1)
 _GRAD_LIMIT = tl.constexpr(GRAD_LIMIT)
 _DIM_BASE, _DIM_SLOTS, _META_WIDTH = tl.constexpr(DIM_BASE), tl.constexpr(DIM_SLOTS), tl.constexpr(META_WIDTH)
 
@@ -104,7 +107,7 @@ def _bits_to_bf16_rne(u):
     the hardware's conversion gives): written out, so that Triton's CPU interpreter, whose own float
     conversions truncate, computes what the GPU computes."""
     rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, (u >> 16) | 0x40, rounded)
+    return tl.where((u & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
 
 
 @triton.jit
@@ -121,6 +124,45 @@ def _bits_to_f16_rne(u):
     out = tl.where(a >= 0x477FF000, 0x7C00, out)
     out = tl.where(a > 0x7F800000, 0x7E00, out)
     return sign | out
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's 32-bit finalizer on uint32 words (fusedbun/rounding.py has the same)."""
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    h ^= h >> 16
+    return h
+
+
+@triton.jit
+def _random_bits(index, k0, k1):
+    """The random word of each element at flat index ``index`` (int64) in the stream ``(k0, k1)``."""
+    lo = (index & 0xFFFFFFFF).to(tl.uint32)
+    hi = (index >> 32).to(tl.uint32)
+    return _fmix32((_fmix32(lo ^ k0) ^ hi) + k1)
+
+
+@triton.jit
+def _round_stochastically(x, ty: tl.constexpr, r):
+    """``x`` (fp32) into ``ty`` (bf16 or fp16), away from zero with probability equal to its fractional
+    distance between the two neighbours, the random word ``r`` (uint32) deciding; as the C kernel."""
+    u = x.to(tl.uint32, bitcast=True)
+    a = u & 0x7FFFFFFF
+    if ty == tl.bfloat16:
+        bits = tl.where(a >= 0x7F800000, _bits_to_bf16_rne(u), (u + (r >> 16)) >> 16)
+    else:
+        sign = (u >> 16) & 0x8000
+        kept = (a + (r >> 19)) & 0xFFFFE000  # fp16's normal range: 13 dropped bits
+        normal = sign | _bits_to_f16_rne(kept)
+        n = tl.abs(x) * 16777216.0  # the subnormal range: a grid of 2**-24
+        low = tl.floor(n)
+        up = ((r >> 8).to(tl.float32) < (n - low) * 16777216.0).to(tl.uint32)
+        sub = sign | (low.to(tl.uint32) + up)
+        bits = tl.where(a >= 0x7F800000, _bits_to_f16_rne(u), tl.where(a >= 0x38800000, normal, sub))
+    return bits.to(tl.uint16).to(ty, bitcast=True)
 
 
 @triton.jit
@@ -189,6 +231,7 @@ def fusion_step_kernel(
     momentum_weight,  # 1 - momentum_beta (the lerp weight)
     beta_arg,  # beta_t and 1 - beta_t when every tensor of the launch has the same step count
     one_minus_beta_arg,
+    grad_unscale,  # multiplies every gradient first (1 / GradScaler's loss scale, else 1)
     NDIM: tl.constexpr,  # 1: dense second moment (0-D and 1-D tensors); >= 2: SM3 accumulators
     HAS_MOMENTUM: tl.constexpr,
     CENTRALIZE: tl.constexpr,
@@ -204,6 +247,7 @@ def fusion_step_kernel(
     BC: tl.constexpr,
     PREFETCH: tl.constexpr,  # issue the next block's loads before working on the current one
     PER_TENSOR_BETA: tl.constexpr,  # beta_t from the table (step counts differ), else the arguments
+    STOCHASTIC: tl.constexpr,  # round p (bf16, fp16) stochastically, with the table's stream keys
 ):
     pid = tl.program_id(0)
     tensor = tl.load(tiles + 3 * pid).to(tl.int64)
@@ -215,6 +259,9 @@ def fusion_step_kernel(
     g_ptr = g_base + _offset(row, _G, G_SHIFT)
     n_rows = tl.load(row + _ROWS)
     n_cols = _offset(row, _COLS, COLS_SHIFT)
+    if STOCHASTIC:
+        round_k0 = tl.load(row + _ROUND_K0).to(tl.uint32)
+        round_k1 = tl.load(row + _ROUND_K1).to(tl.uint32)
     if PER_TENSOR_BETA:
         beta = _load_f32(row, _BETA)
         one_minus_beta = _load_f32(row, _ONE_MINUS_BETA)
@@ -273,9 +320,9 @@ def fusion_step_kernel(
                 r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, prev_ptr, NDIM, HAS_MOMENTUM, BR
             )
 
-        g = g.to(tl.float32)
+        g = g.to(tl.float32) * grad_unscale
         if CENTRALIZE:
-            g = g - tl.load(mean_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            g = g - tl.load(mean_ptr + rows, mask=row_ok, other=0.0)[:, None] * grad_unscale
         if MAXIMIZE:
             g = -g
         magnitude = tl.abs(g)
@@ -311,7 +358,11 @@ def fusion_step_kernel(
             u = m_stored.to(tl.float32)  # the update uses the momentum as stored
         p = p.to(tl.float32) * decay
         p = p + (-lr) * u
-        tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=ok)
+        if STOCHASTIC:
+            r = _random_bits(offs, round_k0, round_k1)
+            tl.store(p_ptr + offs, _round_stochastically(p, p_ptr.dtype.element_ty, r), mask=ok)
+        else:
+            tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=ok)
 
     bad = tl.max(tl.max(bad_acc, axis=1), axis=0)
     tl.store(flags + tl.load(row + _FLAG), bad, mask=bad > 0)

@@ -21,8 +21,8 @@ from torch import Tensor
 __all__ = ["KernelConfig", "CONFIG", "MAX_NDIM", "META_WIDTH", "step_plan", "kernel_takes"]
 
 # Layout of a row of the meta table (int64 slots). Locations are element offsets from the base pointers.
-P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG = range(12)
-DIM_BASE = 12  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
+P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG, ROUND_K0, ROUND_K1 = range(14)
+DIM_BASE = 14  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
 DIM_SLOTS = 4
 MAX_NDIM = 6
 META_WIDTH = DIM_BASE + DIM_SLOTS * (MAX_NDIM - 1)
@@ -210,7 +210,19 @@ class _Plan:
             self.meta[:, tk.BETA] = device_betas[0][at].view(torch.int32).to(torch.int64)
             self.meta[:, tk.ONE_MINUS_BETA] = device_betas[1][at].view(torch.int32).to(torch.int64)
 
-    def launch(self, p0, g0, m0, h0, grads, hessians, *, beta: float | None, hyper: dict) -> None:
+    def set_rounding(self, keys: list) -> None:
+        """Per-tensor keys of the stochastic rounding's random stream into the table (they change every
+        step): host ints (one small copy) or 0-d device tensors (step counts kept on the device)."""
+        tk = _LAYOUT
+        if all(isinstance(k, int) for pair in keys for k in pair):
+            src = torch.tensor(keys, dtype=torch.int64, pin_memory=self.meta.is_cuda)
+            self.meta[:, tk.ROUND_K0 : tk.ROUND_K0 + 2].copy_(src, non_blocking=True)
+        else:
+            self.meta[:, tk.ROUND_K0 : tk.ROUND_K0 + 2] = torch.stack(
+                [torch.stack([torch.as_tensor(k, device=self.meta.device) for k in pair]) for pair in keys]
+            )
+
+    def launch(self, p0, g0, m0, h0, grads, hessians, *, beta: float | None, hyper, stochastic: bool) -> None:
         """One step of the plan's tensors; ``p0, g0, m0, h0`` are the current first tensors (the bases of
         the offsets), ``grads`` and ``hessians`` the current lists (for the row means and the copy back)."""
         for (rows, cols, out), g in zip(self.mean_jobs, grads):
@@ -232,8 +244,9 @@ class _Plan:
             1.0 - hyper.momentum_beta,
             0.0 if beta is None else beta,
             0.0 if beta is None else 1.0 - beta,
+            float(hyper.grad_unscale),
         )
-        variant = (hyper.maximize, hyper.use_rms, beta is None)
+        variant = (hyper.maximize, hyper.use_rms, beta is None, stochastic)
         compiled = self.compiled.get(variant) if self.direct_launch else None
         if compiled is not None:
             try:  # the launcher takes every argument in signature order, constexprs included (Triton 3.x)
@@ -254,6 +267,7 @@ class _Plan:
             BC=self.bc,
             PREFETCH=self.prefetch,
             PER_TENSOR_BETA=beta is None,
+            STOCHASTIC=stochastic,
             **self.shifts,
         )
         compiled = tk.fusion_step_kernel[self.grid](*args, **constexprs, num_warps=self.num_warps)
@@ -298,6 +312,7 @@ class _Layout:
     """The slot numbers above, as attributes (``tk.P``), for the table builders."""
 
     P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA = P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA
+    ROUND_K0, ROUND_K1 = ROUND_K0, ROUND_K1
     ACC0_OLD, ACC0_NEW, FLAG, DIM_BASE, DIM_SLOTS, META_WIDTH = (
         ACC0_OLD,
         ACC0_NEW,
