@@ -463,3 +463,22 @@ def test_summarize_writes_the_table_and_json_with_provenance(one_run, tmp_path, 
         and doc["meta"]["commit"]
         and doc["not_run"] == {"adamw8bit_bnb": "bitsandbytes is not installed"}
     )
+
+
+# ---------------------------------------------------------------- Hugging Face Trainer
+
+
+def test_trainer_with_fusion_optimizer_reproduces_the_benchmark_run(smoke_data):
+    pytest.importorskip("transformers", reason="transformers is not installed (the GPU machines have it)")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate, which is not installed")
+    from benchmarks.lm_trainer_hf import train_with_trainer
+
+    cfg = tiny_config(smoke_data, steps=10, eval_every=5, log_every=5)
+    hf = train_with_trainer(cfg)
+    own = lm.train(cfg, log=lambda s: None)
+    assert hf["client"] == "hf_trainer" and hf["status"] == "ok" and hf["steps_done"] == 10
+    assert [p["step"] for p in hf["curve"] if "val_loss" in p] == [5, 10]
+    # the same model, batches, schedule and clipping: the same losses, to float32 rounding
+    assert hf["final_val_loss"] == pytest.approx(own["final_val_loss"], abs=1e-4)
+    assert hf["final_test_loss"] == pytest.approx(own["final_test_loss"], abs=1e-4)
+    assert hf["state_bytes"] == own["state_bytes"]
