@@ -149,7 +149,11 @@ def parse_variant(variant: str) -> tuple[str, dict, dict]:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"{variant!r}: {item!r} is not key=value")
-        (recipe if key in TRAIN_KEYS else opt)[key.strip()] = _parse_value(value.strip())
+        key = key.strip()
+        if key in ("Lambda", "weight_decay"):
+            # the param groups carry the decay (none on biases and gains), so a constructor keyword would not reach it
+            raise ValueError(f"{variant!r}: set the weight decay on matrices with wd=..., not {key}=...")
+        (recipe if key in TRAIN_KEYS else opt)[key] = _parse_value(value.strip())
     return name, opt, recipe
 
 
@@ -545,13 +549,16 @@ def append_run(path: Path, record: dict) -> None:
 
 @dataclass
 class Arm:
-    """One optimizer variant of a sweep and its grid."""
+    """One optimizer variant of a sweep and its grid. An arm that ``follow``s another variant is centred
+    at that variant's best lr, and waits until it is known (an ablation around the configuration it
+    changes)."""
 
     variant: str
-    centre: float
+    centre: float | None
     points: int
     seeds: int
     max_extend: int
+    follow: str | None = None
 
     def initial_grid(self) -> list[float]:
         return [canonical_lr(x) for x in lr_grid(self.centre, self.points)]
@@ -680,14 +687,37 @@ def sweep(
     durations: list[float] = []
     logs_dir = results.with_name(results.stem + "_logs")
     done_count = 0
+
+    def resolved_arms(in_flight: set[str]) -> list[Arm | None]:
+        """The arms with their centres; a following arm is ``None`` while its anchor's best is unknown."""
+        states = {}
+        for arm in arms:
+            if arm.follow is None:
+                states[arm.variant] = arm_state(arm, base, recorded, in_flight, manifest)
+        out = []
+        for arm in arms:
+            if arm.follow is None:
+                out.append(arm)
+                continue
+            anchor = canonical_variant(arm.follow)
+            if anchor in states:
+                best = states[anchor]["best"] if states[anchor]["settled"] else None
+            else:
+                best = _best_lr_from(list(recorded.values()), anchor)
+            out.append(replace(arm, centre=best) if best else None)
+        return out
+
     if dry_run:
         jobs = []
-        for arm in arms:
-            st = arm_state(arm, base, recorded, set(), manifest)
+        for arm, live in zip(arms, resolved_arms(set())):
+            if live is None:
+                log(f"waits: {arm.variant} (centred at the best lr of {arm.follow}, not known yet)")
+                continue
+            st = arm_state(live, base, recorded, set(), manifest)
             jobs += [(arm.variant, lr, seed, phase) for lr, seed, phase in st["needs"]]
         for variant, lr, seed, phase in jobs:
             log(f"would run: {variant} lr={lr:.3g} seed={seed} ({phase})")
-        log(f"{len(jobs)} job(s) ready now; extensions and seeds follow from their results")
+        log(f"{len(jobs)} job(s) ready now; extensions, seeds and ablations follow from their results")
         return []
 
     def estimate() -> float | None:
@@ -713,7 +743,9 @@ def sweep(
     def next_jobs() -> list[Job]:
         in_flight = set(running)
         ready = []
-        for i, arm in enumerate(arms):
+        for i, arm in enumerate(resolved_arms(in_flight)):
+            if arm is None:
+                continue
             st = arm_state(arm, base, recorded, in_flight, manifest)
             for lr, seed, job_phase in st["needs"]:
                 cfg = replace(base, optimizer=arm.variant, lr=lr, seed=seed, phase=phase or job_phase)
@@ -826,6 +858,9 @@ def sweep(
             break
         time.sleep(0.2)
     total = time.perf_counter() - t0
+    waiting = [a.variant for a, live in zip(arms, resolved_arms(set())) if live is None]
+    if waiting:
+        log(f"not started, their anchor's best lr unknown: {', '.join(waiting)}")
     log(f"sweep: {len(added)} run(s) added to {results} in {total:,.0f}s")
     return added
 
@@ -957,6 +992,11 @@ def summarize(
         m = row["val"]["mean"]
         row["ratio_to_" + reference] = m / ref["val"]["mean"] if (m and ref and ref["val"]["mean"]) else None
         row["delta_to_" + anchor] = m - anc["val"]["mean"] if (m and anc and anc["val"]["mean"]) else None
+        # the same seed means the same initialisation and batches: differences seed by seed are less noisy
+        common = sorted(set(row["seeds"]) & set(anc["seeds"])) if anc else []
+        mine = dict(zip(row["seeds"], row["val"]["values"]))
+        theirs = dict(zip(anc["seeds"], anc["val"]["values"])) if anc else {}
+        row["paired_delta_to_" + anchor] = _spread([mine[s] - theirs[s] for s in common]) if common else None
 
     def distinct(key):
         seen = []
@@ -988,33 +1028,47 @@ def _mib(x):
 
 
 def format_table(summary: dict) -> str:
-    ref = summary["reference"]
+    """The summary as a plain-text table, with notes on what it cannot show in its cells."""
+    ref, anchor = summary["reference"], summary["anchor"]
     head = (
-        f"{'optimizer':<34} {'best lr':>8} {'grid':>6} {'final val loss':>20} {'x ' + ref:>9} "
-        f"{'tok/s':>10} {'peak MiB':>9} {'state B/p':>9}"
+        f"{'optimizer':<36} {'best lr':>8} {'grid':>6} {'final val loss':>22} {'x ' + ref:>8} "
+        f"{'vs ' + anchor + ' (paired)':>24} {'tok/s':>11} {'peak MiB':>9} {'state B/p':>9}"
     )
     lines = [head, "-" * len(head)]
+    shared = False
     for r in summary["rows"]:
         v = r["val"]
         val = f"{v['mean']:.4f} ± {v['std']:.4f} ({v['n']})" if v["mean"] is not None else "-"
         ratio = r.get("ratio_to_" + ref)
+        paired = r.get("paired_delta_to_" + anchor)
+        if paired and paired["n"] and r["optimizer"] != anchor:
+            delta = f"{paired['mean']:+.4f} ± {paired['std']:.4f} ({paired['n']})"
+        else:
+            delta = "-"
         grid = "inside" if r["best_lr_inside_grid"] else "EDGE"
         lr = f"{r['best_lr']:.3g}" if r["best_lr"] else "-"
-        tps = r["tokens_per_s_alone"] or r["tokens_per_s"]
+        if r["tokens_per_s_alone"]:
+            tps = f"{r['tokens_per_s_alone']:,.0f}"
+        elif r["tokens_per_s"]:
+            tps, shared = f"{r['tokens_per_s']:,.0f}*", True
+        else:
+            tps = "-"
         bpp = f"{r['state_bytes_per_param']:.2f}" if r["state_bytes_per_param"] is not None else "-"
         lines.append(
-            f"{r['optimizer'][:34]:<34} {lr:>8} {grid:>6} {val:>20} {(f'{ratio:.3f}' if ratio else '-'):>9} "
-            f"{(f'{tps:,.0f}' if tps else '-'):>10} {_mib(r['peak_gpu_memory_bytes']):>9} "
-            f"{bpp:>9}"
+            f"{r['optimizer'][:36]:<36} {lr:>8} {grid:>6} {val:>22} {(f'{ratio:.3f}' if ratio else '-'):>8} "
+            f"{delta:>24} {tps:>11} {_mib(r['peak_gpu_memory_bytes']):>9} {bpp:>9}"
         )
     notes = [f"- {r['optimizer']}: {r['best_lr_note']}" for r in summary["rows"] if r["best_lr_note"]]
     notes += [f"- {r['optimizer']}: errors: {'; '.join(r['errors'])}" for r in summary["rows"] if r["errors"]]
     if summary.get("not_run"):
         notes += [f"- {k}: not run ({v})" for k, v in summary["not_run"].items()]
-    conc = {r["concurrent_runs"] for r in summary["rows"] if r.get("concurrent_runs")}
-    if conc and max(conc) > 1 and not any(r["tokens_per_s_alone"] for r in summary["rows"]):
-        notes.append(f"- tok/s measured with up to {max(conc):g} runs sharing the device")
-    return "\n".join(lines + ([""] + notes if notes else []))
+    if shared:
+        conc = max((r["concurrent_runs"] or 1) for r in summary["rows"])
+        notes.append(f"- * tok/s measured with up to {conc:g} runs sharing the device (no run alone recorded)")
+    notes.append(
+        f"- paired: the final val loss minus {anchor}'s at its best lr, seed by seed (same initialisation and batches)"
+    )
+    return "\n".join(lines + [""] + notes)
 
 
 # ---------------------------------------------------------------- command line
@@ -1095,8 +1149,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--points", type=int, default=5, help="lr grid points, a factor 2 apart (default 5)")
     s.add_argument("--seeds", type=int, default=3, help="seeds at the best lr, the grid's seed included")
     s.add_argument("--max-extend", type=int, default=2, help="extensions of the grid per edge")
+    s.add_argument("--points-for", nargs="+", default=[], metavar="VARIANT=N", help="grid points for some variants")
     s.add_argument("--lr-centre", type=float, default=None, help="grid centre for every optimizer listed")
-    s.add_argument("--centre-from", default=None, help="centre the grids at this variant's best lr in --results")
+    s.add_argument(
+        "--ablations",
+        nargs="+",
+        default=[],
+        metavar="VARIANT",
+        help="variants run after --optimizers, centred at the best lr of what they change: BASE for BASE:key=value, "
+        "--centre-from for the registry's ablation entries",
+    )
+    s.add_argument("--centre-from", default="fusion_rms", help="the anchor of the registry's ablation entries")
+    s.add_argument("--ablation-points", type=int, default=3)
+    s.add_argument("--ablation-seeds", type=int, default=1)
     s.add_argument("--parallel", type=int, default=1, help="concurrent runs (0: in this process)")
     s.add_argument("--deadline-s", type=float, default=None, help="start no run that would end after this")
     s.add_argument("--expect-job-s", type=float, default=None, help="a run's duration before one has finished")
@@ -1110,6 +1175,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--lr-from", type=Path, default=None, help="take each one's best lr from these runs")
     v.add_argument("--results", type=Path, default=RESULTS_DIR / "lm_speed.jsonl")
     v.add_argument("--deadline-s", type=float, default=None)
+    v.add_argument("--in-process", action="store_true", help="run in this process, not a subprocess each")
     _add_run_args(v)
     v.set_defaults(steps=200)
 
@@ -1159,14 +1225,14 @@ def main(argv: Sequence[str] | None = None):
         base = _base_config(args)
         device = resolve_device(args.device)
         previous = read_runs([args.results] + ([args.lr_from] if getattr(args, "lr_from", None) else []))
-        centre_from = None
-        if getattr(args, "centre_from", None):
-            centre_from = _best_lr_from(previous, args.centre_from)
-            if centre_from is None:
-                print(f"--centre-from {args.centre_from}: no finished run in {args.results}; using each entry's centre")
+        points_for = {}
+        for item in getattr(args, "points_for", []):
+            variant, _, n = item.rpartition("=")
+            points_for[canonical_variant(variant)] = int(n)
+        ablations = getattr(args, "ablations", [])
         arms = []
-        for variant in args.optimizers:
-            name, _, _ = parse_variant(variant)
+        for variant in list(args.optimizers) + list(ablations):
+            name, opt_overrides, recipe_overrides = parse_variant(variant)
             spec = get_lm_optimizer(name)
             reason = unavailable_reason(spec, device)
             if reason:
@@ -1183,17 +1249,23 @@ def main(argv: Sequence[str] | None = None):
                     ),
                 )
                 continue
+            v = canonical_variant(variant)
             if args.command == "speed":
                 best = _best_lr_from(previous, variant) if args.lr_from else None
-                arms.append(Arm(canonical_variant(variant), best or spec.lr_centre, 1, 1, 0))
+                arms.append(Arm(v, best or spec.lr_centre, 1, 1, 0))
+            elif variant in ablations:
+                follow = name if (opt_overrides or recipe_overrides) and not spec.ablation else args.centre_from
+                arms.append(
+                    Arm(v, None, points_for.get(v, args.ablation_points), args.ablation_seeds, args.max_extend, follow)
+                )
             else:
-                centre = args.lr_centre or centre_from or spec.lr_centre
-                arms.append(Arm(canonical_variant(variant), centre, args.points, args.seeds, args.max_extend))
+                centre = args.lr_centre or spec.lr_centre
+                arms.append(Arm(v, centre, points_for.get(v, args.points), args.seeds, args.max_extend))
         return sweep(
             arms,
             base,
             args.results,
-            parallel=1 if args.command == "speed" else args.parallel,
+            parallel=(0 if args.in_process else 1) if args.command == "speed" else args.parallel,
             deadline_s=args.deadline_s,
             expect_job_s=getattr(args, "expect_job_s", None),
             retry_errors=getattr(args, "retry_errors", False),

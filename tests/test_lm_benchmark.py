@@ -131,6 +131,8 @@ def test_variants_parse_and_name_one_configuration_once():
     assert lm.canonical_variant("fusion_rms:b=2,a=1") == lm.canonical_variant("fusion_rms:a=1,b=2")
     with pytest.raises(ValueError, match="unknown optimizer"):
         lm.parse_variant("nope")
+    with pytest.raises(ValueError, match="wd="):
+        lm.parse_variant("fusion_rms:Lambda=0.3")  # the groups hold the decay: wd is the one knob
     cfg = lm.RunConfig(optimizer="adamw:wd=0.3", lr=1e-3)
     assert cfg.effective()["wd"] == 0.3
     manifest = {"splits": {"train": {"sha256": "ab" * 32}}}
@@ -482,3 +484,87 @@ def test_trainer_with_fusion_optimizer_reproduces_the_benchmark_run(smoke_data):
     assert hf["final_val_loss"] == pytest.approx(own["final_val_loss"], abs=1e-4)
     assert hf["final_test_loss"] == pytest.approx(own["final_test_loss"], abs=1e-4)
     assert hf["state_bytes"] == own["state_bytes"]
+
+
+# ---------------------------------------------------------------- speed runs and wheels
+
+
+def test_speed_runs_fill_tokens_per_second_alone_and_stay_out_of_the_losses(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"adamw": 1e-3})
+    monkeypatch.setattr(lm, "train", fake)
+    runs, speed = tmp_path / "runs.jsonl", tmp_path / "speed.jsonl"
+    common = ["--size", "tiny", "--data", str(smoke_data)]
+    lm.main(
+        ["sweep", "--optimizers", "adamw", "--points", "3", "--seeds", "2", "--parallel", "0", "--results", str(runs)]
+        + common
+    )
+    lm.main(
+        ["speed", "--optimizers", "adamw", "--lr-from", str(runs), "--in-process", "--results", str(speed)] + common
+    )
+    assert fake.calls[-1] == ("adamw", 1e-3, 0, "speed")  # alone, at the best lr, 200 steps by default
+    (speed_run,) = lm.read_runs([speed])
+    assert speed_run["config"]["steps"] == 200
+    summary = lm.summarize(lm.read_runs([runs, speed]))
+    (row,) = summary["rows"]
+    assert (
+        row["tokens_per_s_alone"] == 1.0 and row["val"]["n"] == 2 and len(row["grid"]) == 4
+    )  # 1e-3 to 4e-3, then 5e-4
+
+
+def test_paired_deltas_compare_seed_by_seed(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"fusion_rms": 1e-3, "fusion_mom_bc": 1e-3})
+    monkeypatch.setattr(lm, "train", fake)
+    results = tmp_path / "runs.jsonl"
+    arms = [lm.Arm("fusion_rms", 1e-3, 3, 3, 0), lm.Arm("fusion_mom_bc", 1e-3, 3, 1, 0)]
+    lm.sweep(arms, tiny_config(smoke_data), results, parallel=0, log=lambda s: None)
+    rows = {r["optimizer"]: r for r in lm.summarize(lm.read_runs([results]))["rows"]}
+    paired = rows["fusion_mom_bc"]["paired_delta_to_fusion_rms"]
+    assert paired["n"] == 1 and paired["mean"] == pytest.approx(0.0)  # seed 0 against seed 0
+    assert rows["fusion_mom_bc"]["delta_to_fusion_rms"] == pytest.approx(-0.01)  # against the 3-seed mean
+
+
+def test_a_slimmed_wheel_keeps_the_named_libraries_and_a_true_record(tmp_path):
+    import zipfile
+
+    from benchmarks.gpu_wheels import _record_hash, slim_wheel
+
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    files = {
+        "bitsandbytes/__init__.py": b"",
+        "bitsandbytes/libbitsandbytes_cuda118.so": b"x" * 100,
+        "bitsandbytes/libbitsandbytes_cuda130.so": b"y" * 10,
+        "bitsandbytes/libbitsandbytes_cpu.so": b"z",
+        "bitsandbytes-0.50.2.dist-info/WHEEL": b"Wheel-Version: 1.0\nTag: py3-none-manylinux_2_24_x86_64\n\n",
+        "bitsandbytes-0.50.2.dist-info/RECORD": b"",
+    }
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, blob in files.items():
+            z.writestr(name, blob)
+    out = slim_wheel(wheel)
+    assert out.name == "bitsandbytes-0.50.2-1cu13-py3-none-manylinux_2_24_x86_64.whl"
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        assert "bitsandbytes/libbitsandbytes_cuda118.so" not in names
+        assert {"bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_cpu.so"} <= names
+        assert z.read("bitsandbytes-0.50.2.dist-info/WHEEL").decode().splitlines()[-1] == "Build: 1cu13"
+        rows = [ln.split(",") for ln in z.read("bitsandbytes-0.50.2.dist-info/RECORD").decode().splitlines()]
+        assert {r[0] for r in rows} == names
+        assert all(r[1] == _record_hash(z.read(r[0])) for r in rows if r[1])
+
+
+def test_ablations_wait_for_their_anchor_and_centre_on_its_best(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"fusion_rms": 2e-3, "fusion_rms:beta_decay=0.5": 2e-3, "fusion_dense": 2e-3, "adamw": 1e-3})
+    monkeypatch.setattr(lm, "train", fake)
+    results = tmp_path / "runs.jsonl"
+    argv = ["sweep", "--optimizers", "fusion_rms", "adamw", "--points", "3", "--seeds", "1", "--parallel", "0"]
+    argv += ["--ablations", "fusion_rms:beta_decay=0.5", "fusion_dense", "--size", "tiny", "--data", str(smoke_data)]
+    lm.main(argv + ["--results", str(results), "--points-for", "adamw=2"])
+    calls = [(opt, lr) for opt, lr, seed, phase in fake.calls]
+    # fusion_rms: 2e-3, 4e-3, 8e-3 is its grid (centre 4e-3); best 2e-3 at the edge, so 1e-3 too
+    assert [lr for opt, lr in calls if opt == "fusion_rms"] == pytest.approx([2e-3, 4e-3, 8e-3, 1e-3])
+    assert len([1 for opt, _ in calls if opt == "adamw"]) == 2 + 1  # --points-for: 2 points, then an extension
+    for ablation in ("fusion_rms:beta_decay=0.5", "fusion_dense"):
+        lrs = [lr for opt, lr in calls if opt == ablation]
+        assert lrs == pytest.approx([1e-3, 2e-3, 4e-3])  # centred at fusion_rms's best
+        # and only once fusion_rms's grid was settled
+        assert calls.index((ablation, lrs[0])) > calls.index(("fusion_rms", 1e-3))
