@@ -273,6 +273,11 @@ def evaluate(model, split: torch.Tensor, starts: torch.Tensor, block: int, batch
     return float(total) / count
 
 
+def _finite_or_none(x: float) -> float | None:
+    """A loss as a record keeps it: ``None`` for NaN and infinities (JSON has neither)."""
+    return x if math.isfinite(x) else None
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -378,14 +383,14 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
             train_time_s=round(train_time, 4),
             wall_s=round(now - started, 4),
             lr=group_lrs(optimizer)[0],
-            train_loss=train_loss,
+            train_loss=_finite_or_none(train_loss),
         )
         if not math.isfinite(train_loss) or train_loss > limit:
             diverged = True
             reason = f"train loss {train_loss:.4g} at step {step} (limit {limit:.4g}: first loss + margin)"
         elif is_eval:
             val = evaluate(step_model, val_split, eval_starts, T, B, autocast)
-            point["val_loss"] = val
+            point["val_loss"] = _finite_or_none(val)
             if not math.isfinite(val):
                 diverged, reason = True, f"validation loss {val} at step {step}"
             first_eval_done = True
@@ -393,7 +398,7 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
         seg_start = time.perf_counter()
         eval_time += seg_start - now
         curve.append(point)
-        if "val_loss" in point:
+        if point.get("val_loss") is not None:
             log(
                 f"  step {step}/{cfg.steps}  train {train_loss:.4f}  val {point['val_loss']:.4f}  "
                 f"lr {point['lr']:.3g}  {step * tokens_per_step / max(train_time, 1e-9):,.0f} tok/s"
@@ -410,7 +415,7 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
             diverged, reason, final_val, final_test = True, "non-finite final loss", None, None
     sbytes = optimizer_state_bytes(optimizer)
     tokens = step * tokens_per_step
-    vals = [p["val_loss"] for p in curve if "val_loss" in p and math.isfinite(p["val_loss"])]
+    vals = [p["val_loss"] for p in curve if p.get("val_loss") is not None]
     record = dict(
         key=run_key(cfg, corpus.manifest),
         optimizer=canonical_variant(cfg.optimizer),
@@ -431,7 +436,7 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
         final_val_loss=final_val,
         final_test_loss=final_test,
         best_curve_val_loss=min(vals) if vals else None,
-        first_loss=float(first_loss) if first_loss is not None else None,
+        first_loss=_finite_or_none(float(first_loss)) if first_loss is not None else None,
         curve=curve,
         train_time_s=train_time,
         eval_time_s=eval_time,
@@ -976,9 +981,9 @@ def summarize(
             curves=[
                 dict(
                     seed=r["seed"],
-                    tokens=[p["tokens"] for p in r["curve"] if "val_loss" in p],
-                    train_time_s=[p["train_time_s"] for p in r["curve"] if "val_loss" in p],
-                    val_loss=[p["val_loss"] for p in r["curve"] if "val_loss" in p],
+                    tokens=[p["tokens"] for p in r["curve"] if p.get("val_loss") is not None],
+                    train_time_s=[p["train_time_s"] for p in r["curve"] if p.get("val_loss") is not None],
+                    val_loss=[p["val_loss"] for p in r["curve"] if p.get("val_loss") is not None],
                     train_tokens=[p["tokens"] for p in r["curve"]],
                     train_loss=[p["train_loss"] for p in r["curve"]],
                 )

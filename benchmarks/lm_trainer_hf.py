@@ -38,6 +38,7 @@ from benchmarks.lm import (
     RunConfig,
     _add_run_args,
     _base_config,
+    _finite_or_none,
     _windows,
     append_run,
     data_info,
@@ -155,9 +156,9 @@ def train_with_trainer(cfg: RunConfig, output_dir: str | None = None, command: s
             point["train_time_s"] = round(now - started - setup_s - self.eval_time, 4)
             point["wall_s"] = round(now - started, 4)
             if logs and "loss" in logs:
-                point["train_loss"] = logs["loss"]
+                point["train_loss"] = _finite_or_none(float(logs["loss"]))
             if logs and "eval_loss" in logs:
-                point["val_loss"] = logs["eval_loss"]
+                point["val_loss"] = _finite_or_none(float(logs["eval_loss"]))
 
     clock = Clock()
 
@@ -214,7 +215,7 @@ def train_with_trainer(cfg: RunConfig, output_dir: str | None = None, command: s
         if "train_loss" in p or "val_loss" in p:
             curve.append(p)
     diverged = not (math.isfinite(final_val) and math.isfinite(final_test))
-    vals = [p["val_loss"] for p in curve if "val_loss" in p]
+    vals = [p["val_loss"] for p in curve if p.get("val_loss") is not None]
     tokens = steps_done * tokens_per_step
     sbytes = optimizer_state_bytes(opt)
     return dict(

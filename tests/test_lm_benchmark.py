@@ -183,6 +183,10 @@ def test_a_diverging_run_stops_early_and_says_why(smoke_data):
     assert r["status"] == "diverged" and r["diverged"]
     assert r["steps_done"] < 40 and "first loss + margin" in r["divergence"]
     assert r["final_val_loss"] is None
+    json.dumps(r, allow_nan=False)
+    nan = lm.train(tiny_config(smoke_data, optimizer="adamw", lr=1e30, steps=8, warmup_frac=0.0), log=lambda s: None)
+    assert nan["status"] == "diverged" and "train loss" in nan["divergence"]
+    json.dumps(nan, allow_nan=False)  # non-finite losses are recorded as null
 
 
 def test_fusion_state_bytes_are_momentum_steps_and_n_plus_m_accumulators():
