@@ -641,8 +641,16 @@ def arm_state(arm: Arm, base: RunConfig, runs: dict[str, dict], in_flight: set[s
     return state
 
 
-def _best_lr_from(runs: list[dict], variant: str) -> float | None:
-    grid = [r for r in runs if r["optimizer"] == canonical_variant(variant) and r["seed"] == 0]
+def _best_lr_from(runs: list[dict], variant: str, size: str | None = None) -> float | None:
+    """The lr of ``variant``'s best finished seed-0 run among ``runs`` (speed runs left out)."""
+    grid = [
+        r
+        for r in runs
+        if r["optimizer"] == canonical_variant(variant)
+        and r["seed"] == 0
+        and r.get("phase") != "speed"
+        and (size is None or r.get("config", {}).get("size") == size)
+    ]
     ok = [r for r in grid if r["status"] == "ok" and r["final_val_loss"] is not None]
     return min(ok, key=lambda r: r["final_val_loss"])["lr"] if ok else None
 
@@ -1256,7 +1264,7 @@ def main(argv: Sequence[str] | None = None):
                 continue
             v = canonical_variant(variant)
             if args.command == "speed":
-                best = _best_lr_from(previous, variant) if args.lr_from else None
+                best = _best_lr_from(previous, variant, args.size) if args.lr_from else None
                 arms.append(Arm(v, best or spec.lr_centre, 1, 1, 0))
             elif variant in ablations:
                 follow = name if (opt_overrides or recipe_overrides) and not spec.ablation else args.centre_from
