@@ -716,7 +716,7 @@ def sweep(
             if anchor in states:
                 best = states[anchor]["best"] if states[anchor]["settled"] else None
             else:
-                best = _best_lr_from(list(recorded.values()), anchor)
+                best = _best_lr_from(list(recorded.values()), anchor, base.size)
             out.append(replace(arm, centre=best) if best else None)
         return out
 
