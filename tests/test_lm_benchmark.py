@@ -1,0 +1,574 @@
+"""The language-model benchmark: corpus, schedule, one run's record, the sweep's protocol (grid, extension,
+seeds, resume, deadline), the summary, the ablation prototypes, and the Hugging Face Trainer client.
+
+Everything runs offline on a CPU: the corpus is built from standard-library docstrings, the model is the
+``tiny`` size, and runs are a few steps long.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root holds `benchmarks`
+
+import fusedbun  # noqa: E402
+from benchmarks import corpus as corpus_mod  # noqa: E402
+from benchmarks import lm  # noqa: E402
+from benchmarks.gpt import GPT, SIZES  # noqa: E402
+from benchmarks.lm_optimizers import (  # noqa: E402
+    FusionVariant,
+    get_lm_optimizer,
+    lr_grid,
+    optimizer_state_bytes,
+)
+
+SMOKE_MODULES = ("argparse", "json", "textwrap", "dataclasses", "shutil", "string", "calendar", "heapq")
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus") / "smoke"
+    corpus_mod.build_smoke(out, modules=SMOKE_MODULES)
+    return out
+
+
+def tiny_config(data: Path, **kw) -> lm.RunConfig:
+    base = dict(optimizer="fusion_rms", lr=1e-2, size="tiny", steps=8, data=str(data), eval_every=4, log_every=2)
+    return lm.RunConfig(**{**base, **kw})
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def _ar(members: dict[str, bytes]) -> bytes:
+    out = b"!<arch>\n"
+    for name, blob in members.items():
+        header = f"{name + '/':<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(blob):<10}`\n".encode()
+        out += header + blob + (b"\n" if len(blob) % 2 else b"")
+    return out
+
+
+def _tar_xz(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:xz") as tar:
+        for name, blob in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+def test_a_deb_is_read_without_dpkg_and_split_by_document(tmp_path):
+    root = "./" + corpus_mod.DOC_ROOT
+    docs = {
+        f"{root}library/mod{i}.rst.txt": f"Module {i}\n=========\n\nText of document {i}.\n".encode() for i in range(60)
+    }
+    docs["./usr/share/doc/python3.11/html/index.html"] = b"<html>not a source</html>"
+    deb = tmp_path / "python3.11-doc_9.9-1_all.deb"
+    deb.write_bytes(
+        _ar(
+            {
+                "debian-binary": b"2.0\n",
+                "control.tar.xz": _tar_xz({"./control": b"Package: python3.11-doc\nVersion: 9.9-1\n"}),
+                "data.tar.xz": _tar_xz(docs),
+            }
+        )
+    )
+    manifest = corpus_mod.build_python_doc(tmp_path / "out", deb=deb)
+    assert manifest["source"]["package"] == "python3.11-doc" and manifest["source"]["version"] == "9.9-1"
+    assert manifest["source"]["documents"] == 60
+    paths = {s: manifest["splits"][s]["paths"] for s in corpus_mod.SPLITS}
+    assert sum(len(p) for p in paths.values()) == 60
+    for split, ps in paths.items():
+        assert all(corpus_mod.split_of(p) == split for p in ps)
+    c = corpus_mod.load_corpus(tmp_path / "out")
+    # each document ends with the 0 byte, and the text holds no other
+    assert int((c.train == 0).sum()) == manifest["splits"]["train"]["documents"]
+    assert bytes(c.val.tolist()).split(b"\0")[0].startswith(b"Module ")
+
+
+def test_the_split_depends_on_the_path_only_and_files_are_verified(smoke_data, tmp_path):
+    again = tmp_path / "again"
+    corpus_mod.build_smoke(again, modules=SMOKE_MODULES)
+    a = json.loads((smoke_data / "manifest.json").read_text())
+    b = json.loads((again / "manifest.json").read_text())
+    assert a["splits"] == b["splits"]  # the same bytes, sha256 and documents
+    assert all(a["splits"][s]["documents"] > 0 for s in corpus_mod.SPLITS)
+    tampered = bytearray((again / "val.bin").read_bytes())
+    tampered[0] ^= 1
+    (again / "val.bin").write_bytes(bytes(tampered))
+    with pytest.raises(ValueError, match="sha256"):
+        corpus_mod.load_corpus(again)
+    with pytest.raises(FileNotFoundError, match="benchmarks.corpus build"):
+        corpus_mod.load_corpus(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------- recipe pieces
+
+
+def test_warmup_is_linear_then_cosine_reaches_the_floor():
+    steps, warm = 100, 0.1
+    f = [lm.lr_factor(s, steps, warm, 0.1) for s in range(1, steps + 1)]
+    assert f[:10] == pytest.approx([s / 10 for s in range(1, 11)])
+    assert f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # non-increasing after the warmup
+    assert lm.lr_factor(55, steps, warm, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+
+
+def test_variants_parse_and_name_one_configuration_once():
+    name, opt, recipe = lm.parse_variant("fusion_rms:warmup_frac=0.02,beta_decay=0.5,momentum_dtype=torch.bfloat16")
+    assert name == "fusion_rms" and recipe == {"warmup_frac": 0.02}
+    assert opt == {"beta_decay": 0.5, "momentum_dtype": torch.bfloat16}
+    assert lm.canonical_variant("fusion_rms:b=2,a=1") == lm.canonical_variant("fusion_rms:a=1,b=2")
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        lm.parse_variant("nope")
+    with pytest.raises(ValueError, match="wd="):
+        lm.parse_variant("fusion_rms:Lambda=0.3")  # the groups hold the decay: wd is the one knob
+    cfg = lm.RunConfig(optimizer="adamw:wd=0.3", lr=1e-3)
+    assert cfg.effective()["wd"] == 0.3
+    manifest = {"splits": {"train": {"sha256": "ab" * 32}}}
+    k = lm.run_key(cfg, manifest)
+    assert k == lm.run_key(replace(cfg, phase="seed", eval_every=7), manifest)  # phase and eval: not the run
+    assert k != lm.run_key(replace(cfg, seed=1), manifest)
+    assert k != lm.run_key(replace(cfg, lr=2e-3), manifest)
+
+
+def test_lr_grid_is_a_factor_two_apart_around_its_centre():
+    assert lr_grid(1e-3, 5) == pytest.approx([2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3])
+    assert lr_grid(1e-3, 1) == pytest.approx([1e-3])
+
+
+def test_gpu_size_is_in_the_25m_to_125m_range():
+    assert 25e6 <= GPT(SIZES["gpu"]).num_params() <= 30e6
+    assert SIZES["gpu"].tokens_per_step == 16384
+
+
+# ---------------------------------------------------------------- one run
+
+
+@pytest.fixture(scope="module")
+def one_run(smoke_data) -> dict:
+    return lm.train(tiny_config(smoke_data), log=lambda s: None)
+
+
+def test_a_run_records_curves_speed_memory_state_and_provenance(one_run):
+    r = one_run
+    assert r["status"] == "ok" and r["steps_done"] == 8 and not r["diverged"]
+    assert math.isfinite(r["final_val_loss"]) and math.isfinite(r["final_test_loss"])
+    evals = [p for p in r["curve"] if "val_loss" in p]
+    assert [p["step"] for p in evals] == [4, 8]
+    assert [p["tokens"] for p in r["curve"]] == [s * SIZES["tiny"].tokens_per_step for s in (2, 4, 6, 8)]
+    times = [p["train_time_s"] for p in r["curve"]]
+    assert times == sorted(times) and times[0] > 0
+    assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0
+    assert r["state_bytes"] > 0 and r["state_bytes_per_param"] == pytest.approx(r["state_bytes"] / r["n_params"])
+    assert r["peak_gpu_memory_bytes"] is None  # CPU
+    assert r["versions"]["torch"] == torch.__version__
+    assert r["machine"]["device"] == "cpu" and r["commit"]["source"] in ("git", "FUSEDBUN_COMMIT", None)
+    assert r["data"]["sha256"]["train"] and r["recipe"]["tokens_per_step"] == SIZES["tiny"].tokens_per_step
+    json.dumps(r, allow_nan=False)  # a record is plain JSON
+
+
+def test_a_diverging_run_stops_early_and_says_why(smoke_data):
+    r = lm.train(tiny_config(smoke_data, optimizer="adamw", lr=10.0, steps=40, warmup_frac=0.0), log=lambda s: None)
+    assert r["status"] == "diverged" and r["diverged"]
+    assert r["steps_done"] < 40 and "first loss + margin" in r["divergence"]
+    assert r["final_val_loss"] is None
+    json.dumps(r, allow_nan=False)
+    nan = lm.train(tiny_config(smoke_data, optimizer="adamw", lr=1e30, steps=8, warmup_frac=0.0), log=lambda s: None)
+    assert nan["status"] == "diverged" and "train loss" in nan["divergence"]
+    json.dumps(nan, allow_nan=False)  # non-finite losses are recorded as null
+
+
+def test_fusion_state_bytes_are_momentum_steps_and_n_plus_m_accumulators():
+    model = GPT(SIZES["tiny"])
+    opt = get_lm_optimizer("fusion_rms").build(model, 1e-3, 0.1, use_rms=True)
+    model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))[1].backward()
+    opt.step()
+    params = list(model.parameters())
+    accumulators = sum(sum(p.shape) if p.dim() >= 2 else p.numel() for p in params)
+    expected = 4 * sum(p.numel() for p in params) + 4 * len(params) + 4 * accumulators
+    assert optimizer_state_bytes(opt) == expected
+    adamw = get_lm_optimizer("adamw").build(model, 1e-3, 0.1)
+    adamw.step()
+    assert optimizer_state_bytes(adamw) == 8 * sum(p.numel() for p in params) + 4 * len(params)
+
+
+# ---------------------------------------------------------------- ablation prototypes
+
+
+def _reference_step(st: dict, p: torch.Tensor, g: torch.Tensor, h: dict) -> torch.Tensor:
+    """One step of FusionVariant's rule in float64, written from its formula: SM3's bound as the minimum of
+    one vector per dimension, the accumulators as maxima over all the other dimensions."""
+    st["t"] += 1
+    t = st["t"]
+    mask = (g.abs() > h["eps"]) & (g.abs() < 2.0**64)
+    g = torch.where(mask, g, torch.zeros_like(g))
+    beta = h["beta2"] if h["beta2"] is not None else 1 - t ** (-h["beta_decay"])
+    if p.dim() <= 1:
+        prev = st["v"]
+    else:
+        prev = torch.stack(torch.meshgrid(*st["acc"], indexing="ij")).amin(0)
+    nu = torch.where(mask, beta * prev + (1 - beta) * g * g, prev)
+    if p.dim() <= 1:
+        st["v"] = nu
+    else:
+        st["acc"] = [nu.movedim(k, 0).reshape(n, -1).amax(1) for k, n in enumerate(p.shape)]
+    nu_hat = nu / (1 - h["beta2"] ** t) if h["beta2"] is not None else nu
+    d = nu_hat.sqrt() + h["eps"]
+    bm = h["momentum_beta"]
+    x = g / d if h["momentum"] == "after" else g
+    st["m"] = bm * st["m"] + (1 - bm) * x
+    if h["nesterov"]:
+        mh, b = bm * st["m"] + (1 - bm) * x, 1 - bm ** (t + 1)
+    else:
+        mh, b = st["m"], 1 - bm**t
+    if h["bias_correction"]:
+        mh = mh / b
+    u = mh if h["momentum"] == "after" else mh / d
+    return p * (1 - h["lr"] * h["Lambda"]) - h["lr"] * u
+
+
+def _gradients(shapes, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for s in shapes:
+            g = torch.randn(s, generator=gen) * 0.1
+            g.view(-1)[::3] = 0.0  # masked entries
+            grads.append(g)
+        out.append(grads)
+    return out
+
+
+SHAPES = [(5, 7), (3, 4, 2), (6,), ()]
+VARIANTS = [
+    dict(momentum="after", bias_correction=False, nesterov=False, beta2=None),
+    dict(momentum="after", bias_correction=True, nesterov=False, beta2=None),
+    dict(momentum="after", bias_correction=False, nesterov=True, beta2=None),
+    dict(momentum="after", bias_correction=True, nesterov=True, beta2=None),
+    dict(momentum="before", bias_correction=False, nesterov=False, beta2=None),
+    dict(momentum="before", bias_correction=True, nesterov=True, beta2=0.95),
+]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+def test_fusion_variant_matches_its_formula_in_float64(variant):
+    torch.manual_seed(1)
+    hyper = dict(lr=0.05, eps=1e-8, beta_decay=0.8, Lambda=0.1, momentum_beta=0.9, **variant)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    ref = [p.detach().double().clone() for p in params]
+    states = [
+        dict(
+            t=0,
+            v=torch.zeros(p.shape, dtype=torch.float64),
+            acc=[torch.zeros(n, dtype=torch.float64) for n in p.shape],
+            m=torch.zeros(p.shape, dtype=torch.float64),
+        )
+        for p in params
+    ]
+    opt = FusionVariant(params, **{k: hyper[k] for k in hyper if k != "lr"}, lr=hyper["lr"])
+    for grads in _gradients(SHAPES, 6):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref = [_reference_step(st, r, g.double(), hyper) for st, r, g in zip(states, ref, grads)]
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", [{"foreach": False}, {"foreach": True}, {}], ids=["single", "foreach", "default"])
+def test_fusion_variant_with_the_packages_rule_takes_the_packages_step(engine):
+    torch.manual_seed(2)
+    a = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    package = fusedbun.FusionOptimizer(a, lr=0.05, Lambda=0.1, use_rms=True, **engine)
+    variant = FusionVariant(b, lr=0.05, Lambda=0.1)
+    for grads in _gradients(SHAPES, 6, seed=3):
+        for pa, pb, g in zip(a, b, grads):
+            pa.grad, pb.grad = g.clone(), g.clone()
+        package.step()
+        variant.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa.detach(), pb.detach())
+
+
+def test_dense_ablation_keeps_a_per_element_second_moment():
+    model = GPT(SIZES["tiny"])
+    opt = get_lm_optimizer("fusion_dense").build(model, 1e-3, 0.1)
+    model(torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long))[1].backward()
+    opt.step()
+    n = sum(p.numel() for p in model.parameters())
+    # momentum and a dense second moment (8 B/param) and a step per tensor
+    assert optimizer_state_bytes(opt) == 8 * n + 4 * len(list(model.parameters()))
+    assert [g["Lambda"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+class FakeTrainer:
+    """Stands in for ``lm.train``: the loss is a parabola in log2(lr) around ``best`` (plus a little per
+    seed), so the protocol's choices are known in advance."""
+
+    def __init__(self, best: dict[str, float]) -> None:
+        self.best, self.calls = best, []
+
+    def __call__(self, cfg, log=print, command=None):
+        self.calls.append((cfg.optimizer, cfg.lr, cfg.seed, cfg.phase))
+        manifest = corpus_mod.load_corpus(cfg.data, verify=False).manifest
+        loss = 1.0 + (math.log2(cfg.lr / self.best[cfg.optimizer])) ** 2 + 0.01 * cfg.seed
+        return dict(
+            key=lm.run_key(cfg, manifest),
+            optimizer=cfg.optimizer,
+            base=cfg.optimizer,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            phase=cfg.phase,
+            status="ok",
+            diverged=False,
+            final_val_loss=loss,
+            final_test_loss=loss,
+            curve=[dict(step=1, tokens=1, train_time_s=1.0, train_loss=loss, val_loss=loss)],
+            tokens_per_s=1.0,
+            state_bytes=1,
+            state_bytes_per_param=1.0,
+            n_params=1,
+            config=dict(size=cfg.size, steps=cfg.steps),
+            command=command,
+            wall_s=0.0,
+        )
+
+
+def test_the_grid_is_extended_at_the_edge_then_seeds_run_at_the_best(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"adamw": 4e-3, "fusion_rms": 1e-3})
+    monkeypatch.setattr(lm, "train", fake)
+    base = tiny_config(smoke_data)
+    arms = [lm.Arm("adamw", 1e-3, 3, 3, 2), lm.Arm("fusion_rms", 1e-3, 3, 3, 2)]
+    results = tmp_path / "runs.jsonl"
+    lm.sweep(arms, base, results, parallel=0, log=lambda s: None)
+    adamw = [(lr, seed, phase) for opt, lr, seed, phase in fake.calls if opt == "adamw"]
+    # grid 5e-4, 1e-3, 2e-3; the best is at the top edge, so 4e-3, then 8e-3; the best 4e-3 is inside
+    assert adamw[:5] == [
+        (5e-4, 0, "grid"),
+        (1e-3, 0, "grid"),
+        (2e-3, 0, "grid"),
+        (4e-3, 0, "extension"),
+        (8e-3, 0, "extension"),
+    ]
+    assert adamw[5:] == [(4e-3, 1, "seed"), (4e-3, 2, "seed")]
+    fusion = [(lr, seed, phase) for opt, lr, seed, phase in fake.calls if opt == "fusion_rms"]
+    assert [x for x in fusion if x[2] != "seed"] == [(5e-4, 0, "grid"), (1e-3, 0, "grid"), (2e-3, 0, "grid")]
+    assert len(lm.read_runs([results])) == len(fake.calls) == 12
+    summary = lm.summarize(lm.read_runs([results]))
+    rows = {r["optimizer"]: r for r in summary["rows"]}
+    assert rows["adamw"]["best_lr"] == 4e-3 and rows["adamw"]["best_lr_inside_grid"]
+    assert rows["adamw"]["val"]["n"] == 3 and rows["adamw"]["val"]["mean"] == pytest.approx(1.01)
+    assert rows["fusion_rms"]["ratio_to_adamw"] == pytest.approx(1.0)
+
+    # resume: every run is recorded, so nothing runs again
+    monkeypatch.setattr(lm, "train", lambda *a, **k: pytest.fail("a recorded run was run again"))
+    assert lm.sweep(arms, base, results, parallel=0, log=lambda s: None) == []
+
+
+def test_a_best_lr_past_the_extension_limit_is_reported_at_the_edge(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"adafactor": 1.0})  # far above any grid point
+    monkeypatch.setattr(lm, "train", fake)
+    results = tmp_path / "runs.jsonl"
+    lm.sweep([lm.Arm("adafactor", 1e-2, 3, 2, 1)], tiny_config(smoke_data), results, parallel=0, log=lambda s: None)
+    assert [c[1] for c in fake.calls] == pytest.approx([5e-3, 1e-2, 2e-2, 4e-2, 4e-2])
+    summary = lm.summarize(lm.read_runs([results]))
+    (row,) = summary["rows"]
+    assert row["best_lr"] == pytest.approx(4e-2) and not row["best_lr_inside_grid"]
+    assert "edge of the grid" in row["best_lr_note"]
+    assert "EDGE" in lm.format_table(summary) and "edge of the grid" in lm.format_table(summary)
+
+
+def test_every_grid_run_diverging_extends_the_grid_downwards(smoke_data, tmp_path, monkeypatch):
+    def diverging(cfg, log=print, command=None):
+        record = FakeTrainer({cfg.optimizer: 1.0})(cfg, command=command)
+        return dict(record, status="diverged", diverged=True, final_val_loss=None)
+
+    monkeypatch.setattr(lm, "train", diverging)
+    results = tmp_path / "runs.jsonl"
+    lm.sweep([lm.Arm("lion", 1e-3, 2, 3, 2)], tiny_config(smoke_data), results, parallel=0, log=lambda s: None)
+    lrs = sorted(r["lr"] for r in lm.read_runs([results]))
+    assert lrs == pytest.approx([1.25e-4, 2.5e-4, 5e-4, 1e-3])  # two extensions down, then no seeds
+    (row,) = lm.summarize(lm.read_runs([results]))["rows"]
+    assert row["best_lr"] is None and row["best_lr_note"] == "every run of the grid diverged or failed"
+
+
+def test_a_real_sweep_runs_subprocesses_in_parallel_and_resumes(smoke_data, tmp_path):
+    results = tmp_path / "runs.jsonl"
+    argv = ["sweep", "--optimizers", "adamw", "fusion_rms", "--points", "1", "--seeds", "1", "--max-extend", "0"]
+    argv += ["--size", "tiny", "--steps", "4", "--eval-every", "2", "--log-every", "2", "--data", str(smoke_data)]
+    argv += ["--parallel", "2", "--results", str(results)]
+    added = lm.main(argv)
+    assert sorted(r["optimizer"] for r in added) == ["adamw", "fusion_rms"]
+    for r in lm.read_runs([results]):
+        assert r["status"] == "ok" and r["concurrent_runs"] == 2
+        assert r["command"] == "python -m benchmarks.lm " + " ".join(argv)
+        assert r["lr"] == get_lm_optimizer(r["optimizer"]).lr_centre
+    assert len(list((tmp_path / "runs_logs").glob("*.log"))) == 2
+    assert lm.main(argv) == []  # resumed: nothing left to run
+
+
+def test_the_deadline_stops_runs_in_flight_and_records_none(smoke_data, tmp_path):
+    results = tmp_path / "runs.jsonl"
+    base = tiny_config(smoke_data, steps=10**6, eval_every=10**6, log_every=10**6)
+    added = lm.sweep([lm.Arm("adamw", 1e-3, 1, 1, 0)], base, results, parallel=1, deadline_s=3.0, log=lambda s: None)
+    assert added == [] and lm.read_runs([results]) == []
+    # and no run starts when the expected duration does not fit
+    started = lm.sweep(
+        [lm.Arm("adamw", 1e-3, 1, 1, 0)],
+        base,
+        results,
+        parallel=1,
+        deadline_s=5.0,
+        expect_job_s=60.0,
+        log=lambda s: None,
+    )
+    assert started == []
+
+
+def test_an_optimizer_whose_library_is_missing_is_reported_not_run(smoke_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lm, "unavailable_reason", lambda spec, device: "somelib is not installed")
+    results = tmp_path / "runs.jsonl"
+    argv = ["sweep", "--optimizers", "lion", "--size", "tiny", "--steps", "2", "--data", str(smoke_data)]
+    lm.main(argv + ["--results", str(results), "--parallel", "0"])
+    assert "not run: lion (somelib is not installed)" in capsys.readouterr().out
+    assert lm.read_not_run([results]) == {"lion": "somelib is not installed"}
+    assert lm.read_runs([results]) == []
+
+
+def test_summarize_writes_the_table_and_json_with_provenance(one_run, tmp_path, capsys):
+    runs = tmp_path / "runs.jsonl"
+    lm.append_run(runs, dict(one_run, phase="grid"))
+    lm.append_run(runs, dict(kind="not_run", optimizer="adamw8bit_bnb", reason="bitsandbytes is not installed"))
+    out = tmp_path / "summary.json"
+    lm.main(["summarize", "--runs", str(runs), "--out", str(out)])
+    table = capsys.readouterr().out
+    assert "fusion_rms" in table and "one learning rate only" in table and "adamw8bit_bnb: not run" in table
+    doc = json.loads(out.read_text())
+    (row,) = doc["rows"]
+    assert row["curves"][0]["tokens"] == [4 * SIZES["tiny"].tokens_per_step, 8 * SIZES["tiny"].tokens_per_step]
+    assert row["curves"][0]["train_time_s"] and row["state_bytes_per_param"] > 0
+    assert doc["machines"][0]["device"] == "cpu" and doc["versions"][0]["torch"] == torch.__version__
+    assert (
+        doc["commands"]
+        and doc["meta"]["commit"]
+        and doc["not_run"] == {"adamw8bit_bnb": "bitsandbytes is not installed"}
+    )
+
+
+# ---------------------------------------------------------------- Hugging Face Trainer
+
+
+def test_trainer_with_fusion_optimizer_reproduces_the_benchmark_run(smoke_data):
+    pytest.importorskip("transformers", reason="transformers is not installed (the GPU machines have it)")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate, which is not installed")
+    from benchmarks.lm_trainer_hf import train_with_trainer
+
+    cfg = tiny_config(smoke_data, steps=10, eval_every=5, log_every=5)
+    hf = train_with_trainer(cfg)
+    own = lm.train(cfg, log=lambda s: None)
+    assert hf["client"] == "hf_trainer" and hf["status"] == "ok" and hf["steps_done"] == 10
+    assert [p["step"] for p in hf["curve"] if "val_loss" in p] == [5, 10]
+    # the same model, batches, schedule and clipping: the same losses, to float32 rounding
+    assert hf["final_val_loss"] == pytest.approx(own["final_val_loss"], abs=1e-4)
+    assert hf["final_test_loss"] == pytest.approx(own["final_test_loss"], abs=1e-4)
+    assert hf["state_bytes"] == own["state_bytes"]
+
+
+# ---------------------------------------------------------------- speed runs and wheels
+
+
+def test_speed_runs_fill_tokens_per_second_alone_and_stay_out_of_the_losses(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"adamw": 1e-3})
+    monkeypatch.setattr(lm, "train", fake)
+    runs, speed = tmp_path / "runs.jsonl", tmp_path / "speed.jsonl"
+    common = ["--size", "tiny", "--data", str(smoke_data)]
+    lm.main(
+        ["sweep", "--optimizers", "adamw", "--points", "3", "--seeds", "2", "--parallel", "0", "--results", str(runs)]
+        + common
+    )
+    lm.main(
+        ["speed", "--optimizers", "adamw", "--lr-from", str(runs), "--in-process", "--results", str(speed)] + common
+    )
+    assert fake.calls[-1] == ("adamw", 1e-3, 0, "speed")  # alone, at the best lr, 200 steps by default
+    (speed_run,) = lm.read_runs([speed])
+    assert speed_run["config"]["steps"] == 200
+    summary = lm.summarize(lm.read_runs([runs, speed]))
+    (row,) = summary["rows"]
+    assert (
+        row["tokens_per_s_alone"] == 1.0 and row["val"]["n"] == 2 and len(row["grid"]) == 4
+    )  # 1e-3 to 4e-3, then 5e-4
+
+
+def test_paired_deltas_compare_seed_by_seed(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"fusion_rms": 1e-3, "fusion_mom_bc": 1e-3})
+    monkeypatch.setattr(lm, "train", fake)
+    results = tmp_path / "runs.jsonl"
+    arms = [lm.Arm("fusion_rms", 1e-3, 3, 3, 0), lm.Arm("fusion_mom_bc", 1e-3, 3, 1, 0)]
+    lm.sweep(arms, tiny_config(smoke_data), results, parallel=0, log=lambda s: None)
+    rows = {r["optimizer"]: r for r in lm.summarize(lm.read_runs([results]))["rows"]}
+    paired = rows["fusion_mom_bc"]["paired_delta_to_fusion_rms"]
+    assert paired["n"] == 1 and paired["mean"] == pytest.approx(0.0)  # seed 0 against seed 0
+    assert rows["fusion_mom_bc"]["delta_to_fusion_rms"] == pytest.approx(-0.01)  # against the 3-seed mean
+
+
+def test_a_slimmed_wheel_keeps_the_named_libraries_and_a_true_record(tmp_path):
+    import zipfile
+
+    from benchmarks.gpu_wheels import _record_hash, slim_wheel
+
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    files = {
+        "bitsandbytes/__init__.py": b"",
+        "bitsandbytes/libbitsandbytes_cuda118.so": b"x" * 100,
+        "bitsandbytes/libbitsandbytes_cuda130.so": b"y" * 10,
+        "bitsandbytes/libbitsandbytes_cpu.so": b"z",
+        "bitsandbytes-0.50.2.dist-info/WHEEL": b"Wheel-Version: 1.0\nTag: py3-none-manylinux_2_24_x86_64\n\n",
+        "bitsandbytes-0.50.2.dist-info/RECORD": b"",
+    }
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, blob in files.items():
+            z.writestr(name, blob)
+    out = slim_wheel(wheel)
+    assert out.name == "bitsandbytes-0.50.2-1cu13-py3-none-manylinux_2_24_x86_64.whl"
+    with zipfile.ZipFile(out) as z:
+        names = set(z.namelist())
+        assert "bitsandbytes/libbitsandbytes_cuda118.so" not in names
+        assert {"bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/libbitsandbytes_cpu.so"} <= names
+        assert z.read("bitsandbytes-0.50.2.dist-info/WHEEL").decode().splitlines()[-1] == "Build: 1cu13"
+        rows = [ln.split(",") for ln in z.read("bitsandbytes-0.50.2.dist-info/RECORD").decode().splitlines()]
+        assert {r[0] for r in rows} == names
+        assert all(r[1] == _record_hash(z.read(r[0])) for r in rows if r[1])
+
+
+def test_ablations_wait_for_their_anchor_and_centre_on_its_best(smoke_data, tmp_path, monkeypatch):
+    fake = FakeTrainer({"fusion_rms": 2e-3, "fusion_rms:beta_decay=0.5": 2e-3, "fusion_dense": 2e-3, "adamw": 1e-3})
+    monkeypatch.setattr(lm, "train", fake)
+    results = tmp_path / "runs.jsonl"
+    argv = ["sweep", "--optimizers", "fusion_rms", "adamw", "--points", "3", "--seeds", "1", "--parallel", "0"]
+    argv += ["--ablations", "fusion_rms:beta_decay=0.5", "fusion_dense", "--size", "tiny", "--data", str(smoke_data)]
+    lm.main(argv + ["--results", str(results), "--points-for", "adamw=2"])
+    calls = [(opt, lr) for opt, lr, seed, phase in fake.calls]
+    # fusion_rms: 2e-3, 4e-3, 8e-3 is its grid (centre 4e-3); best 2e-3 at the edge, so 1e-3 too
+    assert [lr for opt, lr in calls if opt == "fusion_rms"] == pytest.approx([2e-3, 4e-3, 8e-3, 1e-3])
+    assert len([1 for opt, _ in calls if opt == "adamw"]) == 2 + 1  # --points-for: 2 points, then an extension
+    for ablation in ("fusion_rms:beta_decay=0.5", "fusion_dense"):
+        lrs = [lr for opt, lr in calls if opt == ablation]
+        assert lrs == pytest.approx([1e-3, 2e-3, 4e-3])  # centred at fusion_rms's best
+        # and only once fusion_rms's grid was settled
+        assert calls.index((ablation, lrs[0])) > calls.index(("fusion_rms", 1e-3))
