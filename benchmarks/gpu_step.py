@@ -54,14 +54,15 @@ N_LAYERS, ROWS, COLS = 24, 4096, 8192
 DEV = "cuda"
 
 
-def make_params(seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[torch.nn.Parameter]:
+    """The benchmark's parameters and gradients, both in ``dtype``."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     params = []
     for _ in range(N_LAYERS):
-        w = torch.nn.Parameter(torch.randn(ROWS, COLS, device=DEV, generator=gen) * 0.02)
-        b = torch.nn.Parameter(torch.zeros(ROWS, device=DEV))
-        w.grad = torch.randn(ROWS, COLS, device=DEV, generator=gen) * 1e-3
-        b.grad = torch.randn(ROWS, device=DEV, generator=gen) * 1e-3
+        w = torch.nn.Parameter((torch.randn(ROWS, COLS, device=DEV, generator=gen) * 0.02).to(dtype))
+        b = torch.nn.Parameter(torch.zeros(ROWS, device=DEV, dtype=dtype))
+        w.grad = (torch.randn(ROWS, COLS, device=DEV, generator=gen) * 1e-3).to(dtype)
+        b.grad = (torch.randn(ROWS, device=DEV, generator=gen) * 1e-3).to(dtype)
         params += [w, b]
     return params
 
@@ -196,8 +197,9 @@ def run_case(
     bytes_per_param: int | None = None,
     kernel: str | None = None,
     compiled: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
-    params = make_params()
+    params = make_params(dtype=dtype)
     n = sum(p.numel() for p in params)
     opt = make_opt(params)
     step = fusion_engine_step(opt) if engine_only else torch.compile(opt.step) if compiled else opt.step
@@ -265,6 +267,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--sweep", action="store_true", help="also time the fused engine under several tile shapes")
     ap.add_argument("--profile-host", action="store_true", help="print where the fused engine's host time goes")
+    ap.add_argument("--only", nargs="*", default=None, help="run only the cases whose name contains one of these")
+    ap.add_argument(
+        "--sweep-bf16",
+        action="store_true",
+        help="time the pure-bf16 stochastic-rounding step under several tile shapes",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("gpu_step.py needs a CUDA device")
@@ -356,6 +364,40 @@ def main() -> None:
                 24,
             ),
         ]
+    # Pure bf16: parameters, gradients and momentum in bf16 (10 bytes per parameter for FusionOptimizer:
+    # read p, g, m, write p, m; 14 for AdamW, whose two moments follow the parameter's dtype).
+    bf16 = dict(dtype=torch.bfloat16)
+    cases.append(
+        (
+            "torch AdamW(fused=True), bf16 params",
+            lambda ps: torch.optim.AdamW(ps, lr=lr, fused=True),
+            dict(kernel="fused_adam", **bf16),
+            14,
+        )
+    )
+    if not fused_reason:
+        cases += [
+            (
+                "fusedbun fused bf16 p/g/m, round to nearest (step)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True),
+                dict(**k, **bf16),
+                10,
+            ),
+            (
+                "fusedbun fused bf16 p/g/m, stochastic rounding (step)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, stochastic_rounding=True),
+                dict(**k, **bf16),
+                10,
+            ),
+            (
+                "fusedbun fused bf16 p/g/m, stochastic rounding (engine)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, stochastic_rounding=True),
+                dict(engine_only=True, **k, **bf16),
+                10,
+            ),
+        ]
+    if args.only is not None:
+        cases = [c for c in cases if any(word in c[0] for word in args.only)]
     results = []
     for name, make, kw, bpp in cases:
         try:
@@ -401,6 +443,40 @@ def main() -> None:
                     print(f"  {label}: failed: {type(exc).__name__}: {exc}", flush=True)
         fused_cuda.CONFIG = default
 
+    if args.sweep_bf16 and not fused_reason:
+        default = fused_cuda.CONFIG
+        for rpt, bc, epi, nw, pf in [
+            (256, 128, 2048, 4, True),
+            (256, 128, 4096, 4, True),
+            (256, 256, 4096, 8, True),
+            (512, 128, 4096, 8, True),
+            (128, 128, 2048, 4, True),
+            (256, 128, 2048, 8, False),
+        ]:
+            cfg = dict(rows_per_tile=rpt, block_cols=bc, elems_per_iter=epi, num_warps=nw, prefetch=pf)
+            fused_cuda.CONFIG = fused_cuda.KernelConfig(**cfg)
+            label = f"sweep bf16 SR {cfg}"
+            try:
+                r = run_case(
+                    label,
+                    lambda ps: FusionOptimizer(ps, lr=lr, fused=True, stochastic_rounding=True),
+                    steps=15,
+                    engine_only=True,
+                    kernel="fusion_step_kernel",
+                    dtype=torch.bfloat16,
+                )
+                sweep.append(
+                    dict(
+                        config=cfg,
+                        params="bf16",
+                        stochastic_rounding=True,
+                        **{key: r.get(key) for key in ("ms_median", "ms_back_to_back", "kernel_ms", "host_ms")},
+                    )
+                )
+            except Exception as exc:
+                print(f"  {label}: failed: {type(exc).__name__}: {exc}", flush=True)
+        fused_cuda.CONFIG = default
+
     if args.profile_host and not fused_reason:
         import cProfile
         import io
@@ -440,7 +516,8 @@ def main() -> None:
 
     print()
     print(
-        f"{'optimizer step, 806M fp32 params':52s} {'ms':>8s} {'floor ms':>9s} {'of floor':>9s} {'peak MiB':>9s} "
+        f"{'optimizer step, ' + format(n / 1e6, '.0f') + 'M params':52s} {'ms':>8s} {'floor ms':>9s} "
+        f"{'of floor':>9s} {'peak MiB':>9s} "
         f"{'back-to-back':>12s} {'kernel ms':>9s}"
     )
     print(f"{'device copy, read+write ' + format(bandwidth / 1e12, '.3f') + ' TB/s':52s}")
