@@ -170,8 +170,10 @@ def fusion_engine_step(opt: FusionOptimizer):
     hyper = StepHyper.from_group(group)
     engine = select_engine("cuda", foreach=group["foreach"], fused=group["fused"])
 
+    keys = opt._rounding_keys(0, group, params)
+
     def step():
-        engine(StepTensors(params, grads, bufs, hess, steps), hyper)
+        engine(StepTensors(params, grads, bufs, hess, steps, keys), hyper)
 
     return step
 

@@ -20,9 +20,11 @@ avalanche):
     h = f(f(f(f(f(f(0 \oplus s_{lo}) \oplus s_{hi}) \oplus k_{lo}) \oplus k_{hi}) \oplus t_{lo}) \oplus t_{hi})
         \quad\text{(seed } s\text{, key } k\text{, step } t\text{, in 32-bit halves)} \\
     k_0 &= h, \qquad k_1 = f(h \oplus \mathtt{0x9E3779B9}) \\
-    r_i &= f\big((f(i_{lo} \oplus k_0) \oplus i_{hi}) + k_1 \bmod 2^{32}\big)
+    r_i &= f\big(((i_{lo} + \mathtt{0x9E3779B9}\, i_{hi}) \cdot (k_1 \mathbin{|} 1) + k_0) \bmod 2^{32}\big)
 
-and the top bits of :math:`r_i` decide the rounding: for bf16 the top 16 are added to the fp32 bit pattern
+(the stream's keys choose an odd multiplier and an offset for the element counter, and one finalizer
+scrambles it; two elements of one tensor share a word only if their indices are :math:`2^{32}` or more
+apart), and the top bits of :math:`r_i` decide the rounding: for bf16 the top 16 are added to the fp32 bit pattern
 below the 16 kept bits, which then carry into the kept bits with exactly the wanted probability; fp16 keeps
 13 fewer mantissa bits, and in its subnormal range (below :math:`2^{-14}`, a fixed spacing of
 :math:`2^{-24}`) the top 24 bits of :math:`r_i` are compared with the fraction. The C and Triton kernels
@@ -94,6 +96,11 @@ def _mul32(h: Tensor, c: int) -> Tensor:
     return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
+def _mul32_var(h: Tensor, c) -> Tensor:
+    """``h * c mod 2**32`` where ``c`` is a 32-bit word given as an int or an int64 tensor."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
 def _fmix32_tensor(h: Tensor) -> Tensor:
     h = h ^ (h >> 16)
     h = _mul32(h, _C1)
@@ -105,8 +112,8 @@ def _fmix32_tensor(h: Tensor) -> Tensor:
 def random_bits(index: Tensor, keys: tuple[int, int]) -> Tensor:
     """:math:`r_i` for the int64 element indices ``index``, as int64 tensors holding 32-bit words."""
     k0, k1 = keys
-    r = _fmix32_tensor((index & _M32) ^ k0)
-    return _fmix32_tensor(((r ^ (index >> 32)) + k1) & _M32)
+    counter = ((index & _M32) + _mul32(index >> 32, _GOLDEN)) & _M32
+    return _fmix32_tensor((_mul32_var(counter, k1 | 1) + k0) & _M32)
 
 
 def _as_bits(x: Tensor) -> Tensor:

@@ -146,10 +146,11 @@ static inline uint32_t fb_fmix32(uint32_t h) {
     return h;
 }
 
-/* The random word of the element at flat index `index` in the stream (k0, k1). */
+/* The random word of the element at flat index `index` in the stream (k0, k1): the finalizer of the
+ * counter times an odd multiplier plus an offset, both chosen by the stream. */
 static inline uint32_t fb_random(int64_t index, uint32_t k0, uint32_t k1) {
-    uint32_t lo = (uint32_t)index, hi = (uint32_t)((uint64_t)index >> 32);
-    return fb_fmix32((fb_fmix32(lo ^ k0) ^ hi) + k1);
+    uint32_t counter = (uint32_t)index + 0x9e3779b9u * (uint32_t)((uint64_t)index >> 32);
+    return fb_fmix32(counter * (k1 | 1u) + k0);
 }
 
 /* Up with probability equal to the dropped 16 bits: add the top 16 random bits below the kept ones. */

@@ -140,9 +140,8 @@ def _fmix32(h):
 @triton.jit
 def _random_bits(index, k0, k1):
     """The random word of each element at flat index ``index`` (int64) in the stream ``(k0, k1)``."""
-    lo = (index & 0xFFFFFFFF).to(tl.uint32)
-    hi = (index >> 32).to(tl.uint32)
-    return _fmix32((_fmix32(lo ^ k0) ^ hi) + k1)
+    counter = index.to(tl.uint32) + (index >> 32).to(tl.uint32) * 0x9E3779B9
+    return _fmix32(counter * (k1 | 1) + k0)
 
 
 @triton.jit
@@ -167,9 +166,7 @@ def _round_stochastically(x, ty: tl.constexpr, r):
 
 @triton.jit
 def _round_to(x, ty: tl.constexpr):
-    """``x`` (fp32) rounded to nearest even into ``ty`` (fp32, bf16 or fp16)."""
-    if ty == tl.float32:
-        return x
+    """``x`` (fp32) rounded to nearest even into ``ty`` (bf16 or fp16)."""
     u = x.to(tl.uint32, bitcast=True)
     if ty == tl.bfloat16:
         bits = _bits_to_bf16_rne(u)
@@ -353,12 +350,17 @@ def fusion_step_kernel(
             # torch.lerp's two-sided formula, so the fp32 result matches the reference's m.lerp_(u, w).
             diff = u - m
             m = tl.where(momentum_weight < 0.5, m + momentum_weight * diff, u - diff * (1.0 - momentum_weight))
-            m_stored = _round_to(m, m_ptr.dtype.element_ty)
+            if m_ptr.dtype.element_ty == tl.float32:
+                m_stored = m
+            else:
+                m_stored = _round_to(m, m_ptr.dtype.element_ty)
             tl.store(m_ptr + offs, m_stored, mask=ok)
             u = m_stored.to(tl.float32)  # the update uses the momentum as stored
         p = p.to(tl.float32) * decay
         p = p + (-lr) * u
-        if STOCHASTIC:
+        if p_ptr.dtype.element_ty == tl.float32:
+            tl.store(p_ptr + offs, p, mask=ok)
+        elif STOCHASTIC:
             r = _random_bits(offs, round_k0, round_k1)
             tl.store(p_ptr + offs, _round_stochastically(p, p_ptr.dtype.element_ty, r), mask=ok)
         else:
