@@ -24,7 +24,7 @@ Rows (besides torch's optimizers and ``pytorch_optimizer``'s SM3 where it is ins
 
 Each step is timed alone (CUDA events around one ``step()`` call, then a sync), so host work done before
 the step's first kernel is launched counts: the device idles meanwhile. That is the ``ms`` column, and
-the one the targets are checked against. ``back-to-back`` is the mean over the same number of steps
+the one the design goals are judged on. ``back-to-back`` is the mean over the same number of steps
 queued without a sync in between, as in a training loop, where a step's host work overlaps device work.
 
 Usage: ``python benchmarks/gpu_step.py [--out FILE.json] [--steps N] [--sweep]``. ``--sweep`` also times
@@ -230,7 +230,7 @@ TARGETS_MS = {"fused fp32 momentum": 6.0, "fused bf16 momentum": 5.0}
 
 
 def check_targets(results: list[dict]) -> list[dict]:
-    """The issue's targets for a default ``step()``, judged on both measures: a step timed alone (device idle
+    """The design goals for a default ``step()``, judged on both measures: a step timed alone (device idle
     at the call, so the host's work before the launch counts) and steps queued back to back."""
     out = []
     by_name = {r["name"]: r for r in results if "error" not in r}
@@ -536,7 +536,7 @@ def main() -> None:
             f"{r['ms_back_to_back']:12.2f} {kern}"
         )
     for t in out["targets"]:
-        print(f"[{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
+        print(f"[{'reached' if t['met'] else 'missed'}] {t['target']}: {t['measured']}")
     print(f"wrote {args.out}")
 
 

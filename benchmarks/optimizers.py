@@ -49,8 +49,8 @@ class DenseSecondMomentFusion(fusedbun.FusionOptimizer):
 
     It runs the package's own step on flat views: each parameter ``p`` is replaced by ``p.detach().view(-1)``
     (the same storage), and before each step the view receives ``p.grad.view(-1)``. For 1-D tensors the
-    rule keeps a dense second moment (rule 4 of the algorithm contract), so this is the same algorithm with
-    only the SM3 cover removed. Centralization would see the flat view, so it is refused.
+    rule keeps a dense second moment (rule 7 of the book's algorithm contract), so this is the same algorithm
+    with only the SM3 cover removed. Centralization would see the flat view, so it is refused.
     """
 
     def __init__(self, params, lr: float, **kwargs):

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> dict:
     targets = check_targets(results, shapes, largest)
     print()
     for t in targets:
-        print(f"[{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
+        print(f"[{'reached' if t['met'] else 'missed'}] {t['target']}: {t['measured']}")
 
     record = dict(
         benchmark="step_speed",
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def check_targets(results: list[dict], shapes, largest: int) -> list[dict]:
-    """The issue's targets, each with what was measured."""
+    """The design goals of the step (time, state, peak memory), each with what was measured."""
 
     def get(opt, engine):
         return next((x for x in results if x["optimizer"] == opt and x["engine"] == engine), None)

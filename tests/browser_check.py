@@ -12,7 +12,15 @@ network. For each page it checks that
   no raw ``$$``, ``\\(``, ``\\[`` is left in the text outside code;
 - every image has loaded (``naturalWidth > 0``);
 - every embedded widget view has been rendered by the widget manager;
-- every link inside the site points to a file that exists, and its ``#fragment`` to an id on that page.
+- every link inside the site points to a file that exists, and its ``#fragment`` to an id on that page;
+- no Markdown table is left as pipe text (a ``| --- |`` delimiter row in prose or in a cell's output: a
+  table printed with ``display(Markdown(...))`` that a renderer without tables passed through);
+- no image is wider than its column (its natural width, or the width it asks for, above the width of
+  the block that holds it: the browser shrinks it, and its lettering with it);
+- the page names an icon (``<link rel="icon">``) that exists: without one, browsers ask for
+  ``/favicon.ico`` and log a 404 in the console (Playwright does not see that request);
+- the page text (prose, code, outputs, folded cells included) has none of the words about how the
+  project is run (``PROCESS_PHRASES``): a reader has none of that context.
 
 Environment: ``CHROMIUM`` (default ``/usr/bin/chromium``), ``BOOK_HTML`` (default ``_build/html``),
 ``BOOK_SCREENSHOTS`` (a folder for a full-page screenshot of each page, to look at what was checked).
@@ -50,8 +58,31 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 PAGE_TIMEOUT_MS = 60_000
+ICON = re.compile(r'<link[^>]+rel="(?:shortcut )?icon"[^>]+href="([^"]+)"', re.IGNORECASE)
 REFRESH = re.compile(r'<meta[^>]+http-equiv="refresh"[^>]+content="\d+;\s*url=([^"]+)"', re.IGNORECASE)
 EXTRA_PAGES = ["index.html", "genindex.html", "py-modindex.html", "search.html"]
+# Words about how the project is run, which mean nothing to a reader of the book (case-insensitive; "'"
+# also matches the typographic apostrophe). Each is a phrase precise enough not to catch ordinary English.
+_APOSTROPHE = "['\u2019]"
+PROCESS_PHRASES = {
+    "the original request(s)": r"\boriginal requests?\b",
+    "the issue's ...": rf"\bthe issue{_APOSTROPHE}s\b",
+    "the project's target(s)": rf"\bproject{_APOSTROPHE}s targets?\b",
+    "seed configuration": r"\bseed configuration\b",
+    "the SPEC / SPEC.md": r"\bthe SPEC\b|\bSPEC\.md\b",
+    "[met] / [not met]": r"\[(?:not )?met\]|^\s*(?:not )?met\s*:",
+    "PYTHONPATH": r"\bPYTHONPATH\b",
+    "git on the GPU machine": r"\bgit (?:was|is) not available\b|\bGPU machine\b",
+    "lent machines": r"\blent (?:machines?|GPUs?|devices?)\b",
+    "device time (a budget)": r"\bdevice time\b",
+    "sessions": r"\bsessions?\b",
+    "CEO": r"\bCEO\b",
+}
+_PROCESS = {label: re.compile(rx, re.IGNORECASE | re.MULTILINE) for label, rx in PROCESS_PHRASES.items()}
+# The delimiter row of a Markdown table, | --- | --- | (with optional colons), in text that is not code.
+# Two cells at least; "---" may have been typeset as an em dash, "--" as an en dash.
+_DELIMITER_CELL = r"\s*:?(?:-{3,}|[\u2013\u2014][-\u2013\u2014]*):?\s*"
+PIPE_TABLE = re.compile(rf"\|{_DELIMITER_CELL}\|{_DELIMITER_CELL}\|")
 
 
 def _skip_reason() -> str | None:
@@ -102,12 +133,18 @@ async () => {
   // Images: load lazy ones, then wait for every image to settle.
   for (const img of document.images) { img.loading = "eager"; }
   await Promise.all(Array.from(document.images).filter((i) => !i.complete).map(
-      (i) => new Promise((r) => { i.addEventListener("load", r); i.addEventListener("error", r); setTimeout(r, 10000); })));
+      (i) => new Promise((r) => {
+        i.addEventListener("load", r);
+        i.addEventListener("error", r);
+        setTimeout(r, 10000);
+      })));
   // Text outside code, scripts and MathJax output: raw TeX left there was not typeset.
   const skip = new Set(["PRE", "CODE", "SCRIPT", "STYLE", "TEXTAREA", "MJX-CONTAINER", "MJX-ASSISTIVE-MML"]);
   const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {
     acceptNode(node) {
-      for (let el = node.parentElement; el; el = el.parentElement) if (skip.has(el.tagName)) return NodeFilter.FILTER_REJECT;
+      for (let el = node.parentElement; el; el = el.parentElement) {
+        if (skip.has(el.tagName)) return NodeFilter.FILTER_REJECT;
+      }
       return NodeFilter.FILTER_ACCEPT;
     },
   });
@@ -116,18 +153,68 @@ async () => {
     const m = n.textContent.match(/\$\$|\\\(|\\\)|\\\[|\\\]|\\begin\{/);
     if (m) rawTex.push(n.textContent.trim().slice(0, 80));
   }
+  // Text a reader sees as prose or as a cell's output (not a cell's source, not code in the prose):
+  // a Markdown table delimiter row there is a table that was not rendered.
+  const inOutput = (el) => el.closest(".cell_output, .output");
+  const proseWalker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {
+    acceptNode(node) {
+      const el = node.parentElement;
+      if (!el || el.closest("script, style, textarea, .cell_input")) return NodeFilter.FILTER_REJECT;
+      if (!inOutput(el) && el.closest("pre, code, .highlight")) return NodeFilter.FILTER_REJECT;
+      return NodeFilter.FILTER_ACCEPT;
+    },
+  });
+  const proseBlocks = new Set();
+  const blockTags = "p, pre, li, td, th, dt, dd, blockquote, h1, h2, h3, h4, h5, h6";
+  for (let n = proseWalker.nextNode(); n; n = proseWalker.nextNode()) {
+    if (n.textContent.trim()) proseBlocks.add(n.parentElement.closest(blockTags) || n.parentElement);
+  }
+  const proseText = Array.from(proseBlocks).map((b) => b.textContent);
+  // Every text of the page, folded cells included (their source is in the page, only hidden).
+  const allWalker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT, {
+    acceptNode(node) {
+      return node.parentElement && node.parentElement.closest("script, style, template")
+        ? NodeFilter.FILTER_REJECT : NodeFilter.FILTER_ACCEPT;
+    },
+  });
+  const allText = [];
+  for (let n = allWalker.nextNode(); n; n = allWalker.nextNode()) allText.push(n.textContent);
+  // Images: the width each asks for (its width attribute, else its natural width) against the width
+  // of the block that holds it. Hidden images (the launch buttons' logos in a closed menu) are skipped.
+  const wideImages = [];
+  for (const img of document.images) {
+    const shown = img.getBoundingClientRect().width;
+    if (!shown || !img.naturalWidth) continue;
+    const asked = img.getAttribute("width") && !img.getAttribute("width").endsWith("%")
+      ? parseFloat(img.getAttribute("width")) : img.naturalWidth;
+    let box = img.parentElement;
+    while (box && getComputedStyle(box).display.startsWith("inline")) box = box.parentElement;
+    if (!box) continue;
+    const cs = getComputedStyle(box);
+    const column = box.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+    if (asked > column + 1) {
+      wideImages.push({ src: (img.currentSrc || img.src).split("/").pop().slice(0, 40), asked: asked,
+                        column: Math.round(column) });
+    }
+  }
   const mathElems = Array.from(document.querySelectorAll(".math"));
   return {
     mathElements: mathElems.length,
-    mathUnrendered: mathElems.filter((e) => !e.querySelector("mjx-container")).map((e) => e.textContent.trim().slice(0, 80)),
+    mathUnrendered: mathElems.filter((e) => !e.querySelector("mjx-container"))
+      .map((e) => e.textContent.trim().slice(0, 80)),
     mathjaxOutputs: document.querySelectorAll("mjx-container").length,
-    mathjaxErrors: Array.from(document.querySelectorAll("mjx-merror")).map((e) => e.getAttribute("data-mjx-error") || e.textContent),
+    mathjaxErrors: Array.from(document.querySelectorAll("mjx-merror"))
+      .map((e) => e.getAttribute("data-mjx-error") || e.textContent),
     rawTex: rawTex,
-    images: Array.from(document.images).map((i) => ({ src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0 })),
+    images: Array.from(document.images)
+      .map((i) => ({ src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0 })),
     widgetViews: views().length,
     widgetsRendered: rendered(),
     links: Array.from(document.querySelectorAll("a[href]")).map((a) => a.getAttribute("href")),
     ids: Array.from(document.querySelectorAll("[id]")).map((e) => e.id),
+    proseText: proseText,
+    allText: allText.join(""),
+    wideImages: wideImages,
   };
 }
 """
@@ -209,6 +296,13 @@ def test_page_renders_offline(rel, server, browser, site_ids, site_links):
         return
     page = context.new_page()
     problems: list[str] = []
+    icon = ICON.search((SITE / rel).read_text(encoding="utf-8"))
+    if not icon:
+        problems.append('no <link rel="icon">: the browser asks for /favicon.ico, which is not there (a 404)')
+    else:
+        target = _local_target(url, icon.group(1), server)
+        if target and not (SITE / target[0]).is_file():
+            problems.append(f"the page's icon {icon.group(1)} does not exist")
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"uncaught exception: {e}"))
     page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url} ({r.failure})"))
@@ -229,6 +323,19 @@ def test_page_renders_offline(rel, server, browser, site_ids, site_links):
     problems += [f"raw TeX in the text: {t!r}" for t in seen["rawTex"]]
     problems += [f"MathJax error: {t!r}" for t in seen["mathjaxErrors"]]
     problems += [f"image did not load: {i['src']}" for i in seen["images"] if not i["ok"]]
+    for block in seen["proseText"]:
+        match = PIPE_TABLE.search(block)
+        if match:
+            start = max(0, match.start() - 60)
+            problems.append(f"Markdown table left as pipe text: {block[start : match.end() + 20].strip()!r}")
+    for img in seen["wideImages"]:
+        problems.append(
+            f"image wider than its column: {img['src']} is {img['asked']} px wide, the column {img['column']} px"
+        )
+    for label, pattern in _PROCESS.items():
+        for match in pattern.finditer(seen["allText"]):
+            context = seen["allText"][max(0, match.start() - 50) : match.end() + 30].replace("\n", " ")
+            problems.append(f"words about how the project is run ({label}): {context.strip()!r}")
     if seen["widgetsRendered"] < seen["widgetViews"]:
         problems.append(f"only {seen['widgetsRendered']} of {seen['widgetViews']} widget views rendered")
     site_ids[rel] = set(seen["ids"])
@@ -260,3 +367,6 @@ def test_the_book_has_typeset_math_and_figures():
     html = {rel: (SITE / rel).read_text(encoding="utf-8") for rel in PAGES}
     assert any('class="math' in text for text in html.values()), "no page of the book has math"
     assert any("<img" in text and "_images/" in text for text in html.values()), "no page of the book has a figure"
+    assert any("<table" in text and "cell_output" in text for text in html.values()), (
+        "no cell of the book outputs a table (the pipe-table check would pass vacuously)"
+    )
