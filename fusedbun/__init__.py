@@ -1,8 +1,9 @@
 """fusedbun: a memory-efficient PyTorch optimizer built one component at a time.
 
 ``FusionOptimizer`` (also exported as ``Fusedbun``) fuses SM3's O(n+m) second-moment accumulator with
-Adalite's gradient centralization, epsilon-masked sparse updates, momentum, decoupled weight decay and
-RMS normalization; the second moment is an EMA of squared gradients with Adafactor's decay schedule.
+Adalite's gradient centralization, momentum, decoupled weight decay and RMS normalization, and masks
+entries at or below ``eps`` out of each update (sparse updates); the second moment is an EMA of squared
+gradients with Adafactor's decay schedule.
 """
 
 from fusedbun.adalite import (

@@ -80,7 +80,7 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
 
 
 class FusionOptimizer(Optimizer):
-    r"""SM3's O(n+m) second moment fused with Adalite's centralization, masking, momentum and decay.
+    r"""SM3's O(n+m) second moment fused with Adalite's centralization, momentum and decay, and an eps mask.
 
     .. math::
         \begin{aligned}
