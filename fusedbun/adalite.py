@@ -1,6 +1,7 @@
 r"""The per-element features: Adalite's gradient centralization, RMS normalization, momentum and decoupled
 weight decay, and the epsilon mask of sparse updates that FusionOptimizer adds to them. Each is a small
-pure function (or an in-place update of the one tensor it names); the optimizer composes them. Chapter 3 of the book derives this module.
+pure function (or an in-place update of the one tensor it names); the optimizer composes them. Chapter 3
+of the book derives this module.
 """
 
 from __future__ import annotations
