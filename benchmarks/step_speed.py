@@ -57,12 +57,13 @@ def model_shapes(params: float) -> list[tuple[int, ...]]:
     return [s for _ in range(layers) for s in ((width, width), (width,))]
 
 
-def make_params(shapes, seed: int) -> list[torch.Tensor]:
+def make_params(shapes, seed: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """Parameters and gradients of ``shapes``, both in ``dtype``."""
     gen = torch.Generator().manual_seed(seed)
     params = []
     for s in shapes:
-        p = torch.randn(s, generator=gen).mul_(0.02).requires_grad_()
-        p.grad = torch.randn(s, generator=gen)
+        p = torch.randn(s, generator=gen).mul_(0.02).to(dtype).requires_grad_()
+        p.grad = torch.randn(s, generator=gen).to(dtype)
         params.append(p)
     return params
 
@@ -103,18 +104,30 @@ OPTIMIZERS: list[tuple[str, tuple[str, ...], Callable, str]] = [
     ),
     ("SM3", ("default",), lambda ps, e: _sm3(ps), "pytorch_optimizer.SM3, momentum=0 (its default)"),
 ]
+# Pure bf16: parameters, gradients and momentum in bf16 (the entries' names say "bf16 params").
+BF16: list[tuple[str, tuple[str, ...], Callable, str]] = [
+    ("FusionOptimizer use_rms, bf16 params", ("fused",), _fusion(use_rms=True), "rounded to nearest"),
+    (
+        "FusionOptimizer use_rms, bf16 params, stochastic rounding",
+        ("fused",),
+        _fusion(use_rms=True, stochastic_rounding=True),
+        "stochastic_rounding=True",
+    ),
+    ("AdamW, bf16 params", ("fused",), lambda ps, e: torch.optim.AdamW(ps, lr=1e-3, **{e: True}), "torch.optim.AdamW"),
+]
 
 
 def build_runs(shapes, only: str | None = None) -> list[dict]:
     runs = []
-    for name, engines, factory, note in OPTIMIZERS:
+    for name, engines, factory, note in OPTIMIZERS + BF16:
+        dtype = torch.bfloat16 if "bf16 params" in name else torch.float32
         for engine in engines:
             if only and only.lower() not in f"{name} [{engine}]".lower():
                 continue
             if name.startswith("FusionOptimizer") and engine == "fused" and fused_cpu.unavailable_reason():
                 print(f"skipping {name} [fused]: {fused_cpu.unavailable_reason()}", file=sys.stderr)
                 continue
-            params = make_params(shapes, seed=0)
+            params = make_params(shapes, seed=0, dtype=dtype)
             try:
                 opt = factory(params, engine)
             except ImportError as e:

@@ -180,11 +180,28 @@ static inline uint16_t f32_to_f16_sr(float f, uint32_t r) {
 
 static void store_f32_sr(void *dst, int32_t dtype, int64_t offset, const float *restrict src, int n, uint32_t k0,
                          uint32_t k1) {
-    uint16_t *d = (uint16_t *)dst + offset;
+    uint16_t *restrict d = (uint16_t *)dst + offset;
+    const uint32_t hi = (uint32_t)((uint64_t)offset >> 32);
+    if (hi != (uint32_t)((uint64_t)(offset + n - 1) >> 32)) { /* the tile crosses a 2^32 boundary: per element */
+        for (int j = 0; j < n; j++) {
+            const uint32_t r = fb_random(offset + j, k0, k1);
+            d[j] = dtype == FB_BF16 ? f32_to_bf16_sr(src[j], r) : f32_to_f16_sr(src[j], r);
+        }
+        return;
+    }
+    /* fb_random's counter, with the tile's high index word folded in once; the loops below vectorize. */
+    const uint32_t base = (uint32_t)offset + 0x9e3779b9u * hi, mult = k1 | 1u;
     if (dtype == FB_BF16) {
-        for (int j = 0; j < n; j++) d[j] = f32_to_bf16_sr(src[j], fb_random(offset + j, k0, k1));
+#pragma omp simd
+        for (int j = 0; j < n; j++) {
+            uint32_t u;
+            memcpy(&u, &src[j], sizeof u);
+            const uint32_t r = fb_fmix32((base + (uint32_t)j) * mult + k0);
+            const uint32_t up = (u + (r >> 16)) >> 16;
+            d[j] = (u & 0x7fffffffu) >= 0x7f800000u ? f32_to_bf16(src[j]) : (uint16_t)up;
+        }
     } else {
-        for (int j = 0; j < n; j++) d[j] = f32_to_f16_sr(src[j], fb_random(offset + j, k0, k1));
+        for (int j = 0; j < n; j++) d[j] = f32_to_f16_sr(src[j], fb_fmix32((base + (uint32_t)j) * mult + k0));
     }
 }
 

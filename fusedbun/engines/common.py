@@ -44,7 +44,7 @@ class StepHyper:
         values.update(override)
         return cls(**values)
 
-    def rounding(self, param: Tensor, key: int | None, step: Tensor) -> tuple | None:
+    def rounding(self, param: Tensor, key: int | None, step: Tensor | float) -> tuple | None:
         """The keys of the random stream that rounds ``param`` stochastically at this step (its step count
         already incremented), or ``None`` where it rounds to nearest (the option off, or an fp32 or fp64
         parameter)."""
@@ -52,7 +52,9 @@ class StepHyper:
             return None
         if key is None:
             raise ValueError("stochastic rounding needs each parameter's key (its position in the optimizer)")
-        if torch.compiler.is_compiling():
+        if not isinstance(step, Tensor):
+            return rounding_keys(self.rounding_seed, key, int(step))
+        if torch.compiler.is_compiling() or not step.is_cpu:
             return rounding_keys_at(self.rounding_seed, key, step)
         return rounding_keys(self.rounding_seed, key, int(step.item()))
 

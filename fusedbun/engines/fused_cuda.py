@@ -105,7 +105,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             launch.set_betas([hessian_decay(counts[i], beta_decay=beta_decay) for i in idx], None, idx)
         stochastic = hyper.stochastic_rounding and params[idx[0]].dtype in ROUNDED_DTYPES
         if stochastic:  # the step counts after this step's increment key the random stream
-            after = {i: state_steps[i] + 1 for i in idx} if on_host else {i: state_steps[i] for i in idx}
+            after = counts if on_host else {i: state_steps[i] for i in idx}
             launch.set_rounding([hyper.rounding(params[i], tensors.key(i), after[i]) for i in idx])
         i0 = idx[0]
         device = params[i0].device
