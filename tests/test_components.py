@@ -4,9 +4,6 @@ import pytest
 import torch
 
 import fusedbun
-from fusedbun.engines import select_engine
-from fusedbun.engines.foreach import foreach_fusion
-from fusedbun.engines.single_tensor import single_tensor_fusion
 
 
 @pytest.fixture
@@ -123,16 +120,6 @@ def test_param_groups_no_decay_puts_biases_and_norms_in_a_group_without_decay():
     assert decay["use_rms"] and no_decay["use_rms"]
     opt = fusedbun.FusionOptimizer(groups, lr=0.1)
     assert [g["Lambda"] for g in opt.param_groups] == [0.05, 0.0]
-
-
-def test_engine_selection_follows_foreach_and_fused():
-    assert select_engine("cpu", foreach=False, fused=None) is single_tensor_fusion
-    assert select_engine("cpu", foreach=True, fused=None) is foreach_fusion
-    assert select_engine("cpu", foreach=None, fused=False) is foreach_fusion
-    with pytest.raises(ValueError, match="mutually exclusive"):
-        select_engine("cpu", foreach=True, fused=True)
-    with pytest.raises(RuntimeError, match="no fused engine"):
-        select_engine("meta", foreach=None, fused=True)
 
 
 def test_fusedbun_alias_is_the_same_class():

@@ -794,34 +794,6 @@ MIXED_SHAPES = [(7, 5), (6,), (3, 4, 5), (), (1, 9), (9, 1), (2, 3, 2, 2), (300,
 
 
 @pytest.mark.parametrize("config", CONFIG_PARAMS)
-def test_engines_match_the_reference_loop(engine, config):
-    """foreach and fused against the single-tensor loop, on mixed shapes and dtypes, over 4 steps."""
-
-    def build():
-        ps = make_params(26, MIXED_SHAPES)
-        return [p.detach().to(MIXED_DTYPES[i % len(MIXED_DTYPES)]).requires_grad_() for i, p in enumerate(ps)]
-
-    ref, other = build(), build()
-    o_ref = FusionOptimizer(ref, lr=LR, foreach=False, **config)
-    o_other = FusionOptimizer(other, lr=LR, **engine, **config)
-    for t in range(4):
-        set_grads(ref, t)
-        for a, b in zip(other, ref):
-            a.grad = b.grad.clone()
-        o_ref.step()
-        o_other.step()
-    for a, b in zip(other, ref):
-        if a.dtype in (torch.bfloat16, torch.float16):
-            ulp = torch.finfo(a.dtype).eps * b.detach().float().abs().clamp_min(torch.finfo(a.dtype).tiny)
-            assert ((a.detach().float() - b.detach().float()).abs() <= ulp + 1e-6).all(), f"{a.dtype}{tuple(a.shape)}"
-        else:
-            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
-        ha, hb = o_other.state[a]["exp_hessian"], o_ref.state[b]["exp_hessian"]
-        for x, y in zip(ha if isinstance(ha, list) else [ha], hb if isinstance(hb, list) else [hb]):
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-12)
-
-
-@pytest.mark.parametrize("config", CONFIG_PARAMS)
 def test_results_do_not_depend_on_the_order_of_the_params(engine, config):
     shapes = MIXED_SHAPES
     base = make_params(27, shapes)
