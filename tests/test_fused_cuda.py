@@ -27,6 +27,7 @@ import warnings
 
 import pytest
 import torch
+from rule_check import STEP_SCALES, dtype_id, make_grad
 
 from fusedbun import FusionOptimizer
 from fusedbun.engines import dispatch, fused_cuda, select_engine
@@ -262,6 +263,33 @@ def test_masks_nonfinite_entries_like_the_reference_and_warns(kernel_device):
     # after step 2 waits for the device, so step 3 reports it.
     with pytest.warns(RuntimeWarning, match="non-finite"):
         run_side_by_side([(9,), (6, 11)], torch.float32, None, dict(use_rms=True), device=kernel_device, nonfinite=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_the_mask_is_strict_at_eps_like_the_reference(kernel_device, dtype):
+    # Gradients with exact zeros, entries below eps and entries exactly at +-eps (eps = 1/64 is exact in
+    # every dtype): |g| == eps is masked. A kept entry would show in the second moment (g**2 instead of
+    # the carried-over value) far above the tolerance.
+    eps = 1 / 64
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(7,), (5, 37), (3, 4, 5)]
+    init = [torch.randn(s, generator=gen).to(dtype).to(kernel_device) for s in shapes]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    fused_params = [torch.nn.Parameter(t.clone()) for t in init]
+    hyper = dict(lr=0.05, eps=eps, use_rms=True, centralize=False)
+    ref = FusionOptimizer(ref_params, foreach=False, **hyper)
+    fused = FusionOptimizer(fused_params, fused=True, **hyper)
+    for t, scale in enumerate(STEP_SCALES):
+        for pr, pf in zip(ref_params, fused_params):
+            g = make_grad(pr.shape, gen, eps, scale)
+            g.view(-1)[t : t + 2] = torch.tensor([eps, -eps], dtype=g.dtype)  # at least two at the threshold
+            g = g.to(dtype).to(kernel_device)
+            pr.grad, pf.grad = g.clone(), g.clone()
+        if t > 0:
+            copy_state(ref, fused, ref_params, fused_params)
+        ref.step()
+        fused.step()
+        assert_same_state(ref, fused, ref_params, fused_params, what=f"step {t + 1}")
 
 
 @needs_gpu
