@@ -1,6 +1,8 @@
-"""A plain float64 re-derivation of one FusionOptimizer step, written from the algorithm contract (book/contract.md) ("One step") alone.
+"""A plain float64 re-derivation of one FusionOptimizer step, written from the algorithm contract
+(book/contract.md, "One step") alone.
 
-Nothing here imports or mirrors the package: it is the oracle the specification tests compare against.
+Nothing here imports or mirrors the package: it is the oracle the rule tests compare against (through
+``rule_check.py``).
 Every line below names the contract's rule it implements.
 """
 
@@ -8,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
 F64 = torch.float64
 
-Hessian = Union[torch.Tensor, list[torch.Tensor]]
+Hessian = torch.Tensor | list[torch.Tensor]
 
 
 @dataclass

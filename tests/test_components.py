@@ -1,17 +1,21 @@
-"""The component functions each chapter introduces, checked against their one-line rules."""
+"""The component functions each chapter introduces, checked against their one-line rules.
+
+The mask's bounds are checked on hand-picked values: ``eps`` (strict: ``|g| == eps`` is masked) and
+``GRAD_LIMIT = 2**64`` (NaN, Inf and ``|g| >= 2**64`` are masked too, and reported by ``nonfinite_entries``).
+How the optimizer composes these functions into a step is ``test_rule.py``'s subject.
+"""
+
+from __future__ import annotations
 
 import pytest
 import torch
+from rule_check import dtype_id
 
 import fusedbun
-from fusedbun.engines import select_engine
-from fusedbun.engines.foreach import foreach_fusion
-from fusedbun.engines.single_tensor import single_tensor_fusion
+from fusedbun import FusionOptimizer
 
-
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(1234)
+LIMIT = 2.0**64
+HUGE = 3e19  # >= 2**64: its square overflows fp32; still finite in fp32, bf16 and fp64 (not in fp16)
 
 
 @pytest.mark.parametrize("shape", [(3, 4), (2, 3, 5), (4, 1, 2, 3)])
@@ -28,12 +32,69 @@ def test_centralize_leaves_0d_and_1d_tensors_alone(shape, gen):
     assert torch.equal(fusedbun.centralize(g), g)
 
 
-def test_eps_mask_zeroes_exactly_the_entries_at_or_below_eps():
-    g = torch.tensor([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5])
-    masked, mask = fusedbun.eps_mask(g, eps=0.1)
-    assert mask.tolist() == [True, False, False, False, True, True]
-    assert masked.tolist() == pytest.approx([-0.3, 0.0, 0.0, 0.0, 0.2, 0.5])
-    assert g.tolist() == pytest.approx([-0.3, -0.1, 0.0, 0.1, 0.2, 0.5]), "the input must not change"
+def test_grad_limit_is_two_to_the_64():
+    from fusedbun import adalite
+
+    assert adalite.GRAD_LIMIT == 2.0**64 and isinstance(adalite.GRAD_LIMIT, float)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+def test_eps_mask_keeps_exactly_the_entries_between_eps_and_2_to_the_64(dtype):
+    below = torch.nextafter(torch.tensor(LIMIT, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
+    eps = 0.5
+    above_eps = torch.nextafter(torch.tensor(eps, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
+    cases = [  # (value, kept)
+        (0.0, False),
+        (-0.0, False),
+        (eps, False),
+        (-eps, False),
+        (above_eps, True),
+        (-above_eps, True),
+        (1.0, True),
+        (-3.0, True),
+        (below, True),
+        (-below, True),
+        (LIMIT, False),
+        (-LIMIT, False),
+        (HUGE, False),
+        (float("nan"), False),
+        (float("inf"), False),
+        (float("-inf"), False),
+    ]
+    g = torch.tensor([v for v, _ in cases], dtype=dtype)
+    g_copy = g.clone()
+    out, mask = fusedbun.eps_mask(g, eps=eps)
+    want = torch.tensor([k for _, k in cases])
+    assert mask.dtype == torch.bool and torch.equal(mask, want), [(v, m) for (v, _), m in zip(cases, mask.tolist())]
+    assert out.dtype == dtype and torch.equal(out, torch.where(want, g, torch.zeros((), dtype=dtype)))
+    assert not torch.signbit(out[~want]).any(), "masked entries must be +0.0 (torch.where(mask, g, 0))"
+    assert torch.equal(g.isnan(), g_copy.isnan()) and torch.equal(g.nan_to_num(), g_copy.nan_to_num()), (
+        "eps_mask modified g"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_nonfinite_entries_on_hand_picked_values(dtype):
+    from fusedbun.adalite import nonfinite_entries
+
+    values = [0.0, -0.0, 1.0, -2.5, float("nan"), float("inf"), float("-inf")]
+    flags = [False, False, False, False, True, True, True]
+    if dtype != torch.float16:
+        below = torch.nextafter(torch.tensor(LIMIT, dtype=torch.float32), torch.tensor(0.0)).item()
+        values += [LIMIT, -LIMIT, HUGE, 1e30]
+        flags += [True, True, True, True]
+        if dtype != torch.bfloat16:
+            values += [below, -below]
+            flags += [False, False]
+    else:
+        values += [65504.0, -65504.0]
+        flags += [False, False]
+    g = torch.tensor(values, dtype=dtype)
+    got = nonfinite_entries(g)
+    assert got.dtype == torch.bool and got.shape == g.shape
+    assert got.tolist() == flags, list(zip(values, got.tolist()))
+    g2 = g.reshape(1, -1, 1)
+    assert torch.equal(nonfinite_entries(g2), got.reshape(1, -1, 1))
 
 
 @pytest.mark.parametrize("beta_decay", [0.5, 0.8, 1.0])
@@ -120,19 +181,18 @@ def test_param_groups_no_decay_puts_biases_and_norms_in_a_group_without_decay():
     assert decay["Lambda"] == 0.05 and no_decay["Lambda"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and len(decay["params"]) == 2
     assert all(p.dim() <= 1 for p in no_decay["params"]) and len(no_decay["params"]) == 4
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in model.parameters()}
     assert decay["use_rms"] and no_decay["use_rms"]
-    opt = fusedbun.FusionOptimizer(groups, lr=0.1)
+    opt = FusionOptimizer(groups, lr=0.1, momentum_beta=0.0)
     assert [g["Lambda"] for g in opt.param_groups] == [0.05, 0.0]
-
-
-def test_engine_selection_follows_foreach_and_fused():
-    assert select_engine("cpu", foreach=False, fused=None) is single_tensor_fusion
-    assert select_engine("cpu", foreach=True, fused=None) is foreach_fusion
-    assert select_engine("cpu", foreach=None, fused=False) is foreach_fusion
-    with pytest.raises(ValueError, match="mutually exclusive"):
-        select_engine("cpu", foreach=True, fused=True)
-    with pytest.raises(RuntimeError, match="no fused engine"):
-        select_engine("meta", foreach=None, fused=True)
+    # zero gradients are masked everywhere: only weight decay moves a parameter, and only a weight
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(model.parameters(), before):
+        expected = b if p.dim() <= 1 else b * (1 - 0.1 * 0.05)
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=0)
 
 
 def test_fusedbun_alias_is_the_same_class():

@@ -315,7 +315,7 @@ def _dtensor_placements(mesh, placement_sets, rank) -> dict[str, float]:
             init = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
             grads = [[torch.randn(s, generator=gen).to(dtype) for s in shapes] for _ in range(3)]
 
-            def fit(t):  # a placement sharding a dim the tensor does not have falls back to Replicate
+            def fit(t, placements=placements):  # a placement sharding a dim t lacks falls back to Replicate
                 return [pl if not hasattr(pl, "dim") or pl.dim < t.dim() else Replicate() for pl in placements]
 
             dps = [nn.Parameter(distribute_tensor(t.clone().to(mesh.device_type), mesh, fit(t))) for t in init]

@@ -1,22 +1,19 @@
-"""Faults: crashes, damaged checkpoints, foreign state dicts and bad input of every kind.
+"""Faults the package must survive or refuse: a crash mid-training, and state dicts that do not belong.
 
 - SIGKILL at random points of a training run (between steps, in the middle of writing a checkpoint, at
   a random time) and resuming until done gives the final parameters and optimizer state of a run that
-  was never interrupted, bit for bit (``fault_train.py`` is the training script).
-- A truncated or corrupted checkpoint, a state dict of another optimizer or of another parameter
-  layout, or one holding impossible values, is refused with a clear error and leaves the optimizer as
-  it was.
-- Every invalid argument raises ``ValueError`` or ``TypeError`` naming it: in the constructor, in
-  ``add_param_group``, and when it is set in a param group between steps (checked at ``step``).
-- Non-finite gradients follow ``nonfinite="mask"`` (the default) / ``"skip"`` / ``"raise"`` and never
-  corrupt the state (``test_nonfinite.py`` holds the mask-mode tests); very large and very small finite
-  gradients (fp16's range, fp64 past fp32's, subnormals) do not overflow the second moment.
+  was never interrupted, bit for bit (``fault_train.py`` is the training script; its checkpoint container
+  is tested in ``test_fault_train.py``).
+- A state dict of another optimizer or of another parameter layout, or one holding impossible values, is
+  refused by ``load_state_dict`` with a clear ``ValueError`` and leaves the optimizer as it was (and able
+  to step).
+
+Invalid arguments are refused in ``test_optim_contract.py``; non-finite gradients are ``test_nonfinite.py``'s.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import random
 import signal
@@ -24,12 +21,12 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from pathlib import Path
 
 import fault_train
 import pytest
 import torch
+from helpers import assert_tree_equal
 
 from fusedbun import FusionOptimizer
 
@@ -37,22 +34,6 @@ SCRIPT = Path(__file__).with_name("fault_train.py")
 REPO = SCRIPT.parent.parent
 STEPS, EVERY = 30, 4
 FAULT_SEED = int(os.environ.get("FUSEDBUN_FAULT_SEED", "20240611"))
-
-
-def assert_tree_equal(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where}: values differ"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys differ"
-        for k in a:
-            assert_tree_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_tree_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,7 +127,7 @@ def test_sigkill_at_random_points_then_resuming_matches_an_uninterrupted_run(tmp
 
 
 # ----------------------------------------------------------------------------------------------------------
-# damaged checkpoints
+# state dicts that do not belong: other optimizers, other layouts, impossible values
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -159,78 +140,6 @@ def make_optimizer(shapes=((4, 6), (6,)), seed=0, steps=2, **kw):
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
     return params, opt
-
-
-@pytest.fixture
-def checkpoint(tmp_path) -> Path:
-    params, opt = make_optimizer()
-    path = tmp_path / "ckpt"
-    fault_train.save_checkpoint({"step": 2, "optimizer": opt.state_dict()}, str(path))
-    return path
-
-
-@pytest.mark.parametrize("keep", [0, 5, 20, 40, 0.5, -1], ids=lambda k: f"keep{k}")
-def test_truncated_checkpoint_is_refused(checkpoint, keep):
-    data = checkpoint.read_bytes()
-    n = int(len(data) * keep) if isinstance(keep, float) else (keep if keep >= 0 else len(data) + keep)
-    checkpoint.write_bytes(data[:n])
-    with pytest.raises(fault_train.CheckpointError, match="truncated"):
-        fault_train.load_checkpoint(str(checkpoint))
-
-
-def test_every_flipped_bit_is_refused(checkpoint):
-    data = checkpoint.read_bytes()
-    rng = random.Random(7)
-    positions = rng.sample(range(len(data)), 60) + list(range(len(fault_train.MAGIC) + 40))  # header included
-    for i in positions:
-        damaged = bytearray(data)
-        damaged[i] ^= 1 << rng.randrange(8)
-        checkpoint.write_bytes(bytes(damaged))
-        with pytest.raises(fault_train.CheckpointError):
-            fault_train.load_checkpoint(str(checkpoint))
-
-
-def test_padded_or_foreign_files_are_refused(checkpoint, tmp_path):
-    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
-    with pytest.raises(fault_train.CheckpointError, match="padded"):
-        fault_train.load_checkpoint(str(checkpoint))
-    plain = tmp_path / "plain.pt"
-    torch.save({"step": 1}, plain)  # a torch file without the header
-    with pytest.raises(fault_train.CheckpointError, match="not a fusedbun checkpoint"):
-        fault_train.load_checkpoint(str(plain))
-
-
-def test_raw_torch_files_damaged_fail_in_the_loader(tmp_path):
-    """Without the checksum a truncated torch file still fails loudly in torch.load (the loader's error)."""
-    path = tmp_path / "raw.pt"
-    torch.save(make_optimizer()[1].state_dict(), path)
-    data = path.read_bytes()
-    for n in (0, 10, len(data) // 2):
-        path.write_bytes(data[:n])
-        with pytest.raises((RuntimeError, EOFError, ValueError, OSError)):
-            torch.load(path, weights_only=True)
-
-
-def test_training_refuses_to_resume_from_a_damaged_checkpoint(tmp_path):
-    ckpt, out = tmp_path / "c", tmp_path / "o"
-    params, opt = make_optimizer()
-    fault_train.save_checkpoint({"step": 4}, str(ckpt))
-    damaged = bytearray(ckpt.read_bytes())
-    damaged[-1] ^= 0x10
-    ckpt.write_bytes(bytes(damaged))
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(fault_train.CheckpointError, match="checksum"):
-            fault_train.train(fault_train.parse(["--ckpt", str(ckpt), "--out", str(out), "--steps", "8"]))
-    finally:
-        torch.set_num_threads(threads)
-    assert ckpt.read_bytes() == bytes(damaged), "the damaged checkpoint was overwritten"
-    assert not out.exists()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# state dicts that do not belong: other optimizers, other layouts, impossible values
-# ----------------------------------------------------------------------------------------------------------
 
 
 def other_optimizer_state(cls, **kw):
@@ -329,265 +238,3 @@ def test_state_dict_with_impossible_values_is_refused(poison):
     params, opt = make_optimizer()
     sd = POISON[poison](copy.deepcopy(opt.state_dict()))
     refused_and_unchanged(opt, params, sd, "invalid")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# bad arguments: constructor, add_param_group, and set in a group between steps
-# ----------------------------------------------------------------------------------------------------------
-
-BAD_VALUES = [
-    # (keyword, value, exception)
-    ("lr", -1e-3, ValueError),
-    ("lr", math.nan, ValueError),
-    ("lr", math.inf, ValueError),
-    ("lr", "0.1", TypeError),
-    ("lr", None, TypeError),
-    ("lr", 1j, TypeError),
-    ("lr", True, TypeError),
-    ("lr", torch.tensor([0.1, 0.2]), ValueError),
-    ("lr", torch.tensor(-0.1), ValueError),
-    ("lr", torch.tensor(0.1j), ValueError),
-    ("eps", -1e-8, ValueError),
-    ("eps", math.nan, ValueError),
-    ("eps", math.inf, ValueError),
-    ("eps", None, TypeError),
-    ("beta_decay", 0.0, ValueError),
-    ("beta_decay", -0.5, ValueError),
-    ("beta_decay", 1.5, ValueError),
-    ("beta_decay", math.nan, ValueError),
-    ("beta_decay", "0.8", TypeError),
-    ("Lambda", -0.01, ValueError),
-    ("Lambda", math.inf, ValueError),
-    ("Lambda", [0.01], TypeError),
-    ("momentum_beta", -0.1, ValueError),
-    ("momentum_beta", 1.0, ValueError),
-    ("momentum_beta", 1.5, ValueError),
-    ("momentum_beta", math.nan, ValueError),
-    ("momentum_beta", (0.9,), TypeError),
-    ("centralize", "yes", TypeError),
-    ("centralize", None, TypeError),
-    ("use_rms", 1, TypeError),
-    ("maximize", "no", TypeError),
-    ("foreach", "no", TypeError),
-    ("fused", 1, TypeError),
-    ("nonfinite", "ignore", ValueError),
-    ("nonfinite", None, ValueError),
-    ("nonfinite", "Mask", ValueError),
-    ("momentum_dtype", torch.int32, ValueError),
-    ("momentum_dtype", "bfloat16", ValueError),
-    ("momentum_dtype", torch.complex64, ValueError),
-]
-BAD_COMBINATIONS = [
-    ({"use_rms": True, "eps": 0.0}, ValueError, "eps"),
-    ({"use_rms": True, "eps": 1e-40}, ValueError, "eps"),  # a subnormal fp32 eps: refused with use_rms
-    ({"fused": True, "foreach": True}, ValueError, "fused"),
-]
-BAD_IDS = [f"{k}={v!r}" for k, v, _ in BAD_VALUES]
-
-
-@pytest.mark.parametrize("name,value,exc", BAD_VALUES, ids=BAD_IDS)
-def test_invalid_argument_raises_naming_it(name, value, exc):
-    p = torch.zeros(3, requires_grad=True)
-    kwargs = {"lr": 0.1, name: value}
-    with pytest.raises(exc, match=name):
-        FusionOptimizer([p], **kwargs)
-
-
-@pytest.mark.parametrize("kwargs,exc,name", BAD_COMBINATIONS, ids=["rms-eps0", "rms-eps1e-40", "fused+foreach"])
-def test_invalid_combination_raises_naming_it(kwargs, exc, name):
-    with pytest.raises(exc, match=name):
-        FusionOptimizer([torch.zeros(3, requires_grad=True)], lr=0.1, **kwargs)
-
-
-@pytest.mark.parametrize("name,value,exc", BAD_VALUES, ids=BAD_IDS)
-def test_invalid_param_group_value_is_refused_by_add_param_group(name, value, exc):
-    opt = FusionOptimizer([torch.zeros(3, requires_grad=True)], lr=0.1)
-    with pytest.raises(exc, match=name):
-        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], name: value})
-    assert len(opt.param_groups) == 1, "the refused group was kept"
-
-
-@pytest.mark.parametrize("name,value,exc", BAD_VALUES, ids=BAD_IDS)
-def test_invalid_value_set_in_a_group_between_steps_is_refused_at_step(name, value, exc):
-    params, opt = make_optimizer()
-    good = opt.param_groups[0][name]
-    state = copy.deepcopy(opt.state_dict()["state"])
-    values = [p.detach().clone() for p in params]
-    calls = []
-
-    def closure():
-        calls.append(1)
-        return torch.tensor(0.0)
-
-    opt.param_groups[0][name] = value
-    with pytest.raises(exc, match=name):
-        opt.step(closure)
-    assert not calls, "the closure ran before the hyperparameters were checked"
-    assert all(torch.equal(p.detach(), v) for p, v in zip(params, values)), "a parameter moved"
-    assert_tree_equal(opt.state_dict()["state"], state, "state after a refused step")
-    opt.param_groups[0][name] = good
-    opt.step()
-
-
-@pytest.mark.parametrize(
-    "make,exc,match",
-    [
-        (lambda p: FusionOptimizer(p, lr=0.1), TypeError, "iterable"),
-        (lambda p: FusionOptimizer([], lr=0.1), ValueError, "empty"),
-        (lambda p: FusionOptimizer([{"params": {p}}], lr=0.1), TypeError, "ordered"),
-        (lambda p: FusionOptimizer([p * 2], lr=0.1), ValueError, "leaf"),
-        (lambda p: FusionOptimizer([{"params": [p]}, {"params": [p]}], lr=0.1), ValueError, "more than one"),
-        (lambda p: FusionOptimizer([{"lr": 0.1}], lr=0.1), KeyError, "params"),
-        (lambda p: FusionOptimizer([p], lr=0.1, betas=(0.9, 0.99)), TypeError, "betas"),
-        (lambda p: FusionOptimizer([p]), ValueError, "lr"),
-    ],
-    ids=[
-        "tensor-not-list",
-        "empty",
-        "set",
-        "non-leaf",
-        "duplicate-across-groups",
-        "group-without-params",
-        "unknown-keyword",
-        "lr-missing",
-    ],
-)
-def test_invalid_params_argument_is_refused(make, exc, match):
-    p = torch.zeros(3, requires_grad=True)
-    with pytest.raises(exc, match=match):
-        make(p)
-
-
-def test_duplicate_param_in_a_group_warns():
-    p = torch.zeros(3, requires_grad=True)
-    with pytest.warns(UserWarning, match="duplicate"):
-        FusionOptimizer([p, p], lr=0.1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# non-finite, huge and tiny gradients
-# ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
-def test_raise_mode_changes_nothing_in_any_group(engine, bad):
-    gen = torch.Generator().manual_seed(2)
-    a, b, c = (torch.randn(s, generator=gen).requires_grad_() for s in ((4, 5), (6,), (3, 2, 2)))
-    opt = FusionOptimizer([{"params": [a]}, {"params": [b, c], "lr": 0.05}], lr=0.1, nonfinite="raise", **engine)
-    for x in (a, b, c):
-        x.grad = torch.randn(x.shape, generator=gen)
-    opt.step()
-    before = copy.deepcopy(opt.state_dict())
-    values = [x.detach().clone() for x in (a, b, c)]
-    for x in (a, b, c):
-        x.grad = torch.randn(x.shape, generator=gen)
-    c.grad[1, 1, 0] = bad  # in the last group: the first group must not have stepped either
-    with pytest.raises(FloatingPointError):
-        opt.step()
-    assert all(torch.equal(x.detach(), v) for x, v in zip((a, b, c), values)), "a parameter moved"
-    assert_tree_equal(opt.state_dict(), before, "state after a refused step")
-
-
-@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
-def test_skip_mode_per_group_leaves_the_skipped_state_untouched_and_raise_groups_raise(engine, bad):
-    gen = torch.Generator().manual_seed(3)
-    a, b = torch.randn(5, 3, generator=gen).requires_grad_(), torch.randn(7, generator=gen).requires_grad_()
-    opt = FusionOptimizer(
-        [{"params": [a]}, {"params": [b], "nonfinite": "raise"}], lr=0.1, use_rms=True, nonfinite="skip", **engine
-    )
-    for _ in range(2):
-        a.grad, b.grad = torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)
-        opt.step()
-    state_a, value_a = copy.deepcopy(dict(opt.state[a])), a.detach().clone()
-    a.grad, b.grad = torch.randn(5, 3, generator=gen), torch.randn(7, generator=gen)
-    a.grad[0, 0] = bad
-    value_b = b.detach().clone()
-    with pytest.warns(RuntimeWarning, match="skipped"):
-        opt.step()
-    assert torch.equal(a.detach(), value_a)
-    assert_tree_equal(dict(opt.state[a]), state_a, "skipped parameter's state")
-    assert not torch.equal(b.detach(), value_b), "the finite group did not step"
-    b.grad = torch.full((7,), bad)
-    a.grad = torch.ones(5, 3)
-    with pytest.raises(FloatingPointError):
-        opt.step()
-
-
-@pytest.mark.parametrize("shape", [(4,), (300, 300)], ids=["small", "90k-elements"])
-def test_fp16_gradients_up_to_fp16_max_step_and_keep_a_finite_second_moment(engine, shape):
-    """An fp16 gradient whose fp16 norm overflows (65504) is finite; its squares fit the fp32 statistic."""
-    p = torch.zeros(shape, dtype=torch.float16, requires_grad=True)
-    opt = FusionOptimizer([p], lr=1e-3, use_rms=True, **engine)
-    p.grad = torch.full(shape, 65504.0, dtype=torch.float16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no "skipped" warning
-        opt.step()
-    hess = opt.state[p]["exp_hessian"]
-    for h in hess if isinstance(hess, list) else [hess]:
-        assert torch.isfinite(h).all() and h.max().item() == pytest.approx(65504.0**2, rel=1e-6)
-    assert torch.isfinite(p).all() and (p != 0).all()
-
-
-@pytest.mark.parametrize("mode", ["skip", "mask"])
-@pytest.mark.parametrize(
-    "dtype,value,skipped",
-    [
-        (torch.float64, 1e18, False),  # g**2 = 1e36 fits the fp32 second moment
-        (torch.float64, 1e20, True),  # g**2 = 1e40 does not: skipped, not stored as Inf
-        (torch.float32, 1.5e19, False),
-        (torch.float32, 3e19, True),
-        (torch.bfloat16, 1e30, True),
-    ],
-    ids=["fp64-1e18", "fp64-1e20", "fp32-1.5e19", "fp32-3e19", "bf16-1e30"],
-)
-def test_gradients_past_the_fp32_second_moment_are_skipped_never_stored_as_inf(engine, dtype, value, skipped, mode):
-    """ "skip" skips the parameter; "mask" (the default) masks the entry (|g| >= 2**64): the step counts, the
-    entry takes no step, and its statistic stays zero."""
-    p = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
-    q = torch.zeros(5, dtype=dtype, requires_grad=True)
-    opt = FusionOptimizer([p, q], lr=1e-3, use_rms=True, nonfinite=mode, **engine)
-    for x in (p, q):
-        x.grad = torch.zeros(x.shape, dtype=dtype)
-        x.grad.view(-1)[0] = value
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt.step()
-    word = "skipped" if mode == "skip" else "non-finite"
-    assert any(word in str(w.message) for w in caught) == skipped
-    for x in (p, q):
-        st = opt.state[x]
-        hess = st["exp_hessian"] if isinstance(st["exp_hessian"], list) else [st["exp_hessian"]]
-        assert all(torch.isfinite(h).all() for h in hess), "the second moment overflowed"
-        assert torch.isfinite(x).all()
-        assert st["step"].item() == (0 if skipped and mode == "skip" else 1)
-        if skipped:  # skipped or masked: the (zero) parameter and its statistic did not move
-            assert torch.count_nonzero(x) == 0 and all(torch.count_nonzero(h) == 0 for h in hess)
-        else:
-            assert x.view(-1)[0] < 0 and all(h.max() > 0 for h in hess)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_subnormal_gradients_give_finite_steps_and_a_nonnegative_second_moment(engine, dtype):
-    """Gradients below fp32's normal range: their squares underflow the fp32 statistic to 0. Without RMS
-    normalization eps may be as small as the gradients; with it, eps >= fp32's tiny keeps g / (sqrt(0) + eps)
-    finite (a smaller eps is refused, see BAD_COMBINATIONS)."""
-    tiny = torch.finfo(dtype).tiny
-    cases = [
-        (dict(use_rms=False, eps=tiny / 2**10), lambda t: tiny / 2 ** (t + 2)),  # subnormal in dtype
-        (dict(use_rms=True, eps=torch.finfo(torch.float32).tiny), lambda t: 1e-30 / (t + 1)),  # squares underflow
-    ]
-    for kw, value in cases:
-        p = torch.zeros(4, 3, dtype=dtype, requires_grad=True)
-        q = torch.zeros(6, dtype=dtype, requires_grad=True)
-        opt = FusionOptimizer([p, q], lr=1e-3, **kw, **engine)
-        for t in range(3):
-            for x in (p, q):
-                x.grad = torch.full(x.shape, value(t), dtype=dtype)
-                assert (x.grad != 0).all()
-            opt.step()
-        for x in (p, q):
-            st = opt.state[x]
-            hess = st["exp_hessian"] if isinstance(st["exp_hessian"], list) else [st["exp_hessian"]]
-            assert all(torch.isfinite(h).all() and (h >= 0).all() for h in hess), kw
-            assert torch.isfinite(x).all() and torch.isfinite(st["momentum_buffer"]).all(), kw
-            assert (x < 0).all(), f"a positive gradient did not move the parameter down: {kw}"

@@ -90,7 +90,7 @@ def compare_stepwise(init, grads, *, lr: float, momentum_dtype=None, **hyper) ->
     pf = [x.clone().requires_grad_() for x in init]
     ref = FusionOptimizer(pr, lr=lr, momentum_dtype=momentum_dtype, foreach=False, **hyper)
     fused = FusionOptimizer(pf, lr=lr, momentum_dtype=momentum_dtype, fused=True, **hyper)
-    for t, step_grads in enumerate(grads):
+    for step_grads in grads:
         with torch.no_grad():
             for a, b in zip(pr, pf):
                 b.copy_(a)

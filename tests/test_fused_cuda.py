@@ -1,29 +1,97 @@
-"""The fused CUDA engine (``fusedbun/engines/fused_cuda.py`` + ``triton_kernels.py``) against the
-single-tensor reference (``foreach=False``) on the same GPU.
+"""The fused CUDA engine (``fusedbun/engines/fused_cuda.py``) and its Triton kernel (``triton_kernels.py``)
+against the single-tensor reference (``foreach=False``).
 
-Each step starts both optimizers from the same parameters and state (the reference's, copied into the
-fused run's own tensors), so that every step is compared on its own and a rounding difference in one
-step cannot grow into a large one later. Everything except the first test needs a CUDA device and
-Triton, and is skipped with the reason otherwise.
+The kernel runs in one of two ways, and each machine has one of them:
+
+- compiled, on a CUDA device (``kernel_device == "cuda"``);
+- under Triton's CPU interpreter (``kernel_device == "cpu"``): with ``TRITON_INTERPRET=1``, which
+  ``tests/conftest.py`` sets before Triton is first imported on machines without CUDA, ``triton.jit``
+  kernels run on CPU tensors, one program after the other, in NumPy. The optimizer routes CPU tensors to
+  the C kernel, so the ``kernel_device`` fixture points the fused engine of the CPU at the Triton engine.
+  The interpreter is slow: its shapes are smaller.
+
+The tests parametrized by ``kernel_device`` run the same checks both ways (the other way is skipped with
+its reason); the ones marked ``needs_gpu`` are about the compiled kernel on a device (the engine picked
+by default, large tensors, step counts on the device, no host sync). Each comparison starts both
+optimizers from the same parameters and state (the reference's, copied into the fused run's own
+tensors), so that every step is compared on its own and a rounding difference in one step cannot grow
+into a large one later.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import warnings
 
 import pytest
 import torch
+from rule_check import STEP_SCALES, dtype_id, make_grad
 
 from fusedbun import FusionOptimizer
-from fusedbun.engines import fused_cuda, select_engine
+from fusedbun.engines import dispatch, fused_cuda, select_engine
 from fusedbun.engines.common import StepHyper, StepTensors
 from fusedbun.engines.single_tensor import single_tensor_fusion
 from fusedbun.optimizer import fusion
 from fusedbun.sm3 import sm3_accumulators
 
 REASON = fused_cuda.unavailable_reason()
-needs_gpu = pytest.mark.skipif(bool(REASON), reason=f"the fused CUDA engine cannot run here: {REASON}")
+
+
+def _interpreter_reason() -> str:
+    if torch.cuda.is_available():
+        return "a CUDA device is present: the kernel runs compiled here (the compiled-cuda cases)"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "TRITON_INTERPRET is not 1 (tests/conftest.py sets it before Triton is first imported)"
+    return fused_cuda._triton_import_error()
+
+
+INTERPRETER_REASON = _interpreter_reason()
+
+
+def needs_gpu(test):
+    return pytest.mark.gpu(
+        pytest.mark.skipif(bool(REASON), reason=f"the fused CUDA engine cannot run here: {REASON}")(test)
+    )
+
+
+pytestmark = [
+    # The interpreter computes masked-out lanes too, in NumPy, which warns about NaN it then discards.
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(
+            "cuda",
+            id="compiled-cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(bool(REASON), reason=f"the fused CUDA engine cannot run here: {REASON}"),
+            ],
+        ),
+        pytest.param(
+            "cpu",
+            id="interpreted-cpu",
+            marks=pytest.mark.skipif(
+                bool(INTERPRETER_REASON), reason=f"the Triton kernel is not interpreted here: {INTERPRETER_REASON}"
+            ),
+        ),
+    ]
+)
+def kernel_device(request, monkeypatch) -> str:
+    """The device the Triton kernel runs on here: "cuda" (compiled) or "cpu" (interpreted; then
+    ``fused=True`` on CPU tensors steps them with the Triton engine instead of the C kernel)."""
+    if request.param == "cpu":
+        real = dispatch._fused_engine
+        monkeypatch.setattr(
+            dispatch,
+            "_fused_engine",
+            lambda device_type: (fused_cuda.fused_fusion, "") if device_type == "cpu" else real(device_type),
+        )
+    return request.param
 
 
 def test_module_imports_and_reports_a_reason_without_triton(monkeypatch):
@@ -44,29 +112,32 @@ def test_module_imports_and_reports_a_reason_without_triton(monkeypatch):
         importlib.reload(fused_cuda)
 
 
-DEV = "cuda"
-
-SHAPES = [
-    (),
-    (1,),
-    (7,),
-    (1000,),
-    (4099,),
-    (0,),
-    (3, 0),
-    (1, 1),
-    (5, 37),
-    (64, 64),
-    (17, 1),
-    (1, 300),
-    (3, 4, 5),
-    (2, 3, 4, 5),
-    (8, 3, 3, 3),
-    (6, 1, 7),
-    (300, 513),
-    (2, 3, 1, 4, 5),
-]
-SMALL_SHAPES = [(), (7,), (5, 37), (3, 4, 5), (64, 64)]
+# 0-D to 5-D, odd sizes, zero-size tensors, size-1 dims, rows shorter than a block, several blocks
+SHAPES = {
+    "cuda": [
+        (),
+        (1,),
+        (7,),
+        (1000,),
+        (4099,),
+        (0,),
+        (3, 0),
+        (1, 1),
+        (5, 37),
+        (64, 64),
+        (17, 1),
+        (1, 300),
+        (3, 4, 5),
+        (2, 3, 4, 5),
+        (8, 3, 3, 3),
+        (6, 1, 7),
+        (300, 513),
+        (2, 3, 1, 4, 5),
+    ],
+    "cpu": [(), (1,), (7,), (1100,), (0,), (3, 0), (1, 1), (5, 37), (17, 1), (1, 300), (3, 4, 5), (2, 3, 4, 5)]
+    + [(2, 3, 1, 2, 5)],
+}
+SMALL_SHAPES = {"cuda": [(), (7,), (5, 37), (3, 4, 5), (64, 64)], "cpu": [(), (7,), (5, 37), (3, 4, 5)]}
 
 # (parameter dtype, momentum dtype)
 DTYPES = [
@@ -109,7 +180,7 @@ def copy_state(src: FusionOptimizer, dst: FusionOptimizer, src_params, dst_param
 def assert_same_state(ref, fused, ref_params, fused_params, *, what: str) -> None:
     for k, (pr, pf) in enumerate(zip(ref_params, fused_params)):
         where = f"{what}, parameter {k} of shape {tuple(pr.shape)}"
-        torch.testing.assert_close(pf, pr, **tolerance(pr.dtype), msg=lambda m: f"{where}: {m}")
+        torch.testing.assert_close(pf, pr, **tolerance(pr.dtype), msg=lambda m, where=where: f"{where}: {m}")
         sr, sf = ref.state.get(pr, {}), fused.state.get(pf, {})
         assert sr.keys() == sf.keys(), where
         for key in sr:
@@ -117,12 +188,18 @@ def assert_same_state(ref, fused, ref_params, fused_params, *, what: str) -> Non
             for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
                 assert x.dtype == y.dtype and x.shape == y.shape and x.device == y.device, f"{where}: {key}"
                 tol = tolerance(x.dtype) if key != "exp_hessian" else dict(rtol=3e-5, atol=1e-12)
-                torch.testing.assert_close(y, x, **tol, msg=lambda m: f"{where}: {key}: {m}")
+                torch.testing.assert_close(y, x, **tol, msg=lambda m, where=where, key=key: f"{where}: {key}: {m}")
 
 
-def run_side_by_side(shapes, dtype, momentum_dtype, hyper: dict, *, steps: int = 3, seed: int = 0):
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    init = [torch.randn(s, device=DEV, generator=gen).to(dtype) for s in shapes]
+def run_side_by_side(
+    shapes, dtype, momentum_dtype, hyper: dict, *, device: str, steps: int = 3, seed: int = 0, nonfinite=False
+):
+    """Step the reference and the fused engine on ``device`` side by side, each step from the same state.
+
+    ``nonfinite``: at step 2 the first entries of every gradient with more than 3 are NaN, Inf and 2**70
+    (masked); the reference's own non-finite warning is silenced, so only the fused run's can be seen."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    init = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
     ref_params = [torch.nn.Parameter(t.clone()) for t in init]
     fused_params = [torch.nn.Parameter(t.clone()) for t in init]
     hyper = {"lr": 0.05, **hyper}
@@ -130,14 +207,19 @@ def run_side_by_side(shapes, dtype, momentum_dtype, hyper: dict, *, steps: int =
     fused = FusionOptimizer(fused_params, fused=True, momentum_dtype=momentum_dtype, **hyper)
     for t in range(steps):
         for pr, pf in zip(ref_params, fused_params):
-            g = (
-                torch.randn(pr.shape, device=DEV, generator=gen)
-                * 10.0 ** torch.randint(-3, 1, (), generator=gen, device=DEV)
-            ).to(dtype)
+            g = torch.randn(pr.shape, device=device, generator=gen) * 10.0 ** torch.randint(
+                -3, 1, (), generator=gen, device=device
+            )
+            if nonfinite and g.numel() > 3 and t == 1:
+                g.view(-1)[:3] = torch.tensor([float("nan"), float("inf"), 2.0**70], device=device)
+            g = g.to(dtype)
             pr.grad, pf.grad = g.clone(), g.clone()
         if t > 0:
             copy_state(ref, fused, ref_params, fused_params)
-        ref.step()
+        with warnings.catch_warnings():
+            if nonfinite:
+                warnings.simplefilter("ignore", RuntimeWarning)
+            ref.step()
         fused.step()
         assert_same_state(ref, fused, ref_params, fused_params, what=f"step {t + 1}")
     return ref, fused, ref_params, fused_params
@@ -149,50 +231,92 @@ def test_fused_engine_is_selected_automatically_on_cuda():
     assert select_engine("cuda", foreach=None, fused=True) is fused_cuda.fused_fusion
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype, momentum_dtype", DTYPES)
 @pytest.mark.parametrize("hyper", HYPER)
-def test_matches_reference_across_dtypes_and_hyperparameters(dtype, momentum_dtype, hyper):
-    run_side_by_side(SMALL_SHAPES, dtype, momentum_dtype, hyper)
+def test_matches_reference_across_dtypes_and_hyperparameters(kernel_device, dtype, momentum_dtype, hyper):
+    run_side_by_side(SMALL_SHAPES[kernel_device], dtype, momentum_dtype, hyper, device=kernel_device)
 
 
-@needs_gpu
 @pytest.mark.parametrize("hyper", [HYPER[0], HYPER[1]])
 @pytest.mark.parametrize(
     "config",
-    [dict(prefetch=False), dict(prefetch=True), dict(direct_launch=True)],
-    ids=["load-then-work", "prefetch-next-rows", "direct-launch"],
+    [
+        pytest.param(dict(prefetch=False), id="load-then-work"),
+        pytest.param(dict(prefetch=True, direct_launch=False), id="prefetch-next-rows-through-dispatch"),
+        pytest.param(dict(prefetch=True, direct_launch=True), id="prefetch-next-rows-direct-launch"),
+    ],
 )
-def test_matches_reference_on_many_shapes(hyper, config, monkeypatch):
+def test_matches_reference_on_many_shapes(kernel_device, hyper, config, monkeypatch):
     # 0-D to 5-D, odd sizes, zero-size tensors, size-1 dims, rows shorter than a block, several blocks;
-    # both ways the kernel can walk its rows, and launches past Triton's dispatch after the first step.
+    # both ways the kernel can walk its rows, and launches through Triton's dispatch or, after the first
+    # step, past it (the interpreter has no compiled kernel to launch directly: there both are the dispatch).
+    if kernel_device == "cpu" and config.get("direct_launch") is True:
+        pytest.skip("the interpreter launches through Triton's dispatch only: the case above covers it")
     config = fused_cuda.KernelConfig(**{**fused_cuda.CONFIG.as_dict(), **config})
     monkeypatch.setattr(fused_cuda, "CONFIG", config)
-    run_side_by_side(SHAPES, torch.float32, None, hyper, steps=4)
+    steps = 4 if kernel_device == "cuda" else 2
+    run_side_by_side(SHAPES[kernel_device], torch.float32, None, hyper, device=kernel_device, steps=steps)
+
+
+def test_masks_nonfinite_entries_like_the_reference_and_warns(kernel_device):
+    # On CUDA the warning comes at a later step (the flags reach the host without a sync): the comparison
+    # after step 2 waits for the device, so step 3 reports it.
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        run_side_by_side([(9,), (6, 11)], torch.float32, None, dict(use_rms=True), device=kernel_device, nonfinite=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_id)
+def test_the_mask_is_strict_at_eps_like_the_reference(kernel_device, dtype):
+    # Gradients with exact zeros, entries below eps and entries exactly at +-eps (eps = 1/64 is exact in
+    # every dtype): |g| == eps is masked. A kept entry would show in the second moment (g**2 instead of
+    # the carried-over value) far above the tolerance.
+    eps = 1 / 64
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(7,), (5, 37), (3, 4, 5)]
+    init = [torch.randn(s, generator=gen).to(dtype).to(kernel_device) for s in shapes]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    fused_params = [torch.nn.Parameter(t.clone()) for t in init]
+    hyper = dict(lr=0.05, eps=eps, use_rms=True, centralize=False)
+    ref = FusionOptimizer(ref_params, foreach=False, **hyper)
+    fused = FusionOptimizer(fused_params, fused=True, **hyper)
+    for t, scale in enumerate(STEP_SCALES):
+        for pr, pf in zip(ref_params, fused_params):
+            g = make_grad(pr.shape, gen, eps, scale)
+            g.view(-1)[t : t + 2] = torch.tensor([eps, -eps], dtype=g.dtype)  # at least two at the threshold
+            g = g.to(dtype).to(kernel_device)
+            pr.grad, pf.grad = g.clone(), g.clone()
+        if t > 0:
+            copy_state(ref, fused, ref_params, fused_params)
+        ref.step()
+        fused.step()
+        assert_same_state(ref, fused, ref_params, fused_params, what=f"step {t + 1}")
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype, momentum_dtype", [DTYPES[1], DTYPES[2]])
 def test_matches_reference_on_large_tensors(dtype, momentum_dtype):
     # Many tiles per tensor; one row length a multiple of 16 (16-byte accesses), one not.
-    run_side_by_side([(2048, 1024), (1536, 1029), (4096,)], dtype, momentum_dtype, dict(centralize=True), steps=2)
+    run_side_by_side(
+        [(2048, 1024), (1536, 1029), (4096,)], dtype, momentum_dtype, dict(centralize=True), device="cuda", steps=2
+    )
 
 
-@needs_gpu
-def test_misaligned_and_fallback_layouts_match_reference():
+def test_misaligned_and_fallback_layouts_match_reference(kernel_device):
     # In the fused run: a parameter that starts 4 bytes into its storage (its accesses cannot be 16 bytes
     # wide), and tensors the kernel does not take, stepped by the multi-tensor engine inside the fused call:
     # fp64, non-contiguous (transposed), and 7 dims (past the kernel's 6).
-    gen = torch.Generator(device=DEV).manual_seed(3)
+    dev = kernel_device
+    gen = torch.Generator(device=dev).manual_seed(3)
     values = [
-        torch.randn(40, 48, device=DEV, generator=gen),
-        torch.randn(9, 11, device=DEV, generator=gen, dtype=torch.float64),
-        torch.randn(10, 12, device=DEV, generator=gen),
-        torch.randn(2, 1, 2, 3, 1, 2, 2, device=DEV, generator=gen),
+        torch.randn(40, 48, device=dev, generator=gen),
+        torch.randn(9, 11, device=dev, generator=gen, dtype=torch.float64),
+        torch.randn(10, 12, device=dev, generator=gen),
+        torch.randn(2, 1, 2, 3, 1, 2, 2, device=dev, generator=gen),
     ]
-    storage = torch.empty(1 + 40 * 48, device=DEV)
-    misaligned = storage[1:].view(40, 48).copy_(values[0])
-    transposed = torch.empty(12, 10, device=DEV).t().copy_(values[2])
+    storage = torch.empty(4 + 40 * 48, device=dev)
+    start = next(i for i in range(4) if (storage.data_ptr() + 4 * i) % 16 == 4)
+    misaligned = storage[start : start + 40 * 48].view(40, 48).copy_(values[0])
+    transposed = torch.empty(12, 10, device=dev).t().copy_(values[2])
     fused_params = [torch.nn.Parameter(t) for t in (misaligned, values[1].clone(), transposed, values[3].clone())]
     ref_params = [torch.nn.Parameter(v.clone()) for v in values]
     assert fused_params[0].data_ptr() % 16 == 4 and not fused_params[2].is_contiguous()
@@ -200,26 +324,26 @@ def test_misaligned_and_fallback_layouts_match_reference():
     fused = FusionOptimizer(fused_params, lr=0.1, fused=True, centralize=True)
     for t in range(3):
         for pr, pf in zip(ref_params, fused_params):
-            g = torch.randn(pr.shape, device=DEV, generator=gen, dtype=pr.dtype)
+            g = torch.randn(pr.shape, device=dev, generator=gen, dtype=pr.dtype)
             pr.grad, pf.grad = g.clone(), g.clone()
         ref.step()
         fused.step()
         assert_same_state(ref, fused, ref_params, fused_params, what=f"step {t + 1}")
 
 
-def make_engine_inputs(shapes, *, dtype, grad_dtype, momentum_dtype, gen, steps_at: list[float]):
+def make_engine_inputs(shapes, *, dtype, grad_dtype, momentum_dtype, gen, steps_at: list[float], device: str):
     params, grads, bufs, hess, steps = [], [], [], [], []
     for s, count in zip(shapes, steps_at):
-        p = torch.randn(s, device=DEV, generator=gen).to(dtype)
+        p = torch.randn(s, device=device, generator=gen).to(dtype)
         params.append(p)
-        grads.append(torch.randn(s, device=DEV, generator=gen).to(grad_dtype))
+        grads.append(torch.randn(s, device=device, generator=gen).to(grad_dtype))
         bufs.append(
-            None if momentum_dtype is None else (0.1 * torch.randn(s, device=DEV, generator=gen)).to(momentum_dtype)
+            None if momentum_dtype is None else (0.1 * torch.randn(s, device=device, generator=gen)).to(momentum_dtype)
         )
         if p.dim() <= 1:
-            hess.append(torch.rand(s, device=DEV, generator=gen))
+            hess.append(torch.rand(s, device=device, generator=gen))
         else:
-            hess.append([a.copy_(torch.rand(a.shape, device=DEV, generator=gen)) for a in sm3_accumulators(p)])
+            hess.append([a.copy_(torch.rand(a.shape, device=device, generator=gen)) for a in sm3_accumulators(p)])
         steps.append(torch.tensor(count))
     return params, grads, bufs, hess, steps
 
@@ -234,7 +358,10 @@ def clone_inputs(inputs):
 
 
 def assert_inputs_close(a, b):
-    for seq_a, seq_b in zip(a[:4], b[:4]):
+    """Parameters, momenta and second moments close; the gradients (inputs) untouched; the same step counts."""
+    for ga, gb in zip(a[1], b[1]):
+        torch.testing.assert_close(gb, ga, rtol=0, atol=0, equal_nan=True)
+    for seq_a, seq_b in (pair for k, pair in enumerate(zip(a[:4], b[:4])) if k != 1):
         for x, y in zip(seq_a, seq_b):
             for u, v in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
                 if u is not None:
@@ -247,12 +374,16 @@ HYPER_ALL = dict(
 )
 
 
-@needs_gpu
-@pytest.mark.parametrize("dtype, grad_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16)])
-def test_gradients_of_another_dtype_and_per_tensor_step_counts(dtype, grad_dtype):
+@pytest.mark.parametrize(
+    "dtype, grad_dtype",
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.float32, torch.float16)],
+    ids=["fp32", "bf16-fp32g", "fp32-fp16g"],
+)
+def test_gradients_of_another_dtype_per_tensor_step_counts_and_flags(kernel_device, dtype, grad_dtype):
     # The functional entry point allows gradients in another dtype than the parameter; the tensors are at
-    # different step counts, so each has its own beta_t (one launch still serves them all).
-    gen = torch.Generator(device=DEV).manual_seed(5)
+    # different step counts, so each has its own beta_t (one launch still serves them all); one gradient
+    # holds a NaN, masked and flagged by the kernel itself.
+    gen = torch.Generator(device=kernel_device).manual_seed(5)
     shapes = [(33, 48), (33, 48), (10,), (4, 5, 6)]
     inputs = make_engine_inputs(
         shapes,
@@ -261,17 +392,20 @@ def test_gradients_of_another_dtype_and_per_tensor_step_counts(dtype, grad_dtype
         momentum_dtype=torch.float32,
         gen=gen,
         steps_at=[0.0, 7.0, 2.0, 40.0],
+        device=kernel_device,
     )
+    inputs[1][1].view(-1)[3] = float("nan")
     ref, fused = clone_inputs(inputs), clone_inputs(inputs)
     single_tensor_fusion(StepTensors(*ref), StepHyper(**HYPER_ALL))
-    fusion(*fused, **HYPER_ALL, fused=True)
+    flags = fusion(*fused, **HYPER_ALL, fused=True, find_nonfinite=True)
+    assert [bool(f) for f in flags] == [False, True, False, False]
     assert_inputs_close(ref, fused)
 
 
 @needs_gpu
 def test_step_counts_on_the_device_give_the_same_step():
     # torch.compile moves step counts to the parameters' device; the engine then computes beta_t there.
-    gen = torch.Generator(device=DEV).manual_seed(6)
+    gen = torch.Generator(device="cuda").manual_seed(6)
     shapes = [(20, 30), (30,), ()]
     inputs = make_engine_inputs(
         shapes,
@@ -280,9 +414,10 @@ def test_step_counts_on_the_device_give_the_same_step():
         momentum_dtype=torch.float32,
         gen=gen,
         steps_at=[3.0, 9.0, 1.0],
+        device="cuda",
     )
     host, device = clone_inputs(inputs), clone_inputs(inputs)
-    device[4] = [s.to(DEV) for s in device[4]]
+    device[4] = [s.to("cuda") for s in device[4]]
     fusion(*host, **HYPER_ALL, fused=True)
     fusion(*device, **HYPER_ALL, fused=True)
     for seq_a, seq_b in zip(host[:4], device[:4]):
@@ -297,7 +432,7 @@ def test_step_is_deterministic_and_does_not_sync_with_the_host():
     # Atomic max is order-independent: two runs from one state agree bit for bit. The engine itself never
     # waits for the device (the non-finite check of "skip"/"raise" is then the step's one sync, outside the
     # engine; the default "mask" has none: test_nonfinite.py).
-    gen = torch.Generator(device=DEV).manual_seed(7)
+    gen = torch.Generator(device="cuda").manual_seed(7)
     shapes = [(512, 1000), (257, 3, 17), (1000,), ()]
     inputs = make_engine_inputs(
         shapes,
@@ -306,6 +441,7 @@ def test_step_is_deterministic_and_does_not_sync_with_the_host():
         momentum_dtype=torch.bfloat16,
         gen=gen,
         steps_at=[4.0, 4.0, 9.0, 1.0],
+        device="cuda",
     )
     runs = [clone_inputs(inputs) for _ in range(2)]
     fusion(*clone_inputs(inputs), **HYPER_ALL, fused=True)  # compile outside the checked region
@@ -326,12 +462,12 @@ def test_step_is_deterministic_and_does_not_sync_with_the_host():
 def test_training_with_the_default_engine_on_cuda_matches_the_reference():
     # End to end: a small model on the GPU, FusionOptimizer with no engine named (the fused one is picked).
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(DEV)
-    twin = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(DEV)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to("cuda")
+    twin = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to("cuda")
     twin.load_state_dict(model.state_dict())
     opt = FusionOptimizer(model.parameters(), lr=1e-2, centralize=True)
     ref = FusionOptimizer(twin.parameters(), lr=1e-2, centralize=True, foreach=False)
-    x, y = torch.randn(128, 32, device=DEV), torch.randn(128, 8, device=DEV)
+    x, y = torch.randn(128, 32, device="cuda"), torch.randn(128, 8, device="cuda")
     for _ in range(5):
         for m, o in ((model, opt), (twin, ref)):
             o.zero_grad()
@@ -339,3 +475,48 @@ def test_training_with_the_default_engine_on_cuda_matches_the_reference():
             o.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_stochastic_rounding_is_exactly_stochastic_round_of_the_step(kernel_device, dtype):
+    # With no momentum, decay or normalization and a power-of-two lr, a step is p - lr * g exactly in fp32,
+    # so the stored value is fusedbun.stochastic_round of it, bit for bit (key: the position, step: the count).
+    from fusedbun import stochastic_round
+
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(), (7,), (5, 3), (2, 3, 4), (300,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(kernel_device)) for s in shapes]
+    lr = 2.0**-5
+    exact = dict(momentum_beta=0.0, Lambda=0.0, use_rms=False, eps=0.0)
+    opt = FusionOptimizer(params, lr=lr, fused=True, stochastic_rounding=True, rounding_seed=77, **exact)
+    for step in (1, 2):
+        expected = []
+        for k, p in enumerate(params):
+            g = torch.randn(p.shape, generator=gen).to(dtype)
+            g = torch.where(g == 0, torch.ones((), dtype=dtype), g)
+            p.grad = g.to(kernel_device)
+            exact_fp32 = p.detach().cpu().float() - lr * g.float()
+            expected.append(stochastic_round(exact_fp32, dtype, seed=77, key=k, step=step))
+        opt.step()
+        for k, (p, e) in enumerate(zip(params, expected)):
+            assert torch.equal(p.detach().cpu().view(torch.int16), e.view(torch.int16)), f"step {step}, parameter {k}"
+
+
+def test_a_loss_scale_is_divided_out_in_the_pass(kernel_device):
+    # GradScaler's protocol: grad_scale and found_inf set on the optimizer around step().
+    gen = torch.Generator().manual_seed(22)
+    shapes = [(6, 9), (9,), (2, 3, 4)]
+    init = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    runs = []
+    for scale in (None, 2.0**10):
+        params = [torch.nn.Parameter(t.clone().to(kernel_device)) for t in init]
+        opt = FusionOptimizer(params, lr=0.01, fused=True, use_rms=True, centralize=True)
+        for p, g in zip(params, grads):
+            p.grad = (g if scale is None else g * scale).to(kernel_device)
+        if scale is not None:
+            opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        opt.step()
+        runs.append(params)
+    for a, b in zip(*runs):
+        assert torch.equal(a.detach(), b.detach())

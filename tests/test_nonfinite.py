@@ -1,8 +1,8 @@
-"""Non-finite gradients under ``nonfinite="mask"`` (the default), and the mode switch itself.
+"""Non-finite gradients: the three modes of ``nonfinite=`` (``"mask"``, the default, ``"skip"``, ``"raise"``).
 
-The rule, written from the decision (not from the implementation): a gradient entry, taken after the
-``maximize`` negation and after centralization, that is NaN, +Inf, -Inf or has ``|x| >= 2**64`` is masked
-exactly like an entry with ``|x| <= eps``. Checked here exactly:
+The rule of ``"mask"``, written from the decision (not from the implementation): a gradient entry, taken
+after the ``maximize`` negation and after centralization, that is NaN, +Inf, -Inf or has ``|x| >= 2**64``
+is masked exactly like an entry with ``|x| <= eps``. Checked here exactly:
 
 - without centralization, a step on a gradient holding such entries equals, bit for bit, a step on the
   same gradient with those entries replaced by 0.0, for every engine (single-tensor, foreach, fused CPU,
@@ -12,14 +12,21 @@ exactly like an entry with ``|x| <= eps``. Checked here exactly:
   with that row of the gradient zeroed, and the row's SM3 accumulator is carried over;
 - the step count advances, parameters and state stay finite;
 - a RuntimeWarning containing "non-finite" names the param group and the positions of the parameters;
-- the functional ``fusedbun.fusion(..., find_nonfinite=True)`` reports one 0-d bool per parameter;
-- ``fusedbun.eps_mask``, ``fusedbun.adalite.nonfinite_entries`` and ``GRAD_LIMIT`` on hand-picked values;
-- ``"skip"`` and ``"raise"`` still work, other modes are refused, and ``"mask"`` is the default.
+- the functional ``fusedbun.fusion(..., find_nonfinite=True)`` reports one 0-d bool per parameter.
+
+``"skip"`` leaves a parameter whose gradient holds such an entry as it is (value, state, step count) and
+steps the others by the rule; ``"raise"`` raises ``FloatingPointError`` before anything changes, in any
+group; modes differ per group. Finite extremes (fp16's largest values, fp64 gradients past fp32's range,
+subnormals) never overflow the fp32 second moment. ``"mask"`` is the default and the three modes are
+accepted in the constructor and in groups; other values are refused (``test_optim_contract.py``, with every
+other argument). The component functions ``eps_mask`` and ``nonfinite_entries`` are in ``test_components.py``;
+under ``torch.compile`` in ``test_compile.py``; across ranks in ``test_distributed.py``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 import zlib
@@ -27,6 +34,8 @@ import zlib
 import pytest
 import torch
 from conftest import ENGINE_PARAMS
+from helpers import accumulators, assert_tree_equal
+from rule_check import expect_step, step_and_verify, steps_taken, verify
 from torch import nn
 
 import fusedbun
@@ -370,6 +379,26 @@ def test_sparse_gradient_with_a_bad_value_equals_the_step_with_it_zeroed(kwargs,
     assert opt_a.state[ea.weight]["step"].item() == 2
 
 
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_sparse_gradient_with_nonfinite_values_is_skipped_or_refused(engine, mode, gen):
+    emb = nn.Embedding(8, 3, sparse=True)
+    opt = FusionOptimizer(emb.parameters(), lr=0.1, nonfinite=mode, **engine)
+    (emb(torch.tensor([0, 2])) * torch.randn(2, 3, generator=gen)).sum().backward()
+    opt.step()
+    w_before = emb.weight.detach().clone()
+    state_before = copy.deepcopy(opt.state_dict()["state"])
+    opt.zero_grad()
+    (emb(torch.tensor([1, 2])) * torch.tensor([[1.0, float("nan"), 2.0], [1.0, 1.0, 1.0]])).sum().backward()
+    if mode == "skip":
+        with pytest.warns(RuntimeWarning, match="skipped"):
+            opt.step()
+    else:
+        with pytest.raises(FloatingPointError):
+            opt.step()
+    assert torch.equal(emb.weight.detach(), w_before)
+    assert_tree_equal(opt.state_dict()["state"], state_before)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # functional API and components
 # ----------------------------------------------------------------------------------------------------------
@@ -437,115 +466,76 @@ def test_fusion_returns_none_by_default_and_all_false_on_finite_grads(kwargs):
     assert [bool(f) for f in found] == [False, False]
 
 
-def test_grad_limit_is_two_to_the_64():
-    from fusedbun import adalite
-
-    assert adalite.GRAD_LIMIT == 2.0**64 and isinstance(adalite.GRAD_LIMIT, float)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
-def test_eps_mask_on_hand_picked_values(dtype):
-    below = torch.nextafter(torch.tensor(LIMIT, dtype=dtype), torch.tensor(0.0, dtype=dtype)).item()
-    eps = 0.5
-    above_eps = torch.nextafter(torch.tensor(eps, dtype=dtype), torch.tensor(1.0, dtype=dtype)).item()
-    cases = [  # (value, kept)
-        (0.0, False),
-        (-0.0, False),
-        (eps, False),
-        (-eps, False),
-        (above_eps, True),
-        (-above_eps, True),
-        (1.0, True),
-        (-3.0, True),
-        (below, True),
-        (-below, True),
-        (LIMIT, False),
-        (-LIMIT, False),
-        (HUGE, False),
-        (float("nan"), False),
-        (float("inf"), False),
-        (float("-inf"), False),
-    ]
-    g = torch.tensor([v for v, _ in cases], dtype=dtype)
-    g_copy = g.clone()
-    out, mask = fusedbun.eps_mask(g, eps=eps)
-    want = torch.tensor([k for _, k in cases])
-    assert mask.dtype == torch.bool and torch.equal(mask, want), [(v, m) for (v, _), m in zip(cases, mask.tolist())]
-    assert out.dtype == dtype and torch.equal(out, torch.where(want, g, torch.zeros((), dtype=dtype)))
-    assert not torch.signbit(out[~want]).any(), "masked entries must be +0.0 (torch.where(mask, g, 0))"
-    assert torch.equal(g.isnan(), g_copy.isnan()) and torch.equal(g.nan_to_num(), g_copy.nan_to_num()), (
-        "eps_mask modified g"
-    )
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=dtype_id)
-def test_nonfinite_entries_on_hand_picked_values(dtype):
-    from fusedbun.adalite import nonfinite_entries
-
-    values = [0.0, -0.0, 1.0, -2.5, float("nan"), float("inf"), float("-inf")]
-    flags = [False, False, False, False, True, True, True]
-    if dtype != torch.float16:
-        below = torch.nextafter(torch.tensor(LIMIT, dtype=torch.float32), torch.tensor(0.0)).item()
-        values += [LIMIT, -LIMIT, HUGE, 1e30]
-        flags += [True, True, True, True]
-        if dtype != torch.bfloat16:
-            values += [below, -below]
-            flags += [False, False]
-    else:
-        values += [65504.0, -65504.0]
-        flags += [False, False]
-    g = torch.tensor(values, dtype=dtype)
-    got = nonfinite_entries(g)
-    assert got.dtype == torch.bool and got.shape == g.shape
-    assert got.tolist() == flags, list(zip(values, got.tolist()))
-    g2 = g.reshape(1, -1, 1)
-    assert torch.equal(nonfinite_entries(g2), got.reshape(1, -1, 1))
-
-
 # ----------------------------------------------------------------------------------------------------------
-# modes: skip and raise still work, validation, default
+# "skip" and "raise"
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _two_params(kwargs, mode=None):
-    gen = torch.Generator().manual_seed(12)
-    a, b = torch.randn(4, 3, generator=gen).requires_grad_(), torch.randn(5, generator=gen).requires_grad_()
-    extra = {} if mode is None else {"nonfinite": mode}
-    opt = FusionOptimizer([a, b], lr=0.1, use_rms=True, **extra, **kwargs)
-    for x in (a, b):
+@pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_skip_mode_skips_a_nonfinite_param_warns_and_updates_the_others(engine, bad, momentum_beta, gen):
+    a = torch.randn(4, 5, generator=gen).requires_grad_()
+    b = torch.randn(6, generator=gen).requires_grad_()
+    c = torch.randn(3, 2, 2, generator=gen).requires_grad_()
+    opt = FusionOptimizer([a, b, c], lr=0.1, use_rms=True, momentum_beta=momentum_beta, nonfinite="skip", **engine)
+    for x in (a, b, c):
         x.grad = torch.randn(x.shape, generator=gen)
-    opt.step()
-    for x in (a, b):
+    step_and_verify(opt, [a, b, c])
+
+    # step 2: b's gradient holds one non-finite entry
+    for x in (a, b, c):
         x.grad = torch.randn(x.shape, generator=gen)
-    return a, b, opt
-
-
-@pytest.mark.parametrize("kwargs", NF_ENGINES)
-def test_skip_mode_still_skips_the_whole_parameter(kwargs):
-    a, b, opt = _two_params(kwargs, "skip")
-    b.grad[1] = float("nan")
-    a0, b0, st_b = a.detach().clone(), b.detach().clone(), copy.deepcopy(state_tensors(opt, b))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    b.grad[2] = bad
+    b_before = b.detach().clone()
+    state_b = copy.deepcopy(dict(opt.state[b]))
+    exps = [expect_step(opt, x) for x in (a, c)]
+    with pytest.warns(RuntimeWarning, match="skipped 1 parameter"):
         opt.step()
-    assert mask_warnings(caught)
-    assert torch.equal(b.detach(), b0) and opt.state[b]["step"].item() == 1
-    for k, v in state_tensors(opt, b).items():
-        assert torch.equal(v, st_b[k]), k
-    assert not torch.equal(a.detach(), a0) and opt.state[a]["step"].item() == 2
+    for e in exps:
+        verify(opt, e, "finite param next to a skipped one, ")
+    assert torch.equal(b.detach(), b_before), "skipped parameter changed"
+    assert_tree_equal(dict(opt.state[b]), state_b, "skipped parameter's state")
+    assert steps_taken(opt, b) == 1
+
+    # step 3: b resumes as its own step 2
+    for x in (a, b, c):
+        x.grad = torch.randn(x.shape, generator=gen)
+    step_and_verify(opt, [a, b, c])
+    assert steps_taken(opt, b) == 2 and steps_taken(opt, a) == 3
 
 
-@pytest.mark.parametrize("kwargs", NF_ENGINES)
-def test_raise_mode_still_raises_before_changing_anything(kwargs):
-    a, b, opt = _two_params(kwargs, "raise")
-    b.grad[1] = HUGE
+def test_skip_mode_on_the_first_step_leaves_the_param_fresh(engine, gen):
+    a = torch.randn(3, 4, generator=gen).requires_grad_()
+    a0 = a.detach().clone()
+    opt = FusionOptimizer([a], lr=0.1, nonfinite="skip", **engine)
+    a.grad = torch.randn(3, 4, generator=gen)
+    a.grad[1, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert torch.equal(a.detach(), a0)
+    assert steps_taken(opt, a) == 0
+    a.grad = torch.randn(3, 4, generator=gen)
+    step_and_verify(opt, [a], "first finite step after a skipped one: ")  # behaves as t = 1 (beta_1 = 0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, HUGE], ids=["nan", "inf", "-inf", "huge"])
+def test_raise_mode_raises_before_changing_anything_in_any_group(engine, bad, gen):
+    a, b, c = (torch.randn(s, generator=gen).requires_grad_() for s in ((4, 5), (6,), (3, 2, 2)))
+    opt = FusionOptimizer([{"params": [a]}, {"params": [b, c], "lr": 0.05}], lr=0.1, nonfinite="raise", **engine)
+    for x in (a, b, c):
+        x.grad = torch.randn(x.shape, generator=gen)
+    step_and_verify(opt, [a, b, c])
     before = copy.deepcopy(opt.state_dict())
-    a0, b0 = a.detach().clone(), b.detach().clone()
-    with pytest.raises(FloatingPointError):
+    values = [x.detach().clone() for x in (a, b, c)]
+    for x in (a, b, c):
+        x.grad = torch.randn(x.shape, generator=gen)
+    c.grad[1, 1, 0] = bad  # last in the last group: the first group must not have stepped either
+    with pytest.raises(FloatingPointError, match=r"param group 1 \(positions \[1\]"):
         opt.step()
-    assert torch.equal(a.detach(), a0) and torch.equal(b.detach(), b0)
-    assert all(opt.state[x]["step"].item() == 1 for x in (a, b))
-    assert torch.equal(opt.state[a]["momentum_buffer"], before["state"][0]["momentum_buffer"])
+    assert all(torch.equal(x.detach(), v) for x, v in zip((a, b, c), values)), "a parameter moved"
+    assert_tree_equal(opt.state_dict(), before, "state after a refused step")
+    c.grad = torch.randn(c.shape, generator=gen)
+    step_and_verify(opt, [a, b, c], "after the refused step: ")
 
 
 @pytest.mark.parametrize("mode", ["mask", "skip", "raise"])
@@ -555,16 +545,6 @@ def test_valid_modes_are_accepted_in_the_constructor_and_in_groups(mode):
     assert opt.defaults["nonfinite"] == mode and opt.param_groups[0]["nonfinite"] == mode
     opt.add_param_group({"params": [q], "nonfinite": mode})
     assert opt.param_groups[1]["nonfinite"] == mode
-
-
-@pytest.mark.parametrize("mode", ["ignore", "Mask", "MASK", "", "zero", None, 0, True], ids=repr)
-def test_other_modes_are_refused(mode):
-    with pytest.raises(ValueError, match="nonfinite"):
-        FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1, nonfinite=mode)
-    opt = FusionOptimizer([torch.zeros(2, requires_grad=True)], lr=0.1)
-    with pytest.raises(ValueError, match="nonfinite"):
-        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "nonfinite": mode})
-    assert len(opt.param_groups) == 1
 
 
 def test_the_default_mode_is_mask():
@@ -593,16 +573,20 @@ def test_modes_differ_per_group_in_one_step(kwargs):
     for x in (a, b, c):
         x.grad = torch.randn(x.shape, generator=gen)
     opt.step()
-    a0, b0 = a.detach().clone(), b.detach().clone()
+    a0, b0, state_b = a.detach().clone(), b.detach().clone(), copy.deepcopy(dict(opt.state[b]))
     for x in (a, b, c):
         x.grad = torch.randn(x.shape, generator=gen)
     a.grad[0, 0] = float("nan")
     b.grad[0] = float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         opt.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert any("masked" in m and "param group 0" in m for m in messages), messages
+    assert any("skipped" in m and "param group 1" in m for m in messages), messages
     assert opt.state[a]["step"].item() == 2 and not torch.equal(a.detach()[1:], a0[1:]), "mask group: a was not stepped"
     assert opt.state[b]["step"].item() == 1 and torch.equal(b.detach(), b0), "skip group: b was stepped"
+    assert_tree_equal(dict(opt.state[b]), state_b, "skip group: b's state")
     assert opt.state[c]["step"].item() == 2
     assert_finite(opt, a, "a")
     assert_finite(opt, b, "b")
@@ -616,6 +600,90 @@ def test_modes_differ_per_group_in_one_step(kwargs):
         warnings.simplefilter("ignore", RuntimeWarning)
         opt.step()
     assert opt.state[c]["step"].item() == 3 and torch.isfinite(c).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finite extremes: huge and tiny finite gradients never overflow the fp32 second moment
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4,), (300, 300)], ids=["small", "90k-elements"])
+def test_fp16_gradients_up_to_fp16_max_step_and_keep_a_finite_second_moment(engine, shape):
+    """An fp16 gradient whose fp16 norm overflows (65504) is finite; its squares fit the fp32 statistic."""
+    p = torch.zeros(shape, dtype=torch.float16, requires_grad=True)
+    opt = FusionOptimizer([p], lr=1e-3, use_rms=True, **engine)
+    p.grad = torch.full(shape, 65504.0, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no "skipped" warning
+        opt.step()
+    for h in accumulators(opt.state[p]):
+        assert torch.isfinite(h).all() and h.max().item() == pytest.approx(65504.0**2, rel=1e-6)
+    assert torch.isfinite(p).all() and (p != 0).all()
+
+
+@pytest.mark.parametrize("mode", ["skip", "mask"])
+@pytest.mark.parametrize(
+    "dtype,value,skipped",
+    [
+        (torch.float64, 1e18, False),  # g**2 = 1e36 fits the fp32 second moment
+        (torch.float64, 1e20, True),  # g**2 = 1e40 does not: skipped, not stored as Inf
+        (torch.float32, 1.5e19, False),
+        (torch.float32, 3e19, True),
+        (torch.bfloat16, 1e30, True),
+    ],
+    ids=["fp64-1e18", "fp64-1e20", "fp32-1.5e19", "fp32-3e19", "bf16-1e30"],
+)
+def test_gradients_past_the_fp32_second_moment_are_skipped_never_stored_as_inf(engine, dtype, value, skipped, mode):
+    """ "skip" skips the parameter; "mask" (the default) masks the entry (|g| >= 2**64): the step counts, the
+    entry takes no step, and its statistic stays zero."""
+    p = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
+    q = torch.zeros(5, dtype=dtype, requires_grad=True)
+    opt = FusionOptimizer([p, q], lr=1e-3, use_rms=True, nonfinite=mode, **engine)
+    for x in (p, q):
+        x.grad = torch.zeros(x.shape, dtype=dtype)
+        x.grad.view(-1)[0] = value
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    word = "skipped" if mode == "skip" else "non-finite"
+    assert any(word in str(w.message) for w in caught) == skipped
+    for x in (p, q):
+        st = opt.state[x]
+        hess = accumulators(st)
+        assert all(torch.isfinite(h).all() for h in hess), "the second moment overflowed"
+        assert torch.isfinite(x).all()
+        assert st["step"].item() == (0 if skipped and mode == "skip" else 1)
+        if skipped:  # skipped or masked: the (zero) parameter and its statistic did not move
+            assert torch.count_nonzero(x) == 0 and all(torch.count_nonzero(h) == 0 for h in hess)
+        else:
+            assert x.view(-1)[0] < 0 and all(h.max() > 0 for h in hess)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_subnormal_gradients_give_finite_steps_and_a_nonnegative_second_moment(engine, dtype):
+    """Gradients below fp32's normal range: their squares underflow the fp32 statistic to 0. Without RMS
+    normalization eps may be as small as the gradients; with it, eps >= fp32's tiny keeps g / (sqrt(0) + eps)
+    finite (a smaller eps is refused, see test_optim_contract.py's BAD_COMBINATIONS)."""
+    tiny = torch.finfo(dtype).tiny
+    cases = [
+        (dict(use_rms=False, eps=tiny / 2**10), lambda t: tiny / 2 ** (t + 2)),  # subnormal in dtype
+        (dict(use_rms=True, eps=torch.finfo(torch.float32).tiny), lambda t: 1e-30 / (t + 1)),  # squares underflow
+    ]
+    for kw, value in cases:
+        p = torch.zeros(4, 3, dtype=dtype, requires_grad=True)
+        q = torch.zeros(6, dtype=dtype, requires_grad=True)
+        opt = FusionOptimizer([p, q], lr=1e-3, **kw, **engine)
+        for t in range(3):
+            for x in (p, q):
+                x.grad = torch.full(x.shape, value(t), dtype=dtype)
+                assert (x.grad != 0).all()
+            opt.step()
+        for x in (p, q):
+            st = opt.state[x]
+            hess = accumulators(st)
+            assert all(torch.isfinite(h).all() and (h >= 0).all() for h in hess), kw
+            assert torch.isfinite(x).all() and torch.isfinite(st["momentum_buffer"]).all(), kw
+            assert (x < 0).all(), f"a positive gradient did not move the parameter down: {kw}"
 
 
 # ----------------------------------------------------------------------------------------------------------
