@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh clone:
 #   make book   environment, install, execute the notebooks, build the HTML book (warnings are errors)
-#   make test   the same environment, then the unit tests, nbval over every notebook, and the browser
+#   make test   the same environment, then ruff, the unit tests, nbval over every notebook, and the browser
 #               check of the built book (tests/browser_check.py; skipped, saying why, without chromium)
 #
 # TORCH is what pip installs first. The default takes a CPU build of torch that this kind of machine
@@ -18,7 +18,7 @@ NPM     ?= npm
 CHROMIUM ?= /usr/bin/chromium
 NODE_STAMP := node_modules/.installed
 
-.PHONY: env test unit nbval book browser-check chromium bench clean
+.PHONY: env test lint unit nbval book browser-check chromium bench clean
 
 env: $(STAMP)
 
@@ -31,7 +31,12 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
-test: unit nbval browser-check
+test: lint unit nbval browser-check
+
+# ruff (configured in pyproject.toml; book/ruff.toml for the notebooks' narrower cells)
+lint: env
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 unit: env
 	$(PY) -m pytest tests $(PYTEST_ARGS)

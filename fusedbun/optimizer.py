@@ -108,7 +108,9 @@ class FusionOptimizer(Optimizer):
 
     Args:
         params: parameters or param groups to optimize.
-        lr: learning rate :math:`\eta` (required; a float or a one-element tensor).
+        lr: learning rate :math:`\eta`: a float or a one-element tensor (read at every step, which waits
+            for the device if the tensor lives on one). No default: leave it out only when every param
+            group sets its own ``lr``.
         eps: the mask threshold and the RMS denominator's guard :math:`\epsilon` (default 1e-8).
         beta_decay: :math:`c` in :math:`\beta_t = 1 - t^{-c}`, in (0, 1] (default 0.8).
         Lambda: decoupled weight decay :math:`\lambda` (default 0.01).
@@ -127,10 +129,11 @@ class FusionOptimizer(Optimizer):
             like an entry at or below ``eps`` (no step from it, its second moment carried over), inside
             the step's one pass, and a ``RuntimeWarning`` names the parameters (for CUDA tensors at a
             later ``step()``: the step never waits for the device; under ``torch.compile`` no warning).
-            ``"skip"``: a parameter whose gradient holds one is left as it is for this step (parameter,
-            state and step count), with a ``RuntimeWarning``; ``"raise"``: ``step`` raises
-            ``FloatingPointError`` before changing anything. Both cost one more read of every gradient
-            and a host sync per step.
+            ``"skip"``: a parameter whose gradient holds one, or whose squares sum past fp32's range
+            (a 2-norm above about :math:`1.8 \cdot 10^{19}`, :func:`fusedbun.nonfinite.finite_gradients`),
+            is left as it is for this step (parameter, state and step count), with a ``RuntimeWarning``;
+            ``"raise"``: ``step`` raises ``FloatingPointError`` before changing anything. Both cost one
+            more read of every gradient and a host sync per step.
 
     State per parameter: ``step`` (a float32 tensor), ``exp_hessian`` (for 0-D and 1-D parameters a fp32
     tensor shaped like the parameter; otherwise a list of fp32 accumulators, the k-th shaped
