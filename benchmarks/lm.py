@@ -1530,7 +1530,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--divergence-margin", type=float, default=d.divergence_margin)
     p.add_argument(
-        "--memory-step", type=int, default=d.memory_step, help="the step whose memory is measured (after warm-up)"
+        "--memory-step",
+        type=int,
+        default=d.memory_step,
+        help="the step whose memory is measured, after warm-up (the last one of a shorter run)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
@@ -1715,7 +1718,12 @@ def main(argv: Sequence[str] | None = None):
         print(
             f"{record['status']}: final val {val if val is None else round(val, 4)}, test "
             f"{record['final_test_loss'] if val is None else round(record['final_test_loss'], 4)}, "
-            f"{record['tokens_per_s'] or 0:,.0f} tok/s, state {record['state_bytes_per_param']:.2f} B/param",
+            f"{record['tokens_per_s'] or 0:,.0f} tok/s, state {record['state_bytes_per_param']:.2f} B/param"
+            + (
+                f", persistent {record['memory']['persistent_bytes_per_param']:.2f} B/param"
+                if record.get("memory")
+                else ""
+            ),
             flush=True,
         )
         return record
