@@ -3,6 +3,7 @@
     python -m benchmarks.corpus build                                   # the corpus (once; needs apt-get)
     python -m benchmarks.lm train --optimizer fusion_rms --lr 8e-3      # one run
     python -m benchmarks.lm sweep --optimizers adamw fusion_rms --parallel 4 --results runs.jsonl
+    python -m benchmarks.lm sweep --plan memory --parallel 4 --results memory.jsonl   # the memory plan
     python -m benchmarks.lm summarize --runs runs.jsonl --out benchmarks/results/lm_gpu.json
 
 The recipe, the same for every optimizer: a GPT decoder over bytes (:mod:`benchmarks.gpt`; ``--size gpu``
@@ -13,19 +14,35 @@ its peak (10%), gradients clipped to norm 1.0, bf16 autocast on CUDA, decoupled 
 tensors of 2+ dims only (:mod:`benchmarks.lm_optimizers` builds each optimizer with it). The seed sets the
 initialisation and the order of the batches, so two optimizers with the same seed see the same data.
 
+Two run options change how the model trains, and are part of a variant's name (``--param-dtype`` and
+``--step-in-backward`` write them into it; some registry entries fix them): ``param_dtype=bf16`` casts the
+initialised model to bfloat16 before the optimizer is built, so parameters, gradients and any state the
+optimizer keeps "like the parameters" are bf16. Autocast stays on for CUDA runs: the matmuls run in bf16 as
+they would anyway, and the ops autocast keeps in fp32 (layer norms, softmax) still do; the logits are cast
+to fp32 for the cross-entropy, in training and evaluation. ``step_in_backward=True`` (FusionOptimizer only)
+steps each parameter inside ``loss.backward()`` as soon as its gradient is ready and frees the gradient
+(:func:`fusedbun.step_in_backward`); the global-norm clip cannot work there, so each gradient is clipped on
+its own (``clip_per_param``, :data:`~benchmarks.lm_optimizers.STEP_IN_BACKWARD_CLIP` by default), and the
+record says which clipping ran.
+
 A run records the validation loss (nats per byte) every ``--eval-every`` steps on a fixed set of
 validation windows, against tokens seen and against training wall-clock (evaluation excluded); at the end,
 the loss over the whole validation split and the whole test split; tokens per second; peak GPU memory;
-the bytes of the optimizer's state. The loop reads the loss back from the device only every
-``--log-every`` steps, which is also where a diverged run (a non-finite loss, or one more than
-``--divergence-margin`` nats above the first step's) is stopped.
+the bytes of the optimizer's state; and ``memory``, one step's memory after warm-up (``--memory-step``,
+:class:`StepMemory`): the bytes of the parameters, of the gradients after backward and of the optimizer's
+state, per parameter, and on CUDA the peak of that whole step and its transient part. The loop reads the
+loss back from the device only every ``--log-every`` steps, which is also where a diverged run (a
+non-finite loss, or one more than ``--divergence-margin`` nats above the first step's) is stopped.
 
 ``sweep`` runs the protocol: for each optimizer a grid of learning rates a factor 2 apart around its
 centre, on seed 0; while the best lies at an edge of the grid, one more rate past that edge (up to
 ``--max-extend`` per side); then more seeds at the best rate (seed 0 counts as one). Each finished run is
 appended to ``--results`` as one JSON line at once, runs already there are skipped, and ``--deadline-s``
 stops the sweep in time, so a sweep cut short loses only the runs in flight and the same command resumes
-it. ``summarize`` turns the runs into the table and a JSON file with the curves.
+it. ``--plan memory`` is the list of configurations whose whole run's memory the memory table compares,
+each with its grid centre (:data:`PLANS`). ``summarize`` turns the runs into the table and a JSON file with
+the curves, and, for runs that measured their memory, the memory table with the judgement of
+:data:`MEMORY_TARGET`.
 """
 
 from __future__ import annotations
@@ -51,10 +68,12 @@ from pathlib import Path
 
 import torch
 
+import fusedbun
 from benchmarks.corpus import DEFAULT_DIR, load_corpus
 from benchmarks.gpt import GPT, flops_per_token, get_size
 from benchmarks.lm_optimizers import (
     LM_OPTIMIZERS,
+    STEP_IN_BACKWARD_CLIP,
     build_optimizer,
     canonical_lr,
     get_lm_optimizer,
@@ -62,12 +81,16 @@ from benchmarks.lm_optimizers import (
     lr_grid,
     optimizer_state_bytes,
     set_lr,
+    steps_in_backward,
     unavailable_reason,
 )
 
 __all__ = [
     "RunConfig",
     "parse_variant",
+    "with_run_options",
+    "PLANS",
+    "StepMemory",
     "lr_factor",
     "train",
     "run_key",
@@ -78,6 +101,12 @@ __all__ = [
 ]
 
 TRAIN_KEYS = ("wd", "warmup_frac", "min_lr_ratio", "clip")
+# How a run trains beyond the recipe, set by a variant (or its registry entry) only, with their defaults:
+# the parameters' dtype, the step inside backward, and per-tensor gradient clipping (which replaces the
+# global clip when set).
+RUN_OPTIONS = {"param_dtype": "fp32", "step_in_backward": False, "clip_per_param": 0.0}
+RECIPE_KEYS = TRAIN_KEYS + tuple(RUN_OPTIONS)
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VERSION_DISTS = (
     "torch",
     "triton",
@@ -99,8 +128,13 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one training run depends on. ``optimizer`` is a variant: a registry name, optionally
-    followed by ``:key=value,...`` (constructor keywords, or the recipe's ``wd``, ``warmup_frac``,
-    ``min_lr_ratio`` and ``clip``), e.g. ``fusion_rms:beta_decay=0.5`` or ``adamw:warmup_frac=0.1``."""
+    followed by ``:key=value,...`` (constructor keywords, the recipe's ``wd``, ``warmup_frac``,
+    ``min_lr_ratio`` and ``clip``, or the run options of :data:`RUN_OPTIONS`), e.g.
+    ``fusion_rms:beta_decay=0.5``, ``adamw:warmup_frac=0.1`` or ``fusion_rms:param_dtype=bf16``. The run
+    options live in the variant's name only, so that a configuration that trains differently has a name of
+    its own: ``param_dtype`` (``fp32`` or ``bf16``), ``step_in_backward`` (``True`` steps a FusionOptimizer
+    inside ``loss.backward()``) and ``clip_per_param`` (each gradient clipped to this norm on its own, in
+    place of the global clip). ``memory_step`` is the step whose memory the record reports."""
 
     optimizer: str
     lr: float
@@ -120,11 +154,54 @@ class RunConfig:
     compile: bool = False
     divergence_margin: float = 1.0
     phase: str = "single"
+    memory_step: int = 5
 
     def effective(self) -> dict:
-        """The recipe after the variant's overrides: ``{"wd": ..., "warmup_frac": ..., ...}``."""
-        _, _, train_overrides = parse_variant(self.optimizer)
-        return {k: train_overrides.get(k, getattr(self, k)) for k in TRAIN_KEYS}
+        """The recipe after the registry entry's run options and the variant's overrides: ``{"wd": ...,
+        "warmup_frac": ..., "min_lr_ratio": ..., "clip": ..., "param_dtype": ..., "step_in_backward": ...,
+        "clip_per_param": ...}``.
+
+        Per-tensor clipping replaces the global clip (``clip`` becomes 0). The step inside backward cannot
+        clip by the global norm (each gradient is consumed before the next exists), so with it ``clip`` is 0
+        and ``clip_per_param`` is :data:`~benchmarks.lm_optimizers.STEP_IN_BACKWARD_CLIP` unless the variant
+        sets it; a variant that asks for both, or for the step inside backward of an optimizer that is not a
+        FusionOptimizer, raises ``ValueError``."""
+        name, _, overrides = parse_variant(self.optimizer)
+        spec = get_lm_optimizer(name)
+        given = {**spec.recipe, **overrides}
+        out = {k: getattr(self, k) for k in TRAIN_KEYS}
+        out.update(RUN_OPTIONS)
+        out.update(given)
+        if out["step_in_backward"]:
+            if not steps_in_backward(spec):
+                raise ValueError(
+                    f"{self.optimizer!r}: step_in_backward=True steps a fusedbun.FusionOptimizer inside "
+                    f"backward (fusedbun.step_in_backward); {name} ({spec.label}) is not one"
+                )
+            if "clip_per_param" not in given:
+                out["clip_per_param"] = STEP_IN_BACKWARD_CLIP
+        if out["step_in_backward"] or out["clip_per_param"]:
+            if given.get("clip"):
+                raise ValueError(
+                    f"{self.optimizer!r}: clip={given['clip']} (the global gradient norm) cannot go with "
+                    + (
+                        "step_in_backward=True, which consumes each gradient before the next exists; "
+                        "use clip_per_param=..."
+                        if out["step_in_backward"]
+                        else f"clip_per_param={out['clip_per_param']}; set one of them"
+                    )
+                )
+            out["clip"] = 0.0
+        return out
+
+    def clipping(self) -> str:
+        """The gradient clipping of the run, in words."""
+        eff = self.effective()
+        if eff["clip"]:
+            return f"global norm {eff['clip']:g}"
+        if eff["clip_per_param"]:
+            return f"per tensor {eff['clip_per_param']:g}"
+        return "none"
 
 
 def _parse_value(text: str):
@@ -153,8 +230,42 @@ def parse_variant(variant: str) -> tuple[str, dict, dict]:
         if key in ("Lambda", "weight_decay"):
             # the param groups carry the decay (none on biases and gains), so a constructor keyword would not reach it
             raise ValueError(f"{variant!r}: set the weight decay on matrices with wd=..., not {key}=...")
-        (recipe if key in TRAIN_KEYS else opt)[key] = _parse_value(value.strip())
+        (recipe if key in RECIPE_KEYS else opt)[key] = _parse_value(value.strip())
+    _check_run_options(variant, recipe)
     return name, opt, recipe
+
+
+def _check_run_options(variant: str, recipe: dict) -> None:
+    if "param_dtype" in recipe and recipe["param_dtype"] not in PARAM_DTYPES:
+        raise ValueError(f"{variant!r}: param_dtype must be one of {', '.join(PARAM_DTYPES)}")
+    if "step_in_backward" in recipe and not isinstance(recipe["step_in_backward"], bool):
+        raise ValueError(f"{variant!r}: step_in_backward must be True or False")
+    for key in ("clip", "clip_per_param"):
+        value = recipe.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{variant!r}: {key} must be a number >= 0 (0: none)")
+
+
+def with_run_options(variant: str, *, param_dtype: str | None = None, step_in_backward: bool = False) -> str:
+    """``variant`` with the command line's ``--param-dtype`` and ``--step-in-backward`` written into its name
+    (where they change what the variant does already), so that the run is recorded and summarized as a
+    configuration of its own: ``with_run_options("fusion_rms", param_dtype="bf16")`` is
+    ``"fusion_rms:param_dtype=bf16"``. Raises ``ValueError`` for the step inside backward of an optimizer
+    that is not a FusionOptimizer."""
+    eff = RunConfig(optimizer=variant, lr=0.0).effective()
+    extra = {}
+    if param_dtype is not None and param_dtype != eff["param_dtype"]:
+        extra["param_dtype"] = param_dtype
+    if step_in_backward and not eff["step_in_backward"]:
+        extra["step_in_backward"] = True
+    if not extra:
+        return variant
+    name, _, rest = variant.partition(":")
+    items = [i for i in rest.split(",") if i and i.partition("=")[0].strip() not in extra]
+    items += [f"{k}={v}" for k, v in extra.items()]
+    out = canonical_variant(f"{name}:{','.join(items)}")
+    RunConfig(optimizer=out, lr=0.0).effective()  # refuses what cannot run
+    return out
 
 
 def canonical_variant(variant: str) -> str:
@@ -292,10 +403,115 @@ def _peak_rss_bytes() -> int | None:
         return None
 
 
-def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@torch.no_grad()
+def clip_each_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> None:
+    """Scale each gradient to a 2-norm of at most ``max_norm``, each tensor on its own: the clipping of
+    ``fusedbun.step_in_backward(..., max_norm_per_param=max_norm)``, the same arithmetic, for the plain loop."""
+    for p in params:
+        if p.grad is None:
+            continue
+        norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        p.grad.mul_(factor.to(p.grad.dtype))
+
+
+class StepMemory:
+    """The memory of one training step, measured while it runs: :meth:`begin` before the step,
+    :meth:`after_backward` once ``loss.backward()`` has returned, :meth:`end` after the optimizer step,
+    then :meth:`record`.
+
+    The persistent part (parameters, gradients, optimizer state) is counted from the live tensors after
+    ``loss.backward()``, where the plain loop's optimizer step begins: the parameters, the gradients that
+    exist there (every one in the plain loop; none with the step inside backward, which freed each as it
+    stepped it) and every tensor in ``optimizer.state`` (counted after the step, so that a state created at
+    the first step is there too). Between two steps the plain loop holds no gradients either
+    (``zero_grad(set_to_none=True)``): after backward is where the two loops differ. During backward
+    gradients exist in both; ``grads_live_max_bytes`` is the largest total of ``.grad`` tensors alive at
+    once, the incoming gradient included, seen by a hook on every parameter (a partial sum that autograd
+    keeps before it writes ``.grad``, such as the first half of a tied weight's gradient, is not a
+    ``.grad`` tensor and is not in it; the CUDA peak sees it).
+
+    On CUDA, ``peak_step_bytes`` is ``torch.cuda.max_memory_allocated`` over the whole step (batch, forward,
+    backward, clipping, optimizer step, ``zero_grad``), its statistics reset just before the step, so
+    allocations of the first steps (the optimizer's state, compilation) count only as far as they stay
+    alive. ``data_on_device_bytes`` is what the corpus splits take on the device (allocated before the
+    model is built); ``transient_bytes`` is the peak less the data and the persistent part: activations
+    saved for backward, gradients in flight, temporaries. On a CPU there is no allocator peak: those are
+    ``None`` and ``peak_available`` is false.
+    """
+
+    POINT = "after loss.backward(), before the optimizer step"
+
+    def __init__(self, model: torch.nn.Module, optimizer, device: torch.device, data_bytes: int | None) -> None:
+        self.params = list(model.parameters())  # each tensor once (a tied weight is one parameter)
+        self.optimizer, self.device, self.data_bytes = optimizer, device, data_bytes
+        self.cuda = device.type == "cuda"
+        self._hooks: list = []
+        self.grads_live_max = 0
+        self.params_bytes = self.grads_bytes = self.state_bytes = None
+        self.peak_before = self.allocated_before = self.peak = self.peak_reserved = None
+
+    def begin(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_before = torch.cuda.max_memory_allocated(self.device)
+            self.allocated_before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._hooks = [p.register_hook(self._on_grad) for p in self.params if p.requires_grad]
+
+    def _on_grad(self, grad: torch.Tensor) -> None:
+        live = sum(_nbytes(p.grad) for p in self.params if p.grad is not None)
+        self.grads_live_max = max(self.grads_live_max, live + _nbytes(grad))
+
+    def after_backward(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.params_bytes = sum(_nbytes(p) for p in self.params)
+        self.grads_bytes = sum(_nbytes(p.grad) for p in self.params if p.grad is not None)
+
+    def end(self) -> None:
+        self.state_bytes = optimizer_state_bytes(self.optimizer)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_reserved = torch.cuda.max_memory_reserved(self.device)
+
+    def record(self, n_params: int, step: int) -> dict:
+        persistent = self.params_bytes + self.grads_bytes + self.state_bytes
+        less_data = self.peak - (self.data_bytes or 0) if self.peak is not None else None
+        out = dict(step=step, point=self.POINT)
+        for name, value in (
+            ("params", self.params_bytes),
+            ("grads", self.grads_bytes),
+            ("state", self.state_bytes),
+            ("persistent", persistent),
+            ("grads_live_max", self.grads_live_max),
+        ):
+            out[f"{name}_bytes"] = value
+            out[f"{name}_bytes_per_param"] = value / n_params
+        out.update(
+            peak_available=self.peak is not None,
+            peak_step_bytes=self.peak,
+            peak_step_reserved_bytes=self.peak_reserved,
+            data_on_device_bytes=self.data_bytes,
+            allocated_before_step_bytes=self.allocated_before,
+            peak_step_less_data_bytes=less_data,
+            transient_bytes=less_data - persistent if less_data is not None else None,
+            note=None if self.peak is not None else "no allocator peak off CUDA: the tensor-byte accounting only",
+        )
+        return out
+
+
+def train(cfg: RunConfig, *, log=print, command: str | None = None, final_state: dict | None = None) -> dict:
     """Train one model as ``cfg`` says; return its record (see the module docstring). ``command`` is the
     command line recorded with it (default: ``FUSEDBUN_LM_COMMAND``, set by ``sweep`` for its runs, else
-    this process's own)."""
+    this process's own). A dict passed as ``final_state`` receives the trained parameters (name -> tensor,
+    on the CPU), to compare two runs exactly."""
     started = time.perf_counter()
     date = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     device = resolve_device(cfg.device)
@@ -314,17 +530,29 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
     corpus = load_corpus(cfg.data)
     train_split = corpus.train.to(device)
     val_split, test_split = corpus.val.to(device), corpus.test.to(device)
+    data_bytes = None
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
         torch.cuda.reset_peak_memory_stats(device)
+        data_bytes = torch.cuda.memory_allocated(device)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(size).to(device)
+    model = GPT(size).to(device)  # initialised in fp32, so every parameter dtype starts from the same weights
+    if recipe["param_dtype"] != "fp32":
+        model.to(PARAM_DTYPES[recipe["param_dtype"]])
     n_params = model.num_params()
     optimizer = build_optimizer(spec, model, cfg.lr, recipe["wd"], opt_overrides)
     base_lrs = group_lrs(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
+    in_backward = None
+    if recipe["step_in_backward"]:
+        if not isinstance(optimizer, fusedbun.FusionOptimizer):
+            raise ValueError(f"{cfg.optimizer}: step_in_backward needs a FusionOptimizer, got {type(optimizer)}")
+        in_backward = fusedbun.step_in_backward(optimizer, max_norm_per_param=recipe["clip_per_param"] or None)
     step_model = torch.compile(model) if cfg.compile else model
+    memory_step = min(max(1, cfg.memory_step), cfg.steps)
+    probe = StepMemory(model, optimizer, device, data_bytes)
+    memory = None
 
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     window = torch.arange(T + 1, device=device)
@@ -350,15 +578,26 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
     first_eval_done = False
     model.train()
     for step in range(1, cfg.steps + 1):
+        measured = step == memory_step
+        if measured:
+            probe.begin()
         set_lr(optimizer, base_lrs, lr_factor(step, cfg.steps, recipe["warmup_frac"], recipe["min_lr_ratio"]))
         x, y = batch()
         with autocast():
             _, loss = step_model(x, y)
-        loss.backward()
-        if recipe["clip"]:
-            torch.nn.utils.clip_grad_norm_(params, recipe["clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # with the step inside backward, this steps every parameter too
+        if measured:
+            probe.after_backward()
+        if in_backward is None:
+            if recipe["clip"]:
+                torch.nn.utils.clip_grad_norm_(params, recipe["clip"])
+            elif recipe["clip_per_param"]:
+                clip_each_grad_norm_(params, recipe["clip_per_param"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if measured:
+            probe.end()
+            memory = probe.record(n_params, step)
         loss_sum += loss.detach()
         window_steps += 1
         if step == 1:
@@ -407,6 +646,10 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
             log(f"  diverged: {reason}")
             break
 
+    if in_backward is not None:
+        in_backward.remove()
+    if final_state is not None:
+        final_state.update({k: v.detach().cpu().clone() for k, v in model.named_parameters()})
     final_val = final_test = None
     if not diverged:
         final_val = evaluate(step_model, val_split, _windows(val_split, T, None), T, B, autocast)
@@ -424,6 +667,9 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
         library=spec.library,
         ablation=spec.ablation,
         options={k: str(v) for k, v in {**spec.options, **opt_overrides}.items()},
+        param_dtype=recipe["param_dtype"],
+        step_in_backward=recipe["step_in_backward"],
+        clipping=cfg.clipping(),
         lr=canonical_lr(cfg.lr),
         seed=cfg.seed,
         phase=cfg.phase,
@@ -445,8 +691,11 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
         tokens_per_s_steady=steady_tokens / steady_time if steady_time > 0 else None,
         ms_per_step=1e3 * train_time / step if step else None,
         model_tflops_per_s=flops_per_token(size) * tokens / train_time / 1e12 if train_time > 0 else None,
-        peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        peak_gpu_memory_bytes=(
+            max(int(torch.cuda.max_memory_allocated(device)), probe.peak_before or 0) if device.type == "cuda" else None
+        ),
         peak_rss_bytes=_peak_rss_bytes(),
+        memory=memory,
         state_bytes=sbytes,
         state_bytes_per_param=sbytes / n_params,
         n_params=n_params,
@@ -458,6 +707,7 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None) -> dict:
             warmup_steps=max(1, round(recipe["warmup_frac"] * cfg.steps)),
             schedule="linear warmup, then cosine to min_lr_ratio x peak",
             amp=amp,
+            clipping=cfg.clipping(),
             compile=cfg.compile,
             eval_every=cfg.eval_every,
             eval_windows=len(eval_starts),
@@ -493,14 +743,18 @@ def provenance(device: torch.device, command: str | None = None) -> dict:
 
 
 def run_key(cfg: RunConfig, manifest: dict) -> str:
-    """What makes two runs the same run: the variant, lr, seed, model, steps, recipe, data, precision."""
+    """What makes two runs the same run: the variant, lr, seed, model, steps, recipe, data, precision. The
+    run options (:data:`RUN_OPTIONS`) enter only where they differ from their defaults, so that runs recorded
+    before they existed keep their keys."""
+    eff = cfg.effective()
     parts = dict(
         optimizer=canonical_variant(cfg.optimizer),
         lr=canonical_lr(cfg.lr),
         seed=cfg.seed,
         size=cfg.size,
         steps=cfg.steps,
-        **cfg.effective(),
+        **{k: eff[k] for k in TRAIN_KEYS},
+        **{k: eff[k] for k, default in RUN_OPTIONS.items() if eff[k] != default},
         data=manifest["splits"]["train"]["sha256"][:16],
         amp=cfg.amp,
         compile=cfg.compile,
@@ -955,6 +1209,9 @@ def summarize(
             library=first.get("library"),
             ablation=first.get("ablation", False),
             options=first.get("options"),
+            param_dtype=first.get("param_dtype", "fp32"),
+            step_in_backward=first.get("step_in_backward", False),
+            clipping=first.get("clipping") or _old_clipping(first),
             grid=[
                 dict(lr=r["lr"], status=r["status"], final_val_loss=r.get("final_val_loss"), phase=r.get("phase"))
                 for r in grid
@@ -984,6 +1241,7 @@ def summarize(
             peak_gpu_memory_bytes=_median([r.get("peak_gpu_memory_bytes") for r in ok + speed]),
             state_bytes=_median([r.get("state_bytes") for r in ok or grid]),
             state_bytes_per_param=_median([r.get("state_bytes_per_param") for r in ok or grid]),
+            memory=_memory_of([r for r in ok + speed if r.get("memory")] or [r for r in rs if r.get("memory")]),
             n_params=first.get("n_params"),
             tokens=_median([r.get("tokens") for r in ok]),
             curves=[
@@ -1023,6 +1281,7 @@ def summarize(
         reference=reference,
         anchor=anchor,
         rows=rows,
+        memory=memory_table(rows, reference, size=size, tokens=_median([r["tokens"] for r in rows if r["tokens"]])),
         runs=len(runs),
         machines=distinct("machine"),
         versions=distinct("versions"),
@@ -1034,6 +1293,173 @@ def summarize(
         size=size,
         steps=steps,
     )
+
+
+def _old_clipping(run: dict) -> str | None:
+    """The clipping of a run recorded before records said it in words (the global norm, or none)."""
+    clip = (run.get("recipe") or {}).get("clip")
+    return None if clip is None else (f"global norm {clip:g}" if clip else "none")
+
+
+MEMORY_FIELDS = (
+    "params_bytes_per_param",
+    "grads_bytes_per_param",
+    "state_bytes_per_param",
+    "persistent_bytes_per_param",
+    "grads_live_max_bytes_per_param",
+    "peak_step_bytes",
+    "peak_step_less_data_bytes",
+    "peak_step_reserved_bytes",
+    "transient_bytes",
+    "data_on_device_bytes",
+)
+
+MEMORY_TARGET = dict(persistent_bytes_per_param=4.1, loss_ratio=1.015, seeds=3)
+"""The memory target: at most 4.1 persistent bytes per parameter (bf16 parameters and momentum, the O(n+m)
+accumulators, no gradients kept), with a final validation loss within 1.5% of the reference's (AdamW fp32),
+each the mean of 3 seeds at its best lr, on the GPU benchmark (``--size gpu``)."""
+
+
+def _memory_of(runs: list[dict]) -> dict | None:
+    """The median of each memory field over ``runs`` (the accounting is the same in every run of a
+    configuration; the peak may differ by an allocator block), or ``None`` when none measured it."""
+    if not runs:
+        return None
+    out = {k: _median([r["memory"].get(k) for r in runs]) for k in MEMORY_FIELDS}
+    out.update(runs=len(runs), step=runs[0]["memory"].get("step"), point=runs[0]["memory"].get("point"))
+    return out
+
+
+def memory_table(rows: list[dict], reference: str, *, size: str | None = None, tokens: float | None = None) -> dict:
+    """The memory table: for each row with a memory record, the persistent bytes per parameter split into
+    parameters, gradients and optimizer state, the largest gradient bytes alive during backward, the peak
+    of a training step and its transient part (CUDA), the final validation loss and its ratio to
+    ``reference``'s, and the judgement of :data:`MEMORY_TARGET` ("yes", "no" or "not known", with the
+    reasons it is provisional: fewer seeds than the target asks, a best lr at the edge of its grid, another
+    model size than the GPU benchmark's)."""
+    t = MEMORY_TARGET
+
+    def own_caveats(r: dict) -> list[str]:
+        out = []
+        if r["val"]["n"] and r["val"]["n"] < t["seeds"]:
+            out.append(f"{r['val']['n']} seed(s) of {t['seeds']}")
+        if r["best_lr"] is not None and not r["best_lr_inside_grid"]:
+            out.append("best lr at the edge of its grid")
+        return out
+
+    ref = next((r for r in rows if r["optimizer"] == reference), None)
+    shared = [f"{reference}: {c}" for c in own_caveats(ref)] if ref else []
+    if size is not None and size != "gpu":
+        shared.append(f"model size {size}, not the GPU benchmark's")
+    out_rows = []
+    for r in rows:
+        mem = r.get("memory")
+        if not mem:
+            continue
+        ratio = r.get("ratio_to_" + reference)
+        persistent = mem["persistent_bytes_per_param"]
+        memory_ok = None if persistent is None else persistent <= t["persistent_bytes_per_param"]
+        loss_ok = None if ratio is None else ratio <= t["loss_ratio"]
+        if memory_ok is False or loss_ok is False:
+            verdict = "no"
+        elif memory_ok and loss_ok:
+            verdict = "yes"
+        else:
+            verdict = "not known"
+        caveats = own_caveats(r) if r is not ref else []
+        if loss_ok is None:
+            caveats.insert(0, "no validation loss" if r["val"]["mean"] is None else f"no {reference} loss to compare")
+        out_rows.append(
+            dict(
+                optimizer=r["optimizer"],
+                label=r["label"],
+                param_dtype=r.get("param_dtype"),
+                step_in_backward=r.get("step_in_backward"),
+                clipping=r.get("clipping"),
+                **{k: mem[k] for k in MEMORY_FIELDS},
+                measured_runs=mem["runs"],
+                best_lr=r["best_lr"],
+                val=r["val"],
+                **{"ratio_to_" + reference: ratio},
+                memory_target_met=memory_ok,
+                loss_target_met=loss_ok,
+                target_met=verdict,
+                provisional=caveats + shared,
+                provisional_own=caveats,
+            )
+        )
+    return dict(
+        reference=reference,
+        target=dict(t, reference=reference),
+        size=size,
+        tokens=tokens,
+        point=StepMemory.POINT,
+        provisional=shared,
+        rows=out_rows,
+        met=[r["optimizer"] for r in out_rows if r["target_met"] == "yes"],
+        not_met=[r["optimizer"] for r in out_rows if r["target_met"] == "no"],
+        not_known=[r["optimizer"] for r in out_rows if r["target_met"] == "not known"],
+    )
+
+
+def _bpp(x) -> str:
+    return f"{x:.2f}" if x is not None else "-"
+
+
+def format_memory_table(summary: dict) -> str:
+    """The memory table (:func:`memory_table`) as plain text, with the target's judgement under it."""
+    mem = summary.get("memory") or {}
+    if not mem.get("rows"):
+        return ""
+    ref, t = mem["reference"], mem["target"]
+    tokens = f", {mem['tokens']:,.0f} tokens" if mem.get("tokens") else ""
+    lines = [
+        f"memory (bytes per parameter; size {mem.get('size')}{tokens}; persistent counted {mem['point']})",
+    ]
+    head = (
+        f"{'optimizer':<24} {'dtype':>5} {'in bwd':>6} {'clipping':>16} {'params':>6} {'grads':>6} {'state':>6} "
+        f"{'persist':>7} {'grad pk':>7} {'peak MiB':>9} {'trans MiB':>9} {'final val loss':>22} {'x ' + ref:>8} "
+        f"{'target':>9}"
+    )
+    lines += [head, "-" * len(head)]
+    for r in mem["rows"]:
+        v = r["val"]
+        val = f"{v['mean']:.4f} ± {v['std']:.4f} ({v['n']})" if v["mean"] is not None else "-"
+        ratio = r.get("ratio_to_" + ref)
+        lines.append(
+            f"{r['optimizer'][:24]:<24} {r['param_dtype'] or '-':>5} {'yes' if r['step_in_backward'] else 'no':>6} "
+            f"{(r['clipping'] or '-')[:16]:>16} {_bpp(r['params_bytes_per_param']):>6} "
+            f"{_bpp(r['grads_bytes_per_param']):>6} {_bpp(r['state_bytes_per_param']):>6} "
+            f"{_bpp(r['persistent_bytes_per_param']):>7} {_bpp(r['grads_live_max_bytes_per_param']):>7} "
+            f"{_mib(r['peak_step_less_data_bytes']):>9} {_mib(r['transient_bytes']):>9} {val:>22} "
+            f"{(f'{ratio:.3f}' if ratio else '-'):>8} {r['target_met']:>9}"
+        )
+    words = (
+        f"persistent <= {t['persistent_bytes_per_param']:g} B/param and final val loss within "
+        f"{100 * (t['loss_ratio'] - 1):g}% of {ref}'s (mean of {t['seeds']} seeds, each at its best lr)"
+    )
+    notes = [
+        "- params, grads, state, persist: bytes per parameter of the parameters, of the gradients that exist after "
+        "backward (none when each parameter is stepped inside backward), of the optimizer's state, and their sum",
+        "- grad pk: the largest bytes of gradients alive at once during backward, per parameter",
+        "- peak MiB: torch.cuda.max_memory_allocated over one training step after warm-up, less the corpus on the "
+        "device; trans MiB: that peak less the persistent part (activations, gradients in flight, temporaries); "
+        "'-' where not measured on CUDA",
+        f"- {words}: "
+        + "; ".join(
+            f"{label}: {', '.join(names)}"
+            for label, names in (("yes", mem["met"]), ("no", mem["not_met"]), ("not known", mem["not_known"]))
+            if names
+        ),
+    ]
+    if mem["provisional"]:
+        notes.append(f"- every judgement is provisional: {'; '.join(mem['provisional'])}")
+    notes += [
+        f"- {r['optimizer']}: provisional ({'; '.join(r['provisional_own'])})"
+        for r in mem["rows"]
+        if r["provisional_own"]
+    ]
+    return "\n".join(lines + [""] + notes)
 
 
 def _mib(x):
@@ -1103,7 +1529,30 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "off"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--divergence-margin", type=float, default=d.divergence_margin)
+    p.add_argument(
+        "--memory-step",
+        type=int,
+        default=d.memory_step,
+        help="the step whose memory is measured, after warm-up (the last one of a shorter run)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _add_variant_args(p: argparse.ArgumentParser) -> None:
+    """The run options that become part of each variant's name (:func:`with_run_options`)."""
+    p.add_argument(
+        "--param-dtype",
+        choices=list(PARAM_DTYPES),
+        default=None,
+        help="the parameters' dtype (default: the variant's own, fp32 but for the *bf16* entries); bf16 casts the "
+        "model before the optimizer is built, autocast still runs the matmuls in bf16 and its fp32 ops in fp32",
+    )
+    p.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="step each parameter inside loss.backward() (fusedbun.step_in_backward; FusionOptimizer only), each "
+        f"gradient clipped to norm {STEP_IN_BACKWARD_CLIP:g} on its own in place of the global clip",
+    )
 
 
 def _base_config(args, optimizer="adamw", lr=0.0, seed=0) -> RunConfig:
@@ -1125,6 +1574,7 @@ def _base_config(args, optimizer="adamw", lr=0.0, seed=0) -> RunConfig:
         amp=args.amp,
         compile=args.compile,
         divergence_margin=args.divergence_margin,
+        memory_step=args.memory_step,
     )
 
 
@@ -1144,6 +1594,26 @@ DEFAULT_ORDER = [
 ]
 
 
+PLANS: dict[str, list[tuple[str, float, int]]] = {
+    # The whole run's memory: each configuration's persistent bytes per parameter, the peak of a training
+    # step and the validation loss at the same tokens. (variant, lr grid centre, grid points): the centres
+    # are the best lrs of the GPU benchmark where one is known (AdamW 1e-3, fusion_rms 4e-3, FusionOptimizer
+    # with bf16 momentum 2e-3, taken for the bf16 configurations), else the registry's centre; three points
+    # a factor 2 apart, extended at an edge as usual. The reference and the target come first.
+    "memory": [
+        ("adamw", 1e-3, 3),  # AdamW, fp32 parameters, bf16 autocast: the reference
+        ("fusion_bf16_sr_sib", 2e-3, 3),  # bf16 parameters, stochastic rounding, bf16 momentum, step in backward
+        ("fusion_bf16_sr", 2e-3, 3),  # the same with the plain loop
+        ("adamw_bf16", 1e-3, 3),  # torch's fused AdamW on bf16 parameters
+        ("fusion_rms", 4e-3, 3),  # FusionOptimizer, fp32
+        ("fusion_nomom", 2e-3, 3),  # momentum_beta=0: the O(n+m) state alone
+        ("adamw8bit_bnb", 1e-3, 3),
+        ("adamw4bit_ao", 1e-3, 3),
+        ("adafactor", 1e-2, 3),
+    ],
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.lm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -1153,12 +1623,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the entry's centre)")
     t.add_argument("--seed", type=int, default=0)
     _add_run_args(t)
+    _add_variant_args(t)
     t.add_argument("--record", type=Path, default=None, help="write the record (JSON) here")
     t.add_argument("--results", type=Path, default=None, help="append the record to this JSON-lines file")
     t.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
 
     s = sub.add_parser("sweep", help="lr grid, extension at the edges, then seeds, for each optimizer")
-    s.add_argument("--optimizers", nargs="+", default=DEFAULT_ORDER, help="variants, in priority order")
+    s.add_argument("--optimizers", nargs="+", default=None, help="variants, in priority order")
+    s.add_argument(
+        "--plan",
+        choices=list(PLANS),
+        default=None,
+        help="a named list of variants with their grid centres and points, instead of --optimizers "
+        "(memory: the whole run's memory of AdamW, its 8-bit and 4-bit and bf16 forms, Adafactor and FusionOptimizer "
+        "in fp32, pure bf16 with and without the step in backward, and without momentum)",
+    )
     s.add_argument("--points", type=int, default=5, help="lr grid points, a factor 2 apart (default 5)")
     s.add_argument("--seeds", type=int, default=3, help="seeds at the best lr, the grid's seed included")
     s.add_argument("--max-extend", type=int, default=2, help="extensions of the grid per edge")
@@ -1182,14 +1661,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="list the runs that are ready, run nothing")
     s.add_argument("--results", type=Path, default=RESULTS_DIR / "lm_runs.jsonl")
     _add_run_args(s)
+    _add_variant_args(s)
 
     v = sub.add_parser("speed", help="each optimizer alone on the device for a few steps: tokens/s and memory")
-    v.add_argument("--optimizers", nargs="+", default=DEFAULT_ORDER)
+    v.add_argument("--optimizers", nargs="+", default=None)
+    v.add_argument("--plan", choices=list(PLANS), default=None, help="the variants of a sweep plan")
     v.add_argument("--lr-from", type=Path, default=None, help="take each one's best lr from these runs")
     v.add_argument("--results", type=Path, default=RESULTS_DIR / "lm_speed.jsonl")
     v.add_argument("--deadline-s", type=float, default=None)
     v.add_argument("--in-process", action="store_true", help="run in this process, not a subprocess each")
     _add_run_args(v)
+    _add_variant_args(v)
     v.set_defaults(steps=200)
 
     m = sub.add_parser("summarize", help="the table and the JSON summary of recorded runs")
@@ -1204,17 +1686,25 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+
+    def variant_of(v: str) -> str:
+        try:
+            return with_run_options(v, param_dtype=args.param_dtype, step_in_backward=args.step_in_backward)
+        except ValueError as e:
+            parser.error(str(e))
 
     if args.command == "train":
         if args.config_json:
             cfg = RunConfig(**json.loads(args.config_json))
         else:
-            name = parse_variant(args.optimizer)[0]
+            variant = variant_of(args.optimizer)
+            name = parse_variant(variant)[0]
             lr = args.lr if args.lr is not None else get_lm_optimizer(name).lr_centre
-            cfg = _base_config(args, optimizer=args.optimizer, lr=lr, seed=args.seed)
+            cfg = _base_config(args, optimizer=variant, lr=lr, seed=args.seed)
         print(f"{cfg.optimizer} lr={cfg.lr:.3g} seed={cfg.seed} size={cfg.size} steps={cfg.steps}", flush=True)
         own = None if args.config_json else shlex.join(["python", "-m", "benchmarks.lm", *argv])
         record = train(cfg, log=lambda s: print(s, flush=True), command=own)
@@ -1228,7 +1718,12 @@ def main(argv: Sequence[str] | None = None):
         print(
             f"{record['status']}: final val {val if val is None else round(val, 4)}, test "
             f"{record['final_test_loss'] if val is None else round(record['final_test_loss'], 4)}, "
-            f"{record['tokens_per_s'] or 0:,.0f} tok/s, state {record['state_bytes_per_param']:.2f} B/param",
+            f"{record['tokens_per_s'] or 0:,.0f} tok/s, state {record['state_bytes_per_param']:.2f} B/param"
+            + (
+                f", persistent {record['memory']['persistent_bytes_per_param']:.2f} B/param"
+                if record.get("memory")
+                else ""
+            ),
             flush=True,
         )
         return record
@@ -1242,9 +1737,16 @@ def main(argv: Sequence[str] | None = None):
         for item in getattr(args, "points_for", []):
             variant, _, n = item.rpartition("=")
             points_for[canonical_variant(variant)] = int(n)
-        ablations = getattr(args, "ablations", [])
+        if args.plan and args.optimizers:
+            parser.error("give --plan or --optimizers, not both")
+        plan = {}  # folded variant -> (centre, points)
+        if args.plan:
+            for v, centre, points in PLANS[args.plan]:
+                plan[variant_of(v)] = (centre, points)
+        optimizers = list(plan) or [variant_of(v) for v in (args.optimizers or DEFAULT_ORDER)]
+        ablations = [variant_of(v) for v in getattr(args, "ablations", [])]
         arms = []
-        for variant in list(args.optimizers) + list(ablations):
+        for variant in optimizers + ablations:
             name, opt_overrides, recipe_overrides = parse_variant(variant)
             spec = get_lm_optimizer(name)
             reason = unavailable_reason(spec, device)
@@ -1263,17 +1765,19 @@ def main(argv: Sequence[str] | None = None):
                 )
                 continue
             v = canonical_variant(variant)
+            plan_centre, plan_points = plan.get(variant, (None, None))
             if args.command == "speed":
                 best = _best_lr_from(previous, variant, args.size) if args.lr_from else None
-                arms.append(Arm(v, best or spec.lr_centre, 1, 1, 0))
+                arms.append(Arm(v, best or plan_centre or spec.lr_centre, 1, 1, 0))
             elif variant in ablations:
                 follow = name if (opt_overrides or recipe_overrides) and not spec.ablation else args.centre_from
                 arms.append(
                     Arm(v, None, points_for.get(v, args.ablation_points), args.ablation_seeds, args.max_extend, follow)
                 )
             else:
-                centre = args.lr_centre or spec.lr_centre
-                arms.append(Arm(v, centre, points_for.get(v, args.points), args.seeds, args.max_extend))
+                centre = args.lr_centre or plan_centre or spec.lr_centre
+                points = points_for.get(v, plan_points or args.points)
+                arms.append(Arm(v, centre, points, args.seeds, args.max_extend))
         return sweep(
             arms,
             base,
@@ -1306,10 +1810,16 @@ def main(argv: Sequence[str] | None = None):
             f"{RunConfig.eval_every} steps, with warm-up and compilation, excluded when later ones exist), "
             "measured with concurrent_runs runs sharing the device; tokens_per_s_alone from runs alone"
         ),
-        memory="peak_gpu_memory_bytes: torch.cuda.max_memory_allocated of the run's process",
+        memory=(
+            "peak_gpu_memory_bytes: torch.cuda.max_memory_allocated of the run's process; memory table: "
+            f"parameters, gradients and optimizer state counted from the live tensors {StepMemory.POINT} at step "
+            "memory_step, the peak and its transient part from torch.cuda.max_memory_allocated over that step"
+        ),
         state="state_bytes: tensors in optimizer.state (quantized states by the tensors they hold; shared once)",
     )
     print(format_table(summary))
+    if summary["memory"]["rows"]:
+        print("\n" + format_memory_table(summary))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=1, allow_nan=False, default=str) + "\n")

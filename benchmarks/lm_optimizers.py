@@ -7,6 +7,9 @@ none on biases and norm gains, and, for the Adam family, betas (0.9, 0.95). Peer
 libraries and are imported when built, so a library that is not installed disables its entries only
 (:func:`unavailable_reason` says why). ``lr_centre`` is the middle of the learning-rate grid: the usual
 value for a model of this size, from the library's documentation or the literature (``note`` says which).
+An entry may also fix how the run trains (``recipe``): the parameters' dtype (``param_dtype="bf16"``: the
+model is cast to bfloat16 before the optimizer is built) and the step inside backward
+(``step_in_backward=True``, FusionOptimizer only: :func:`fusedbun.step_in_backward`).
 
 The ablations are prototypes kept here, not in the package: ``fusion_dense`` (a per-element second moment
 instead of SM3's cover) and :class:`FusionVariant`, FusionOptimizer's ``use_rms=True`` rule written out in
@@ -41,11 +44,20 @@ __all__ = [
     "OptimizerChain",
     "FusionVariant",
     "optimizer_state_bytes",
+    "steps_in_backward",
+    "STEP_IN_BACKWARD_CLIP",
     "set_lr",
     "group_lrs",
 ]
 
 ADAM_BETAS = (0.9, 0.95)
+
+STEP_IN_BACKWARD_CLIP = 0.1
+"""The per-tensor gradient-norm limit that stands in for the global clip 1.0 when each parameter is stepped
+inside backward (the global norm needs every gradient at once). 0.1 = 1.0 / sqrt(100): the global limit shared
+evenly over the GPU model's 100 parameter tensors, so that when every tensor is at its limit the global norm
+is 1.0; a tensor can still be clipped while the global norm is below 1.0, and none is clipped in the plain
+loop's sense (a common factor for all)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class LMOptimizer:
     ablation: bool = False
     note: str = ""
     options: dict = field(default_factory=dict)  # constructor keywords beyond the recipe, for the record
+    # run options the entry implies (benchmarks.lm.RUN_OPTIONS: param_dtype, step_in_backward, clip_per_param)
+    recipe: dict = field(default_factory=dict)
 
 
 def decay_groups(model: nn.Module, wd: float, key: str = "weight_decay") -> list[dict]:
@@ -349,6 +363,15 @@ def _fusion_defaults(model, lr, wd, **kw):
     return fusedbun.FusionOptimizer(model.parameters(), lr=lr, **kw)
 
 
+_FUSION_BUILDERS = (_fusion, _fusion_defaults)
+
+
+def steps_in_backward(spec: LMOptimizer) -> bool:
+    """Whether ``spec`` builds a :class:`fusedbun.FusionOptimizer`, which :func:`fusedbun.step_in_backward` can
+    step inside ``loss.backward()`` (the peers and the ablation prototypes cannot)."""
+    return spec.build in _FUSION_BUILDERS
+
+
 def _fusion_dense(model, lr, wd, **kw):
     from benchmarks.optimizers import DenseSecondMomentFusion
 
@@ -384,6 +407,17 @@ _SPECS = [
         "shorter run",
     ),
     _spec(
+        "adamw_bf16",
+        "AdamW (torch, fused) on bf16 parameters",
+        "torch",
+        1e-3,
+        _adamw,
+        recipe=dict(param_dtype="bf16"),
+        note="the model cast to bfloat16, then torch.optim.AdamW(fused=True on CUDA), betas (0.9, 0.95): its moments "
+        "are bf16 like the parameters, and each step rounds to nearest; centre 1e-3, AdamW's best on the GPU "
+        "benchmark",
+    ),
+    _spec(
         "fusion_rms",
         "FusionOptimizer (use_rms=True)",
         _FUSION,
@@ -401,6 +435,30 @@ _SPECS = [
         _fusion,
         options=dict(use_rms=True, momentum_dtype=torch.bfloat16),
         note="as fusion_rms, the momentum buffer stored in bfloat16",
+    ),
+    _spec(
+        "fusion_bf16_sr",
+        "FusionOptimizer (use_rms=True) on bf16 parameters, stochastic rounding, bf16 momentum",
+        _FUSION,
+        2e-3,
+        _fusion,
+        options=dict(use_rms=True, momentum_dtype=torch.bfloat16, stochastic_rounding=True),
+        recipe=dict(param_dtype="bf16"),
+        note="the model cast to bfloat16; each step computed in fp32 and stochastically rounded into the bf16 "
+        "parameters, the momentum stored in bf16, SM3's accumulators in fp32; centre 2e-3, the best of "
+        "fusion_rms_bf16m on the GPU benchmark",
+    ),
+    _spec(
+        "fusion_bf16_sr_sib",
+        "FusionOptimizer (use_rms=True) on bf16 parameters, stochastic rounding, bf16 momentum, step in backward",
+        _FUSION,
+        2e-3,
+        _fusion,
+        options=dict(use_rms=True, momentum_dtype=torch.bfloat16, stochastic_rounding=True),
+        recipe=dict(param_dtype="bf16", step_in_backward=True, clip_per_param=STEP_IN_BACKWARD_CLIP),
+        note="as fusion_bf16_sr, each parameter stepped inside loss.backward() as soon as its gradient is ready "
+        f"(fusedbun.step_in_backward) and its gradient freed; each gradient clipped to norm {STEP_IN_BACKWARD_CLIP:g} "
+        "on its own instead of the global norm to 1.0, which needs every gradient at once",
     ),
     _spec(
         "adafactor",

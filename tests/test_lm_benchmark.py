@@ -172,6 +172,9 @@ def test_a_run_records_curves_speed_memory_state_and_provenance(one_run):
     assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0
     assert r["state_bytes"] > 0 and r["state_bytes_per_param"] == pytest.approx(r["state_bytes"] / r["n_params"])
     assert r["peak_gpu_memory_bytes"] is None  # CPU
+    m = r["memory"]  # fp32 parameters and gradients when the optimizer step begins, and the optimizer's state
+    assert m["params_bytes_per_param"] == m["grads_bytes_per_param"] == 4.0 and m["state_bytes"] == r["state_bytes"]
+    assert r["param_dtype"] == "fp32" and r["clipping"] == "global norm 1" and not r["step_in_backward"]
     assert r["versions"]["torch"] == torch.__version__
     assert r["machine"]["device"] == "cpu" and r["commit"]["source"] in ("git", "FUSEDBUN_COMMIT", None)
     assert r["data"]["sha256"]["train"] and r["recipe"]["tokens_per_step"] == SIZES["tiny"].tokens_per_step
@@ -572,3 +575,224 @@ def test_ablations_wait_for_their_anchor_and_centre_on_its_best(smoke_data, tmp_
         assert lrs == pytest.approx([1e-3, 2e-3, 4e-3])  # centred at fusion_rms's best
         # and only once fusion_rms's grid was settled
         assert calls.index((ablation, lrs[0])) > calls.index(("fusion_rms", 1e-3))
+
+
+# ---------------------------------------------------------------- the whole run's memory
+
+
+def _expected_fusion_state_bytes(model: torch.nn.Module, momentum_bytes: int) -> int:
+    """FusionOptimizer's state from the shapes alone: the momentum (``momentum_bytes`` per element), fp32
+    accumulators (n + m + ... for a tensor of 2+ dims, one per element of a 0-D or 1-D tensor) and a fp32 step
+    per tensor."""
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    accumulators = sum(sum(p.shape) if p.dim() >= 2 else p.numel() for p in params)
+    return momentum_bytes * n + 4 * accumulators + 4 * len(params)
+
+
+def memory_config(data: Path, optimizer: str, **kw) -> lm.RunConfig:
+    return tiny_config(data, optimizer=optimizer, lr=1e-2, steps=8, memory_step=5, **kw)
+
+
+@pytest.fixture(scope="module")
+def memory_runs(smoke_data) -> dict:
+    """Tiny runs of the memory plan's bf16 configurations and of the per-tensor-clipped plain loops that the
+    step in backward must reproduce, with their final parameters."""
+    out = {}
+    for variant in (
+        "fusion_bf16_sr",
+        "fusion_bf16_sr_sib",
+        "fusion_bf16_sr:clip_per_param=0.1",
+        "fusion_rms:step_in_backward=True",
+        "fusion_rms:clip_per_param=0.1",
+        "adamw_bf16",
+    ):
+        params = {}
+        record = lm.train(memory_config(smoke_data, variant), log=lambda s: None, final_state=params)
+        out[variant] = (record, params)
+    return out
+
+
+def test_bf16_parameters_train_and_count_two_bytes_each(memory_runs):
+    n = GPT(SIZES["tiny"]).num_params()
+    for variant in ("fusion_bf16_sr", "adamw_bf16"):
+        r, params = memory_runs[variant]
+        assert r["status"] == "ok" and r["param_dtype"] == "bf16" and not r["step_in_backward"]
+        assert all(p.dtype == torch.bfloat16 for p in params.values())
+        # it learns: the last logged training loss and the final validation loss are below the first loss
+        assert r["curve"][-1]["train_loss"] < r["first_loss"] - 0.1 and r["final_val_loss"] < r["first_loss"] - 0.1
+        m = r["memory"]
+        assert m["step"] == 5 and m["point"] == lm.StepMemory.POINT
+        assert m["params_bytes"] == 2 * n and m["params_bytes_per_param"] == 2.0
+        assert m["grads_bytes"] == 2 * n  # the plain loop holds every gradient when its step begins
+        assert m["grads_live_max_bytes"] == 2 * n
+        assert m["persistent_bytes"] == m["params_bytes"] + m["grads_bytes"] + m["state_bytes"]
+        assert m["peak_available"] is False and m["peak_step_bytes"] is None and m["transient_bytes"] is None
+        json.dumps(r, allow_nan=False)
+    # torch's AdamW keeps its two moments like the parameters (bf16) and a fp32 step per tensor
+    tensors = len(list(GPT(SIZES["tiny"]).parameters()))
+    assert memory_runs["adamw_bf16"][0]["memory"]["state_bytes"] == 4 * n + 4 * tensors
+    assert memory_runs["adamw_bf16"][0]["clipping"] == "global norm 1"
+
+
+def test_the_step_in_backward_keeps_no_gradient_and_meets_the_byte_target(memory_runs):
+    model = GPT(SIZES["tiny"])
+    n = model.num_params()
+    state = _expected_fusion_state_bytes(model, momentum_bytes=2)  # bf16 momentum
+    sib, _ = memory_runs["fusion_bf16_sr_sib"]
+    plain, _ = memory_runs["fusion_bf16_sr"]
+    assert sib["step_in_backward"] and sib["clipping"] == "per tensor 0.1" and plain["clipping"] == "global norm 1"
+    assert sib["recipe"]["clip"] == 0.0 and sib["recipe"]["clip_per_param"] == 0.1
+    m = sib["memory"]
+    assert m["grads_bytes"] == 0 and m["params_bytes"] == 2 * n and m["state_bytes"] == state
+    assert m["persistent_bytes_per_param"] == pytest.approx((2 * n + state) / n, rel=1e-12)
+    # only one gradient at a time exists during backward: the largest (the tied embedding and head)
+    assert m["grads_live_max_bytes"] == 2 * max(p.numel() for p in model.parameters()) < 2 * n
+    # the plain loop keeps the bf16 gradients through its step: 2 bytes per parameter more
+    assert plain["memory"]["persistent_bytes"] == m["persistent_bytes"] + 2 * n
+    # 4 bytes per parameter and the O(n+m) share, large on a model of 35k parameters ...
+    o_n_plus_m = (state - 2 * n) / n
+    assert m["persistent_bytes_per_param"] == pytest.approx(4.0 + o_n_plus_m) and 0 < o_n_plus_m < 0.3
+    # ... and under 0.1 on the GPU benchmark's model: at most 4.1 bytes per parameter there
+    with torch.device("meta"):
+        gpu = GPT(SIZES["gpu"])
+    gpu_share = (_expected_fusion_state_bytes(gpu, momentum_bytes=2) - 2 * gpu.num_params()) / gpu.num_params()
+    assert 2 + 0 + 2 + gpu_share <= lm.MEMORY_TARGET["persistent_bytes_per_param"]
+
+
+@pytest.mark.parametrize(
+    "plain, in_backward",
+    [
+        ("fusion_rms:clip_per_param=0.1", "fusion_rms:step_in_backward=True"),
+        ("fusion_bf16_sr:clip_per_param=0.1", "fusion_bf16_sr_sib"),
+    ],
+    ids=["fp32", "bf16-stochastic-rounding"],
+)
+def test_the_step_in_backward_ends_where_the_plain_loop_with_per_tensor_clipping_ends(memory_runs, plain, in_backward):
+    (ra, a), (rb, b) = memory_runs[plain], memory_runs[in_backward]
+    assert (
+        ra["clipping"] == rb["clipping"] == "per tensor 0.1" and rb["step_in_backward"] and not ra["step_in_backward"]
+    )
+    # bit for bit: the same clipping arithmetic, the same per-parameter step, and stochastic rounding keyed
+    # by (seed, parameter position, step, element), not by the order in which the parameters are stepped
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ra["final_val_loss"] == rb["final_val_loss"]
+    assert [p["train_loss"] for p in ra["curve"]] == [p["train_loss"] for p in rb["curve"]]
+
+
+def test_run_options_name_their_own_configuration_and_are_refused_where_they_cannot_run(smoke_data):
+    assert lm.with_run_options("fusion_rms", param_dtype="bf16") == "fusion_rms:param_dtype=bf16"
+    assert lm.with_run_options("fusion_rms:param_dtype=fp32", param_dtype="bf16") == "fusion_rms:param_dtype=bf16"
+    assert lm.with_run_options("fusion_bf16_sr", param_dtype="bf16") == "fusion_bf16_sr"  # already so
+    assert lm.with_run_options("fusion_bf16_sr", step_in_backward=True) == "fusion_bf16_sr:step_in_backward=True"
+    assert lm.with_run_options("adamw") == "adamw"
+    manifest = {"splits": {"train": {"sha256": "ab" * 32}}}
+    key = lm.run_key(lm.RunConfig(optimizer="adamw", lr=1e-3), manifest)
+    assert "param_dtype" not in key and "step_in_backward" not in key  # the keys of older records stand
+    assert key != lm.run_key(lm.RunConfig(optimizer="adamw:param_dtype=bf16", lr=1e-3), manifest)
+    eff = lm.RunConfig(optimizer="fusion_rms:step_in_backward=True", lr=1e-3).effective()
+    assert eff["clip"] == 0.0 and eff["clip_per_param"] == lm.STEP_IN_BACKWARD_CLIP
+    for bad, match in (
+        ("adamw:step_in_backward=True", "FusionOptimizer"),
+        ("fusion_mom_bc:step_in_backward=True", "FusionOptimizer"),  # a plain-torch prototype
+        ("fusion_rms:step_in_backward=True,clip=1.0", "global gradient norm"),
+        ("fusion_rms:param_dtype=fp16", "param_dtype"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            lm.RunConfig(optimizer=bad, lr=1e-3).effective()
+    with pytest.raises(SystemExit):
+        lm.main(["train", "--optimizer", "adamw", "--step-in-backward", "--size", "tiny", "--data", str(smoke_data)])
+
+
+def test_the_memory_plan_lists_the_configurations_with_their_centres(smoke_data, tmp_path, capsys):
+    plan = {v: (centre, points) for v, centre, points in lm.PLANS["memory"]}
+    assert list(plan)[0] == "adamw" and plan["adamw"] == (1e-3, 3) and plan["fusion_rms"] == (4e-3, 3)
+    assert {"adamw_bf16", "adamw8bit_bnb", "adamw4bit_ao", "adafactor", "fusion_nomom"} <= set(plan)
+    assert plan["fusion_bf16_sr"][0] == plan["fusion_bf16_sr_sib"][0] == 2e-3
+
+    def run_options(v):
+        return {k: lm.RunConfig(optimizer=v, lr=1e-3).effective()[k] for k in lm.RUN_OPTIONS}
+
+    assert run_options("adamw") == {"param_dtype": "fp32", "step_in_backward": False, "clip_per_param": 0.0}
+    assert run_options("adamw_bf16")["param_dtype"] == "bf16"
+    assert run_options("fusion_bf16_sr") == {"param_dtype": "bf16", "step_in_backward": False, "clip_per_param": 0.0}
+    assert run_options("fusion_bf16_sr_sib") == {"param_dtype": "bf16", "step_in_backward": True, "clip_per_param": 0.1}
+    opts = get_lm_optimizer("fusion_bf16_sr").options
+    assert opts == {"use_rms": True, "momentum_dtype": torch.bfloat16, "stochastic_rounding": True}
+    assert get_lm_optimizer("fusion_nomom").options["momentum_beta"] == 0.0
+    argv = ["sweep", "--plan", "memory", "--dry-run", "--size", "tiny", "--data", str(smoke_data)]
+    lm.main(argv + ["--results", str(tmp_path / "runs.jsonl")])
+    out = capsys.readouterr().out
+    assert "would run: fusion_bf16_sr_sib lr=0.001 seed=0 (grid)" in out
+    assert "would run: adamw lr=0.0005 seed=0 (grid)" in out and "would run: adamw lr=0.004" not in out
+    with pytest.raises(SystemExit):
+        lm.main(argv + ["--optimizers", "adamw"])
+
+
+class FakeMemoryTrainer(FakeTrainer):
+    """A FakeTrainer whose records carry a memory record (``persistent`` bytes per parameter, 2 of them the
+    parameters) and whose losses are ``worse`` by a fraction for some variants."""
+
+    def __init__(self, best, persistent, worse=None) -> None:
+        super().__init__(best)
+        self.persistent, self.worse = persistent, worse or {}
+
+    def __call__(self, cfg, log=print, command=None):
+        r = super().__call__(cfg, log, command)
+        r["final_val_loss"] *= 1 + self.worse.get(cfg.optimizer, 0.0)
+        p = self.persistent[cfg.optimizer]
+        mem = {k: None for k in lm.MEMORY_FIELDS}
+        mem.update(
+            params_bytes_per_param=2.0,
+            grads_bytes_per_param=0.0,
+            state_bytes_per_param=p - 2.0,
+            persistent_bytes_per_param=p,
+            grads_live_max_bytes_per_param=0.1,
+            step=5,
+            point=lm.StepMemory.POINT,
+        )
+        return dict(r, memory=mem, tokens=1000)
+
+
+def test_summarize_judges_the_memory_target(smoke_data, tmp_path, monkeypatch):
+    variants = {"adamw": 16.0, "fusion_bf16_sr": 6.02, "fusion_bf16_sr_sib": 4.02, "fusion_nomom": 4.05}
+    fake = FakeMemoryTrainer(dict.fromkeys(variants, 1e-3), variants, worse={"fusion_nomom": 0.03})
+    monkeypatch.setattr(lm, "train", fake)
+    results = tmp_path / "runs.jsonl"
+    arms = [lm.Arm(v, 1e-3, 3, 3 if v != "fusion_bf16_sr" else 1, 2) for v in variants]
+    lm.sweep(arms, tiny_config(smoke_data), results, parallel=0, log=lambda s: None)
+    summary = lm.summarize(lm.read_runs([results]))
+    mem = summary["memory"]
+    rows = {r["optimizer"]: r for r in mem["rows"]}
+    assert list(rows) == ["adamw", "fusion_bf16_sr", "fusion_bf16_sr_sib", "fusion_nomom"]
+    assert rows["fusion_bf16_sr_sib"]["target_met"] == "yes" and rows["fusion_bf16_sr_sib"]["ratio_to_adamw"] == 1.0
+    assert rows["adamw"]["target_met"] == "no" and rows["adamw"]["memory_target_met"] is False
+    assert rows["fusion_nomom"]["memory_target_met"] and rows["fusion_nomom"]["loss_target_met"] is False
+    assert mem["met"] == ["fusion_bf16_sr_sib"] and mem["not_met"] == ["adamw", "fusion_bf16_sr", "fusion_nomom"]
+    assert "1 seed(s) of 3" in rows["fusion_bf16_sr"]["provisional"]
+    assert any("not the GPU benchmark" in c for c in rows["fusion_bf16_sr_sib"]["provisional"])  # size tiny
+    table = lm.format_memory_table(summary)
+    assert "persistent <= 4.1 B/param and final val loss within 1.5% of adamw's" in table
+    assert "yes: fusion_bf16_sr_sib; no: adamw, fusion_bf16_sr, fusion_nomom" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("fusion_bf16_sr_sib "))
+    assert line.split()[-1] == "yes" and " 4.02 " in line and " 0.00 " in line
+
+
+def test_summarize_prints_and_writes_the_memory_table_of_real_runs(memory_runs, one_run, tmp_path, capsys):
+    runs = tmp_path / "runs.jsonl"
+    for variant in ("fusion_bf16_sr", "fusion_bf16_sr_sib"):
+        lm.append_run(runs, dict(memory_runs[variant][0], phase="grid"))
+    lm.append_run(runs, dict(one_run, phase="grid"))
+    out = tmp_path / "summary.json"
+    lm.main(["summarize", "--runs", str(runs), "--out", str(out), "--reference", "fusion_rms"])
+    table = capsys.readouterr().out
+    assert "memory (bytes per parameter; size tiny" in table and "per tensor 0.1" in table
+    doc = json.loads(out.read_text())
+    rows = {r["optimizer"]: r for r in doc["memory"]["rows"]}
+    assert set(rows) == {"fusion_rms", "fusion_bf16_sr", "fusion_bf16_sr_sib"}
+    assert rows["fusion_rms"]["params_bytes_per_param"] == 4.0 and rows["fusion_rms"]["grads_bytes_per_param"] == 4.0
+    assert rows["fusion_bf16_sr_sib"]["grads_bytes_per_param"] == 0.0
+    assert rows["fusion_bf16_sr_sib"]["peak_step_bytes"] is None  # CPU
+    assert rows["fusion_bf16_sr_sib"]["target_met"] in ("yes", "no") and doc["memory"]["target"]["reference"] == (
+        "fusion_rms"
+    )
