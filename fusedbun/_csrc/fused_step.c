@@ -178,30 +178,30 @@ static inline uint16_t f32_to_f16_sr(float f, uint32_t r) {
     return (uint16_t)(sign | ((uint32_t)low + up)); /* 1024 is 0x0400, the smallest normal */
 }
 
+/* The common case of store_f32_sr for bf16, as one vector loop: the counter of fb_random is base + j. */
+static void store_bf16_sr_run(uint16_t *restrict d, const uint32_t *restrict bits, int n, uint32_t base, uint32_t mult,
+                              uint32_t k0) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) {
+        const uint32_t u = bits[j];
+        const uint32_t r = fb_fmix32((base + (uint32_t)j) * mult + k0);
+        const uint32_t up = (u + (r >> 16)) >> 16; /* also exact for +-Inf: the added bits stay below the kept */
+        d[j] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : up); /* NaN as f32_to_bf16 gives it */
+    }
+}
+
 static void store_f32_sr(void *dst, int32_t dtype, int64_t offset, const float *restrict src, int n, uint32_t k0,
                          uint32_t k1) {
     uint16_t *restrict d = (uint16_t *)dst + offset;
     const uint32_t hi = (uint32_t)((uint64_t)offset >> 32);
-    if (hi != (uint32_t)((uint64_t)(offset + n - 1) >> 32)) { /* the tile crosses a 2^32 boundary: per element */
-        for (int j = 0; j < n; j++) {
-            const uint32_t r = fb_random(offset + j, k0, k1);
-            d[j] = dtype == FB_BF16 ? f32_to_bf16_sr(src[j], r) : f32_to_f16_sr(src[j], r);
-        }
+    if (dtype == FB_BF16 && hi == (uint32_t)((uint64_t)(offset + n - 1) >> 32)) {
+        /* fb_random's counter with the tile's high index word folded in once (the tile stays in one 2^32 block) */
+        store_bf16_sr_run(d, (const uint32_t *)src, n, (uint32_t)offset + 0x9e3779b9u * hi, k1 | 1u, k0);
         return;
     }
-    /* fb_random's counter, with the tile's high index word folded in once; the loops below vectorize. */
-    const uint32_t base = (uint32_t)offset + 0x9e3779b9u * hi, mult = k1 | 1u;
-    if (dtype == FB_BF16) {
-#pragma omp simd
-        for (int j = 0; j < n; j++) {
-            uint32_t u;
-            memcpy(&u, &src[j], sizeof u);
-            const uint32_t r = fb_fmix32((base + (uint32_t)j) * mult + k0);
-            const uint32_t up = (u + (r >> 16)) >> 16;
-            d[j] = (u & 0x7fffffffu) >= 0x7f800000u ? f32_to_bf16(src[j]) : (uint16_t)up;
-        }
-    } else {
-        for (int j = 0; j < n; j++) d[j] = f32_to_f16_sr(src[j], fb_fmix32((base + (uint32_t)j) * mult + k0));
+    for (int j = 0; j < n; j++) {
+        const uint32_t r = fb_random(offset + j, k0, k1);
+        d[j] = dtype == FB_BF16 ? f32_to_bf16_sr(src[j], r) : f32_to_f16_sr(src[j], r);
     }
 }
 
