@@ -43,6 +43,11 @@ PARAM_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 STEPS = 4
 
 
+SAVE_CUDA = [False]
+SAVED: dict[str, list] = {}  # with --save: the tensors behind each fingerprint, to find what differs
+_CASE: list[str] = [""]
+
+
 def _digest(tensors) -> str:
     h = hashlib.sha256()
     for t in tensors:
@@ -52,6 +57,8 @@ def _digest(tensors) -> str:
         t = t.cpu().contiguous().reshape(-1)
         h.update(str((tuple(t.shape), t.dtype)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if _CASE[0]:
+            SAVED.setdefault(_CASE[0], []).append(t.clone())
     return h.hexdigest()
 
 
@@ -163,6 +170,7 @@ def fingerprints() -> dict[str, str]:
                     continue
                 for nonfinite_entries in (False, True):
                     key = f"fused_cuda|{cname}|{str(dtype)[6:]}|nonfinite={nonfinite_entries}"
+                    _CASE[0] = key if SAVE_CUDA[0] else ""
                     out[key] = _dense_case(
                         "cuda", dtype, config, {"fused": True}, nonfinite_entries=nonfinite_entries, staggered=True
                     )
@@ -181,8 +189,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the fingerprints to this JSON file")
     parser.add_argument("--compare", help="compare with fingerprints written earlier; exit 1 on a difference")
+    parser.add_argument("--save", help="also save the CUDA cases' tensors to this file (torch.save), for a diff")
     args = parser.parse_args()
+    SAVE_CUDA[0] = bool(args.save)
     prints = fingerprints()
+    _CASE[0] = ""
+    if args.save:
+        torch.save(SAVED, args.save)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(prints, f, indent=1, sort_keys=True)
