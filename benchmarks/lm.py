@@ -330,8 +330,8 @@ def machine(device: torch.device) -> dict:
 
 
 def commit() -> dict:
-    """The repository's commit: from git when it answers, else the ``FUSEDBUN_COMMIT`` environment variable
-    (for a copy of the tree without its ``.git``)."""
+    """The repository's commit: the ``FUSEDBUN_COMMIT`` environment variable when set (for a copy of the tree
+    whose ``.git``, if any, is not the tree's own), else git's."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args):
@@ -342,11 +342,13 @@ def commit() -> dict:
             return None
 
     sha = git("rev-parse", "HEAD")
+    env = os.environ.get("FUSEDBUN_COMMIT")
+    if env:
+        return dict(commit=env, source="FUSEDBUN_COMMIT", uncommitted=None)
     if sha:
         dirty = (git("status", "--porcelain", "--", "fusedbun", "benchmarks") or "").splitlines()
         return dict(commit=sha, source="git", uncommitted=[d for d in dirty if not d.endswith(".jsonl")])
-    env = os.environ.get("FUSEDBUN_COMMIT")
-    return dict(commit=env, source="FUSEDBUN_COMMIT" if env else None, uncommitted=None)
+    return dict(commit=None, source=None, uncommitted=None)
 
 
 # ---------------------------------------------------------------- one run
