@@ -113,7 +113,9 @@ def lm_schedule(optimizer, steps: int, warmup_frac: float, min_lr_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k + 1, steps, warmup_frac, min_lr_ratio))
 
 
-def train_with_trainer(cfg: RunConfig, output_dir: str | None = None, command: str | None = None) -> dict:
+def train_with_trainer(
+    cfg: RunConfig, output_dir: str | None = None, command: str | None = None, concurrent_runs: int = 1
+) -> dict:
     """Train ``cfg``'s model with FusionOptimizer (use_rms=True) through ``transformers.Trainer``; return
     the record. ``cfg.optimizer`` is recorded as given; the optimizer is the one built here."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -266,7 +268,7 @@ def train_with_trainer(cfg: RunConfig, output_dir: str | None = None, command: s
         ),
         config=asdict(cfg),
         trainer=dict(train_runtime_s=result.metrics.get("train_runtime"), train_loss=result.metrics.get("train_loss")),
-        concurrent_runs=1,
+        concurrent_runs=concurrent_runs,  # runs that shared the device (its tokens/s is not a speed when > 1)
         data=data_info(corpus),
         **provenance(device, command),
         date=date,
@@ -281,6 +283,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", type=Path, default=None, help="append the record to this JSON-lines file")
     p.add_argument("--compare-with", type=Path, default=None, help="runs of benchmarks.lm to compare with")
+    p.add_argument(
+        "--concurrent-runs", type=int, default=1, help="how many runs share the device with this one (recorded)"
+    )
     _add_run_args(p)
     args = p.parse_args(argv)
     lr = args.lr
@@ -297,7 +302,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         lr = get_lm_optimizer("fusion_rms").lr_centre
     cfg = replace(_base_config(args, optimizer="fusion_rms", lr=lr, seed=args.seed), phase="single")
     print(f"transformers.Trainer + FusionOptimizer(use_rms=True), lr={lr:.3g}, seed={cfg.seed}, size={cfg.size}")
-    record = train_with_trainer(cfg, command=shlex.join(["python", "-m", "benchmarks.lm_trainer_hf", *argv]))
+    command = shlex.join(["python", "-m", "benchmarks.lm_trainer_hf", *argv])
+    record = train_with_trainer(cfg, command=command, concurrent_runs=args.concurrent_runs)
     print(
         f"{record['status']}: final val {record['final_val_loss']}, test {record['final_test_loss']}, "
         f"{record['tokens_per_s'] or 0:,.0f} tok/s"

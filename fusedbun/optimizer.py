@@ -89,7 +89,7 @@ class FusionOptimizer(Optimizer):
         &\textbf{init: } m_0 \leftarrow 0;\ v_0 \leftarrow 0 \text{ (0-D, 1-D)};\
             a^{(k)}_0 \leftarrow 0 \in \mathbb{R}^{n_k},\ k = 1..d \text{ (d-D, } d \ge 2) \\
         &\textbf{for } t = 1, 2, \dots \\
-        &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1});\quad
+        &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) / s \text{ (s: GradScaler's loss scale, else 1)};\quad
             \textbf{if maximize: } g_t \leftarrow -g_t \\
         &\quad \textbf{if centralize and } d \ge 2:\ g_t \leftarrow g_t - \operatorname{mean}_{1..d-1}(g_t) \\
         &\quad M_t \leftarrow \epsilon < |g_t| < 2^{64};\quad g_t \leftarrow M_t\,?\ g_t : 0
@@ -102,7 +102,8 @@ class FusionOptimizer(Optimizer):
             a^{(k)}_t \leftarrow \max_{\text{all dims but } k} \nu_t \\
         &\quad u_t \leftarrow g_t / (\sqrt{\nu_t} + \epsilon) \textbf{ if use_rms else } g_t \\
         &\quad \textbf{if } \beta_m > 0:\ m_t \leftarrow \beta_m m_{t-1} + (1-\beta_m) u_t;\ u_t \leftarrow m_t \\
-        &\quad \theta_t \leftarrow \theta_{t-1} (1 - \eta\lambda) - \eta\, u_t \\
+        &\quad \theta_t \leftarrow \theta_{t-1} (1 - \eta\lambda) - \eta\, u_t
+            \text{ (bf16/fp16: rounded to nearest, or stochastically)} \\
         &\textbf{return } \theta_t
         \end{aligned}
 
@@ -134,6 +135,17 @@ class FusionOptimizer(Optimizer):
             is left as it is for this step (parameter, state and step count), with a ``RuntimeWarning``;
             ``"raise"``: ``step`` raises ``FloatingPointError`` before changing anything. Both cost one
             more read of every gradient and a host sync per step.
+        stochastic_rounding: round bf16 and fp16 parameters into their dtype stochastically instead of to
+            nearest (default False), so that updates below half a unit in the last place still move them on
+            average (:func:`fusedbun.stochastic_round`). The random stream is a counter hash of
+            ``rounding_seed``, the parameter's position in the optimizer, its step count and each element's
+            index: reproducible for the seed, the same on every engine and device, and identical across
+            data-parallel replicas. fp32 and fp64 parameters and the momentum are never rounded this way.
+        rounding_seed: the seed of that stream, an int in [0, 2**63) (default 0).
+
+    With ``torch.amp.GradScaler``, ``scaler.step(opt)`` hands the loss scale to :meth:`step`, which divides
+    it out inside the engines' pass and skips the whole step (parameters, state and step counts) when the
+    scaler found Inf or NaN. :func:`fusedbun.step_in_backward` steps each parameter during backward instead.
 
     State per parameter: ``step`` (a float32 tensor), ``exp_hessian`` (for 0-D and 1-D parameters a fp32
     tensor shaped like the parameter; otherwise a list of fp32 accumulators, the k-th shaped
