@@ -715,7 +715,7 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None, final_state:
             eval_windows=len(eval_starts),
             final_eval="every non-overlapping window of the val and test splits",
         ),
-        config=asdict(cfg),
+        config=dict(asdict(cfg), data=portable(cfg.data)),
         concurrent_runs=int(os.environ.get("FUSEDBUN_LM_CONCURRENT", "1")),
         data=data_info(corpus),
         **provenance(device, command),
@@ -727,11 +727,24 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None, final_state:
 def data_info(corpus) -> dict:
     """What a record says about its corpus: where, which source, each split's sha256 and size."""
     return dict(
-        path=str(corpus.path),
+        path=portable(str(corpus.path)),
         source=corpus.manifest["source"],
         sha256={s: corpus.manifest["splits"][s]["sha256"] for s in ("train", "val", "test")},
         bytes={s: corpus.manifest["splits"][s]["bytes"] for s in ("train", "val", "test")},
     )
+
+
+def portable(text: str) -> str:
+    """``text`` (a command line or a path) without this machine's paths: paths inside the repository
+    relative to it, other absolute paths reduced to their file names."""
+    root = str(Path(__file__).resolve().parents[1])
+
+    def one(token: str) -> str:
+        if token.startswith(root + "/"):
+            return token[len(root) + 1 :]
+        return Path(token).name if token.startswith("/") else token
+
+    return shlex.join(one(t) for t in shlex.split(text))
 
 
 def provenance(device: torch.device, command: str | None = None) -> dict:
@@ -740,7 +753,7 @@ def provenance(device: torch.device, command: str | None = None) -> dict:
         machine=machine(device),
         versions=versions(),
         commit=commit(),
-        command=command or os.environ.get("FUSEDBUN_LM_COMMAND") or shlex.join(["python", *sys.argv]),
+        command=portable(command or os.environ.get("FUSEDBUN_LM_COMMAND") or shlex.join(["python", *sys.argv])),
     )
 
 

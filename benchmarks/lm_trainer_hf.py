@@ -43,6 +43,7 @@ from benchmarks.lm import (
     append_run,
     data_info,
     lr_factor,
+    portable,
     provenance,
     read_runs,
     resolve_device,
@@ -266,7 +267,7 @@ def train_with_trainer(
             eval_windows=len(val_periodic),
             final_eval="every non-overlapping window of the val and test splits",
         ),
-        config=asdict(cfg),
+        config=dict(asdict(cfg), data=portable(cfg.data)),
         trainer=dict(train_runtime_s=result.metrics.get("train_runtime"), train_loss=result.metrics.get("train_loss")),
         concurrent_runs=concurrent_runs,  # runs that shared the device (its tokens/s is not a speed when > 1)
         data=data_info(corpus),
