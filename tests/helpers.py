@@ -6,6 +6,9 @@ dtype, shape and value (``torch.equal``).
 
 from __future__ import annotations
 
+import multiprocessing
+from pathlib import Path
+
 import torch
 
 # Shapes of a small model's parameters: 2-D and 3-D (SM3 accumulators), 1-D and 0-D (dense second moment).
@@ -77,3 +80,18 @@ def assert_same_run(pa, oa, pb, ob) -> None:
     for i, (a, b) in enumerate(zip(pa, pb)):
         assert torch.equal(a.detach(), b.detach()), f"param {i} {tuple(a.shape)} differs"
         assert_tree_equal(dict(oa.state[a]), dict(ob.state[b]), f"state of param {i}")
+
+
+def _start_method() -> str:
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
+def launch(job, nprocs: int, tmp_path: Path, *args) -> None:
+    """Run ``job(rank, world, init_method, *args)`` in ``nprocs`` processes; a failure in any re-raises."""
+    if _start_method() == "forkserver":
+        # Children fork from a server that imported these once (seconds instead of a re-import each).
+        multiprocessing.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fusedbun"])
+    store = tmp_path / f"store-{job.__name__}-{nprocs}"
+    torch.multiprocessing.start_processes(
+        job, args=(nprocs, f"file://{store}", *args), nprocs=nprocs, join=True, start_method=_start_method()
+    )

@@ -20,6 +20,7 @@ import re
 
 import pytest
 import torch
+from helpers import assert_tree_equal
 from torch import nn
 
 import fusedbun
@@ -81,26 +82,10 @@ def manual_step(net, opt, batch, scale, *, clip=None) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def assert_same_tree(a, b, path="state_dict") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.cpu(), b.cpu()), f"{path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and sorted(a, key=str) == sorted(b, key=str), f"{path}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            assert_same_tree(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tree(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 def assert_same_training(net_a, opt_a, net_b, opt_b, where="") -> None:
     for (name, a), b in zip(net_a.named_parameters(), net_b.parameters()):
         assert torch.equal(a.detach(), b.detach()), f"{where}{name} differs"
-    assert_same_tree(opt_a.state_dict(), opt_b.state_dict(), f"{where}state_dict")
+    assert_tree_equal(opt_a.state_dict(), opt_b.state_dict(), f"{where}state_dict")
 
 
 def poison_with(value: float):
@@ -148,12 +133,12 @@ def test_optimizer_reads_grad_scale_and_found_inf_like_torch_fused_adamw(engine)
     got_params, got_opt, _ = run(torch.tensor(SCALE), torch.tensor(0.0), SCALE)
     for a, b in zip(ref_params, got_params):
         assert torch.equal(a.detach(), b.detach()), "grad_scale is not divided out"
-    assert_same_tree(ref_opt.state_dict(), got_opt.state_dict())
+    assert_tree_equal(ref_opt.state_dict(), got_opt.state_dict())
 
     skipped_params, skipped_opt, (state_before, params_before) = run(torch.tensor(SCALE), torch.tensor(1.0), SCALE)
     for a, b in zip(params_before, skipped_params):
         assert torch.equal(a, b.detach()), "found_inf did not skip the step"
-    assert_same_tree(state_before, skipped_opt.state_dict())
+    assert_tree_equal(state_before, skipped_opt.state_dict())
 
 
 def test_grad_scaler_step_equals_unscaling_by_hand_then_step(engine):
@@ -201,7 +186,7 @@ def test_grad_scaler_with_fp16_parameters_equals_unscaling_by_hand(engine):
         assert scaler.get_scale() == SCALE
         for k, (a, b) in enumerate(zip(params_a, params_b)):
             assert torch.equal(a.detach(), b.detach()), f"step {step + 1}, parameter {k}"
-        assert_same_tree(opt_a.state_dict(), opt_b.state_dict())
+        assert_tree_equal(opt_a.state_dict(), opt_b.state_dict())
 
 
 def test_fp16_gradients_that_overflow_skip_the_step_and_lower_the_scale(engine):
@@ -236,7 +221,7 @@ def test_found_inf_skips_the_step_entirely_and_lowers_the_scale(engine, bad):
     scaler_step(net_a, opt_a, scaler, batches[2], poison=poison_with(bad))
     for a, p in zip(params_before, net_a.parameters()):
         assert torch.equal(a, p.detach()), "a parameter changed in the skipped step"
-    assert_same_tree(state_before, opt_a.state_dict(), "state after the skipped step")
+    assert_tree_equal(state_before, opt_a.state_dict(), "state after the skipped step")
     assert scaler.get_scale() == SCALE / 2
     scaler_step(net_a, opt_a, scaler, batches[3])
     manual_step(net_b, opt_b, batches[3], SCALE / 2)
@@ -265,7 +250,7 @@ def test_unscale_before_step_still_skips_a_step_with_inf(engine):
     scaler_step(net, opt, scaler, batches[1], unscale_first=True, poison=poison_with(math.inf))
     for a, p in zip(params_before, net.parameters()):
         assert torch.equal(a, p.detach())
-    assert_same_tree(state_before, opt.state_dict())
+    assert_tree_equal(state_before, opt.state_dict())
     assert scaler.get_scale() == SCALE / 2
 
 
@@ -293,7 +278,7 @@ def test_grad_scaler_on_cuda_equals_unscaling_by_hand_and_skips_on_inf(cuda_engi
     scaler_step(net_a, opt_a, scaler, batches[STEPS], poison=poison_with(math.inf))
     for a, p in zip(params_before, net_a.parameters()):
         assert torch.equal(a, p.detach())
-    assert_same_tree(state_before, opt_a.state_dict())
+    assert_tree_equal(state_before, opt_a.state_dict())
     assert scaler.get_scale() == SCALE / 2
     init, cs = fp16_problem(torch.Generator().manual_seed(3))
     params = [nn.Parameter(t.clone().cuda()) for t in init]
@@ -386,7 +371,7 @@ def test_state_dict_round_trip_keeps_each_groups_lr(engine):
     opt2 = fusedbun.FusionOptimizer([{"params": [a2], "lr": 1.0}, {"params": [b2], "lr": 1.0}], **engine)
     opt2.load_state_dict(saved)
     assert [g["lr"] for g in opt2.param_groups] == [0.125, 0.25]
-    assert_same_tree(opt.state_dict(), opt2.state_dict())
+    assert_tree_equal(opt.state_dict(), opt2.state_dict())
     ga, gb = torch.randn(a.shape, generator=gen), torch.randn(b.shape, generator=gen)
     for (p, q), g in zip([(a, a2), (b, b2)], [ga, gb]):
         p.grad, q.grad = g.clone(), g.clone()

@@ -12,15 +12,14 @@ The ``gpu`` variant runs the 2-rank job with NCCL on two CUDA devices and is ski
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import launch
 from torch import nn
 
 import fusedbun
@@ -131,21 +130,6 @@ def compare(net, opt, ref_net, ref_opt) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------------------------------
 # Process launch
-
-
-def _start_method() -> str:
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def launch(job, nprocs: int, tmp_path: Path, *args) -> None:
-    """Run ``job(rank, world, init_method, *args)`` in ``nprocs`` processes; a failure in any re-raises."""
-    if _start_method() == "forkserver":
-        # Children fork from a server that imported these once (seconds instead of a re-import each).
-        multiprocessing.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fusedbun"])
-    store = tmp_path / f"store-{job.__name__}-{nprocs}"
-    torch.multiprocessing.start_processes(
-        job, args=(nprocs, f"file://{store}", *args), nprocs=nprocs, join=True, start_method=_start_method()
-    )
 
 
 def _init(rank: int, world: int, init_method: str, backend: str) -> str:

@@ -14,15 +14,14 @@ rank, or DTensor parameters) it refuses with a RuntimeError that names DDP/FSDP2
 from __future__ import annotations
 
 import copy
-import multiprocessing
 import os
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_tree_equal, launch
 from torch import nn
 
 import fusedbun
@@ -106,26 +105,9 @@ def assert_same_params(net_a, net_b, where="") -> None:
         assert torch.equal(a.detach(), b.detach()), f"{where}{name} differs"
 
 
-def assert_same_tree(a, b, path="state_dict") -> None:
-    """Equal nested dicts/lists; tensors equal bit for bit (and of the same dtype)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and sorted(a, key=str) == sorted(b, key=str), f"{path}: keys {list(a)} vs {list(b)}"
-        for k in a:
-            assert_same_tree(a[k], b[k], f"{path}[{k!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_tree(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a!r} vs {b!r}"
-
-
 def assert_same_training(net_a, opt_a, net_b, opt_b, where="") -> None:
     assert_same_params(net_a, net_b, where)
-    assert_same_tree(opt_a.state_dict(), opt_b.state_dict(), f"{where}state_dict")
+    assert_tree_equal(opt_a.state_dict(), opt_b.state_dict(), f"{where}state_dict")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,20 +369,6 @@ def test_docstring_says_global_norm_clipping_is_impossible_and_what_to_use_and_w
 # Data parallelism: refused (gradients are not yet reduced when the hooks fire). One 2-rank gloo job.
 
 _HAS_GLOO = dist.is_available() and dist.is_gloo_available()
-
-
-def _start_method() -> str:
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def launch(job, nprocs: int, tmp_path: Path, *args) -> None:
-    """Run ``job(rank, world, init_method, *args)`` in ``nprocs`` processes (the pattern of test_distributed)."""
-    if _start_method() == "forkserver":
-        multiprocessing.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fusedbun"])
-    store = tmp_path / f"store-{job.__name__}-{nprocs}"
-    torch.multiprocessing.start_processes(
-        job, args=(nprocs, f"file://{store}", *args), nprocs=nprocs, join=True, start_method=_start_method()
-    )
 
 
 def _outcome(fn) -> dict:

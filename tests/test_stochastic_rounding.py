@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import copy
 import math
-import multiprocessing
 import os
 import warnings
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import launch
 from torch import nn
 
 import fusedbun
@@ -781,20 +780,6 @@ def dtensor_inputs() -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     init = [torch.randn(s, generator=gen).bfloat16() for s in DTENSOR_SHAPES]
     grads = [[nonzero_grad(s, torch.bfloat16, gen) for s in DTENSOR_SHAPES] for _ in range(2)]
     return init, grads
-
-
-def _start_method() -> str:
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-
-
-def launch(job, nprocs: int, tmp_path: Path, *args) -> None:
-    """Run ``job(rank, world, init_method, *args)`` in ``nprocs`` processes (the pattern of test_distributed)."""
-    if _start_method() == "forkserver":
-        multiprocessing.set_forkserver_preload(["torch", "torch.distributed.fsdp", "fusedbun"])
-    store = tmp_path / f"store-{job.__name__}-{nprocs}"
-    torch.multiprocessing.start_processes(
-        job, args=(nprocs, f"file://{store}", *args), nprocs=nprocs, join=True, start_method=_start_method()
-    )
 
 
 def _attempt(results: dict, name: str, fn, *args) -> None:
