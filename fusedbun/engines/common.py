@@ -13,7 +13,16 @@ from torch import Tensor
 from fusedbun.hessian import hessian_decay
 from fusedbun.rounding import ROUNDED_DTYPES, rounding_keys, rounding_keys_at
 
-__all__ = ["StepHyper", "StepTensors", "Engine", "compute_dtype", "step_decay", "stack_flags", "is_dtensor"]
+__all__ = [
+    "StepHyper",
+    "StepTensors",
+    "Engine",
+    "compute_dtype",
+    "signed_gradient",
+    "step_decay",
+    "stack_flags",
+    "is_dtensor",
+]
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,15 @@ class Engine(Protocol):
 def compute_dtype(param: Tensor) -> torch.dtype:
     """The dtype of a step's arithmetic: fp64 for fp64 parameters, fp32 for every other float dtype."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def signed_gradient(grad: Tensor, dtype: torch.dtype, hyper: StepHyper) -> Tensor:
+    """Step 1 of the rule on a copy of ``grad`` in the arithmetic dtype: the loss scale divided out (when
+    GradScaler handed one over) and the sign flipped for ``maximize``. Centralization and the mask follow."""
+    g = grad.to(dtype)
+    if hyper.grad_unscale != 1.0:
+        g = g * hyper.grad_unscale
+    return -g if hyper.maximize else g
 
 
 def step_decay(step: Tensor, *, beta_decay: float) -> float | Tensor:

@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.distributed import all_reduce_, sharded_dims
-from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, signed_gradient, stack_flags, step_decay
 from fusedbun.hessian import dense_second_moment_, masked_ema
 from fusedbun.rounding import stochastic_round_at
 from fusedbun.sm3 import sm3_min, sm3_reduce_
@@ -105,11 +105,7 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
         p_local = param.to_local()
 
         # 1-3: maximize, centralize, mask, on an fp32 (or fp64) copy of the local gradient.
-        g = _local_grad(param, grad).to(dtype)
-        if hyper.grad_unscale != 1.0:  # a loss scale handed over by torch.amp.GradScaler
-            g = g * hyper.grad_unscale
-        if hyper.maximize:
-            g = -g
+        g = signed_gradient(_local_grad(param, grad), dtype, hyper)
         if hyper.centralize and g.dim() > 1:
             dims = tuple(range(1, g.dim()))
             across = [i for i, d in shards.items() if d != 0]

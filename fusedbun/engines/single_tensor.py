@@ -10,7 +10,7 @@ from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
-from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, signed_gradient, stack_flags, step_decay
 from fusedbun.hessian import dense_second_moment_
 from fusedbun.rounding import flat_index, stochastic_round_at
 from fusedbun.sm3 import sm3_second_moment_
@@ -30,11 +30,7 @@ def single_tensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfini
         dtype = compute_dtype(param)
 
         # 1-3: maximize, centralize, mask; all on an fp32 (or fp64) copy, never on p.grad itself.
-        g = grad.to(dtype)
-        if hyper.grad_unscale != 1.0:  # a loss scale handed over by torch.amp.GradScaler
-            g = g * hyper.grad_unscale
-        if hyper.maximize:
-            g = -g
+        g = signed_gradient(grad, dtype, hyper)
         if hyper.centralize:
             g = centralize_grad(g)
         if find_nonfinite:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
-from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
+from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, signed_gradient, stack_flags, step_decay
 from fusedbun.hessian import masked_ema
 from fusedbun.rounding import flat_index, stochastic_round_at
 from fusedbun.sm3 import sm3_min
@@ -71,11 +71,7 @@ def _sparse_step_(
     beta = step_decay(step, beta_decay=hyper.beta_decay)
     dtype = compute_dtype(param)
 
-    g = values.to(dtype)
-    if hyper.grad_unscale != 1.0:  # a loss scale handed over by torch.amp.GradScaler
-        g = g * hyper.grad_unscale
-    if hyper.maximize:
-        g = -g
+    g = signed_gradient(values, dtype, hyper)
     if hyper.centralize and param.dim() > 1:
         g = centralize_grad(g)  # per row: local to the present rows
     found = nonfinite_entries(g).any() if find_nonfinite else None
