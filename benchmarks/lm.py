@@ -1657,6 +1657,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, default=3, help="seeds at the best lr, the grid's seed included")
     s.add_argument("--max-extend", type=int, default=2, help="extensions of the grid per edge")
     s.add_argument("--points-for", nargs="+", default=[], metavar="VARIANT=N", help="grid points for some variants")
+    s.add_argument("--seeds-for", nargs="+", default=[], metavar="VARIANT=N", help="seeds at the best lr for some")
     s.add_argument("--lr-centre", type=float, default=None, help="grid centre for every optimizer listed")
     s.add_argument(
         "--ablations",
@@ -1748,10 +1749,13 @@ def main(argv: Sequence[str] | None = None):
         base = _base_config(args)
         device = resolve_device(args.device)
         previous = read_runs([args.results] + ([args.lr_from] if getattr(args, "lr_from", None) else []))
-        points_for = {}
-        for item in getattr(args, "points_for", []):
-            variant, _, n = item.rpartition("=")
-            points_for[canonical_variant(variant)] = int(n)
+        points_for, seeds_for = {}, {}
+        for option, table in (("points_for", points_for), ("seeds_for", seeds_for)):
+            for item in getattr(args, option, []):
+                variant, _, n = item.rpartition("=")
+                if not variant or not n.isdigit():
+                    parser.error(f"--{option.replace('_', '-')} takes VARIANT=N, not {item!r}")
+                table[canonical_variant(variant_of(variant))] = int(n)
         if args.plan and args.optimizers:
             parser.error("give --plan or --optimizers, not both")
         plan = {}  # folded variant -> (centre, points)
@@ -1792,7 +1796,7 @@ def main(argv: Sequence[str] | None = None):
             else:
                 centre = args.lr_centre or plan_centre or spec.lr_centre
                 points = points_for.get(v, plan_points or args.points)
-                arms.append(Arm(v, centre, points, args.seeds, args.max_extend))
+                arms.append(Arm(v, centre, points, seeds_for.get(v, args.seeds), args.max_extend))
         return sweep(
             arms,
             base,

@@ -14,8 +14,8 @@ model is cast to bfloat16 before the optimizer is built) and the step inside bac
 The ablations are prototypes kept here, not in the package: ``fusion_dense`` (a per-element second moment
 instead of SM3's cover) and :class:`FusionVariant`, FusionOptimizer's ``use_rms=True`` rule written out in
 plain torch with the momentum changed: bias correction, a Nesterov look-ahead, momentum taken before the
-normalization (Adam's order) instead of after it, or a constant :math:`\beta_2` instead of the
-:math:`1 - t^{-c}` schedule.
+normalization (Adam's order) instead of after it, a constant :math:`\beta_2` instead of the
+:math:`1 - t^{-c}` schedule, or another O(n+m) cover of the second moment than SM3's (:data:`COVERS`).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ __all__ = [
     "decay_groups",
     "OptimizerChain",
     "FusionVariant",
+    "COVERS",
     "optimizer_state_bytes",
     "steps_in_backward",
     "STEP_IN_BACKWARD_CLIP",
@@ -176,6 +177,59 @@ def optimizer_state_bytes(optimizer: Any) -> int:
 # ---------------------------------------------------------------- ablation prototypes
 
 
+@dataclass(frozen=True)
+class Cover:
+    """How a tensor of 2+ dims keeps its second moment in O(sum of its dims): ``bound(accumulators)`` is the
+    per-element estimate (broadcastable to the tensor) the step starts from, ``reduce_(accumulators, nu)``
+    folds the new per-element values back into the accumulators."""
+
+    bound: Callable[[list[Tensor]], Tensor]
+    reduce_: Callable[[list[Tensor], Tensor], None]
+    note: str
+
+
+def _product(accumulators: list[Tensor], scale: Tensor) -> Tensor:
+    # prod_k a_k / scale^(K-1), 0 where scale is 0 (before the first step)
+    prod = accumulators[0]
+    for acc in accumulators[1:]:
+        prod = prod * acc
+    k = len(accumulators) - 1
+    return torch.where(scale > 0, prod / scale.clamp_min(torch.finfo(torch.float32).tiny) ** k, 0.0)
+
+
+def _maxprod_bound(accumulators: list[Tensor]) -> Tensor:
+    return _product(accumulators, accumulators[0].amax())
+
+
+def _mean_bound(accumulators: list[Tensor]) -> Tensor:
+    return _product(accumulators, accumulators[0].mean())
+
+
+def _mean_reduce_(accumulators: list[Tensor], nu: Tensor) -> None:
+    if nu.numel() == 0:
+        return
+    dims = tuple(range(nu.dim()))
+    for k, acc in enumerate(accumulators):
+        acc.copy_(nu.mean(dim=dims[:k] + dims[k + 1 :], keepdim=True))
+
+
+COVERS: dict[str, Cover] = {
+    "sm3": Cover(sm3_min, sm3_reduce_, "SM3: the minimum of the per-dimension maxima, an upper bound"),
+    "maxprod": Cover(
+        _maxprod_bound,
+        sm3_reduce_,
+        "the per-dimension maxima multiplied and divided by the tensor's maximum^(K-1): exact for a rank-1 "
+        "second moment, never above SM3's bound",
+    ),
+    "factored": Cover(
+        _mean_bound,
+        _mean_reduce_,
+        "Adafactor's factorization: the per-dimension means multiplied and divided by the tensor's mean^(K-1)",
+    ),
+}
+"""The second-moment covers an ablation can take (``FusionVariant(cover=...)``)."""
+
+
 class FusionVariant(Optimizer):
     r"""FusionOptimizer's ``use_rms=True`` rule in plain torch (one tensor at a time), with the momentum
     and the second-moment decay changeable. An ablation prototype: with ``momentum="after"``,
@@ -187,6 +241,8 @@ class FusionVariant(Optimizer):
         &\beta_t \leftarrow 1 - t^{-c} \text{, or } \beta_2 \text{ when given} \\
         &\nu_t \leftarrow M_t\,?\ \beta_t\,\mathrm{prev} + (1-\beta_t) g_t^2 : \mathrm{prev}
             \quad(\mathrm{prev} = v_{t-1} \text{ for 0-D/1-D, } \min_k a^{(k)}_{t-1} \text{ otherwise}) \\
+        &\text{(cover="maxprod": } \mathrm{prev} = \prod_k a^{(k)} / (\max a^{(0)})^{K-1}\text{; "factored": }
+            \prod_k a^{(k)} / (\mathrm{mean}\, a^{(0)})^{K-1}\text{, the accumulators then means of } \nu) \\
         &d_t \leftarrow \sqrt{\nu_t / b^{\nu}_t} + \epsilon,\quad b^{\nu}_t = 1 - \beta_2^t
             \text{ with } \beta_2 \text{, else } 1 \\
         &\textbf{after (default): } x_t = g_t / d_t;\ m_t \leftarrow \beta_m m_{t-1} + (1-\beta_m) x_t;\
@@ -215,7 +271,10 @@ class FusionVariant(Optimizer):
         bias_correction: bool = False,
         nesterov: bool = False,
         beta2: float | None = None,
+        cover: str = "sm3",
     ) -> None:
+        if cover not in COVERS:
+            raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join(COVERS)}")
         if momentum not in ("after", "before"):
             raise ValueError(f"Invalid momentum: {momentum!r}; it must be 'after' or 'before'")
         if not 0 < momentum_beta < 1:
@@ -234,6 +293,7 @@ class FusionVariant(Optimizer):
             bias_correction=bias_correction,
             nesterov=nesterov,
             beta2=beta2,
+            cover=cover,
         )
         super().__init__(params, defaults)
 
@@ -263,12 +323,13 @@ class FusionVariant(Optimizer):
                 g = torch.where(mask, g, 0.0)
                 beta = group["beta2"] if group["beta2"] is not None else 1.0 - t ** (-group["beta_decay"])
                 hess = state["exp_hessian"]
-                prev = hess if p.dim() <= 1 else sm3_min(hess).expand(g.shape)
+                cover = COVERS[group["cover"]]
+                prev = hess if p.dim() <= 1 else cover.bound(hess).expand(g.shape)
                 nu = torch.where(mask, prev * beta + (1.0 - beta) * g * g, prev)
                 if p.dim() <= 1:
                     hess.copy_(nu)
                 else:
-                    sm3_reduce_(hess, nu)
+                    cover.reduce_(hess, nu)
                 if group["beta2"] is not None:
                     nu = nu / (1.0 - group["beta2"] ** t)
                 denom = nu.sqrt().add_(eps)
@@ -472,28 +533,31 @@ _SPECS = [
         "adamw8bit_bnb",
         "AdamW 8-bit (bitsandbytes)",
         "bitsandbytes",
-        2e-3,
+        1e-3,
         _bnb_adamw8bit,
         requires=("bitsandbytes",),
-        note="bitsandbytes.optim.AdamW8bit, betas (0.9, 0.95); tensors under 4096 elements keep 32-bit state",
+        note="bitsandbytes.optim.AdamW8bit, betas (0.9, 0.95); tensors under 4096 elements keep 32-bit state; "
+        "centre 1e-3, AdamW's best on the GPU benchmark",
     ),
     _spec(
         "adamw8bit_ao",
         "AdamW 8-bit (torchao)",
         "torchao",
-        2e-3,
+        1e-3,
         _ao_adamw8bit,
         requires=("torchao",),
-        note="torchao.optim.AdamW8bit, betas (0.9, 0.95); its step is torch.compile'd per tensor shape on first use",
+        note="torchao.optim.AdamW8bit, betas (0.9, 0.95); its step is torch.compile'd per tensor shape on first use; "
+        "centre 1e-3, AdamW's best on the GPU benchmark",
     ),
     _spec(
         "adamw4bit_ao",
         "AdamW 4-bit (torchao)",
         "torchao",
-        2e-3,
+        1e-3,
         _ao_adamw4bit,
         requires=("torchao",),
-        note="torchao.optim.AdamW4bit, betas (0.9, 0.95); its step is torch.compile'd per tensor shape on first use",
+        note="torchao.optim.AdamW4bit, betas (0.9, 0.95); its step is torch.compile'd per tensor shape on first use; "
+        "centre 1e-3, AdamW's best on the GPU benchmark",
     ),
     _spec(
         "lion",
@@ -563,6 +627,24 @@ _SPECS = [
         _fusion_dense,
         ablation=True,
         note="benchmarks.optimizers.DenseSecondMomentFusion: the SM3 cover replaced by a per-element EMA (Adam-sized)",
+    ),
+    _spec(
+        "fusion_maxprod",
+        "ablation: max-product cover",
+        _FUSION,
+        2e-3,
+        _fusion_variant(cover="maxprod"),
+        ablation=True,
+        note=COVERS["maxprod"].note + "; O(n+m) like SM3",
+    ),
+    _spec(
+        "fusion_factored",
+        "ablation: factored (Adafactor) second moment",
+        _FUSION,
+        2e-3,
+        _fusion_variant(cover="factored"),
+        ablation=True,
+        note=COVERS["factored"].note + "; O(n+m) like SM3",
     ),
     _spec(
         "fusion_plain_variant",
