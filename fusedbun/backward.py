@@ -20,7 +20,9 @@ __all__ = ["step_in_backward", "StepInBackward"]
 
 
 class StepInBackward:
-    """The hooks that :func:`step_in_backward` registered; :meth:`remove` takes them away again."""
+    """The hooks that :func:`step_in_backward` registered; :meth:`remove` takes them away again. Like
+    torch's hook handles it is also a context manager: ``with step_in_backward(opt): ...`` removes the hooks
+    when the block ends."""
 
     def __init__(self, optimizer, *, accumulation_steps: int, max_norm_per_param: float | None):
         self.optimizer = optimizer
@@ -54,6 +56,12 @@ class StepInBackward:
         self._handles = []
         if self.optimizer._in_backward is self:
             self.optimizer._in_backward = None
+
+    def __enter__(self) -> StepInBackward:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
 
 
 def step_in_backward(

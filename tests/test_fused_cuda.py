@@ -520,3 +520,31 @@ def test_a_loss_scale_is_divided_out_in_the_pass(kernel_device):
         runs.append(params)
     for a, b in zip(*runs):
         assert torch.equal(a.detach(), b.detach())
+
+
+def test_stepping_inside_backward_builds_each_launch_plan_once(kernel_device, monkeypatch):
+    # Inside backward every parameter is stepped on its own, so a model of N tensors needs N launch plans.
+    # They must all stay cached: building a plan is host work and a host-to-device copy per tensor and step.
+    from fusedbun import step_in_backward
+    from fusedbun.engines import triton_plan
+
+    built = []
+    real = triton_plan._StepPlan.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_plan._StepPlan, "__init__", counting)
+    monkeypatch.setattr(triton_plan, "_STEP_PLANS", triton_plan.OrderedDict())
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(20)]).to(kernel_device)  # 40 tensors
+    opt = FusionOptimizer(model.parameters(), lr=1e-3, fused=True, use_rms=True)
+    x = torch.randn(4, 8, device=kernel_device)
+    with step_in_backward(opt):
+        for step in range(3):
+            model(x).square().mean().backward()
+            if step == 0:
+                first = len(built)
+    assert first == 40
+    assert len(built) == first, f"{len(built) - first} plans rebuilt after the first step"

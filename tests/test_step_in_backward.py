@@ -307,6 +307,20 @@ def test_after_remove_the_optimizer_is_a_plain_optimizer_again(engine):
     assert_same_training(net_a, opt_a, net_b, opt_b)
 
 
+def test_as_a_context_manager_the_hooks_are_removed_when_the_block_ends():
+    # Like torch's hook handles: `with step_in_backward(opt):` steps inside backward within the block only.
+    net = make_net()
+    opt = make_opt(net, "one group", {})
+    batch = make_batches(1)[0]
+    with fusedbun.step_in_backward(opt) as handle:
+        assert isinstance(handle, fusedbun.StepInBackward)
+        loss_of(net, batch).backward()
+        assert all(p.grad is None for p in net.parameters())
+    loss_of(net, batch).backward()
+    assert all(p.grad is not None for p in net.parameters())
+    opt.step()  # a plain optimizer again: no RuntimeError
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-parameter clipping (global-norm clipping cannot work in this mode)
 

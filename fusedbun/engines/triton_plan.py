@@ -28,7 +28,11 @@ MAX_NDIM = 6
 META_WIDTH = DIM_BASE + DIM_SLOTS * (MAX_NDIM - 1)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_MAX_PLANS = 16
+_MAX_PLANS = 16  # plans of whole lists (a step() of a param group): a few per optimizer
+# Plans of one tensor: fusedbun.step_in_backward steps each parameter on its own, so a model of N tensors
+# needs N of them every step. A plan's device memory is its table and O(n+m) scratch, so even thousands
+# of one-tensor plans hold about as much as the SM3 accumulators they serve.
+_MAX_SINGLE_PLANS = 4096
 
 
 class KernelConfig:
@@ -369,13 +373,16 @@ class _StepPlan:
             self.launches.append((plan, idx))
 
 
-_STEP_PLANS: OrderedDict = OrderedDict()
+_STEP_PLANS: OrderedDict = OrderedDict()  # both kinds, each bounded by its own limit (step_plan)
 
 
 def step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig) -> _StepPlan:
     """The cached plan of these tensors, or a new one. The key holds every address, shape, dtype and
-    layout fact the plan depends on, so a plan is reused only for tensors laid out as when it was built
-    (gradients freed and reallocated at the same addresses reuse it)."""
+    layout fact the plan depends on, so a plan is reused only for tensors laid out as when it was built.
+    The gradients enter by their layout alone (:func:`_layout`): the table holds their offsets from the
+    first one, and each launch passes the current first gradient as the base. So gradients freed and
+    allocated again elsewhere (``zero_grad(set_to_none=True)``, or :func:`fusedbun.step_in_backward`, which
+    steps each parameter on its own, with a new gradient every step) reuse the plan."""
     # Built with map() and one tuple per fact: this runs before every launch, and the device idles meanwhile.
     data_ptr = Tensor.data_ptr
     key = (
@@ -384,7 +391,7 @@ def step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool
         tuple(map(data_ptr, params)),  # addresses imply devices
         tuple(p.shape for p in params),
         tuple(p.dtype for p in params),
-        tuple(map(data_ptr, grads)),
+        _layout(grads),  # where they lie relative to each other, not where: gradients move between steps
         tuple(g.dtype for g in grads),
         tuple(map(Tensor.is_contiguous, grads)),
         tuple(0 if m is None else (m.data_ptr(), m.dtype) for m in momentum_buffers),
@@ -394,8 +401,24 @@ def step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool
     if plan is None:
         plan = _StepPlan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=config)
         _STEP_PLANS[key] = plan
-        while len(_STEP_PLANS) > _MAX_PLANS:
-            _STEP_PLANS.popitem(last=False)
+        _evict(single=len(params) == 1)
     else:
         _STEP_PLANS.move_to_end(key)
     return plan
+
+
+def _layout(tensors) -> tuple:
+    """What a plan depends on of the tensors' addresses: the first one's alignment to 16 bytes and the
+    others' byte offsets from it (the alignment of each follows)."""
+    if not tensors:
+        return ()
+    base = tensors[0].data_ptr()
+    return (base % 16, tuple(t.data_ptr() - base for t in tensors))
+
+
+def _evict(*, single: bool) -> None:
+    """Drop the least recently used plans of one kind (one tensor, or a list) beyond that kind's limit."""
+    limit = _MAX_SINGLE_PLANS if single else _MAX_PLANS
+    kind = [k for k in _STEP_PLANS if (len(k[2]) == 1) == single]
+    for k in kind[: max(0, len(kind) - limit)]:
+        del _STEP_PLANS[k]
