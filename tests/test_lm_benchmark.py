@@ -25,6 +25,7 @@ from benchmarks import corpus as corpus_mod  # noqa: E402
 from benchmarks import lm  # noqa: E402
 from benchmarks.gpt import GPT, SIZES  # noqa: E402
 from benchmarks.lm_optimizers import (  # noqa: E402
+    COVERS,
     FusionVariant,
     get_lm_optimizer,
     lr_grid,
@@ -211,21 +212,30 @@ def test_fusion_state_bytes_are_momentum_steps_and_n_plus_m_accumulators():
 
 def _reference_step(st: dict, p: torch.Tensor, g: torch.Tensor, h: dict) -> torch.Tensor:
     """One step of FusionVariant's rule in float64, written from its formula: SM3's bound as the minimum of
-    one vector per dimension, the accumulators as maxima over all the other dimensions."""
+    one vector per dimension, the accumulators as maxima over all the other dimensions; or, with another
+    cover, the product of the vectors divided by the (K-1)-th power of the first one's maximum
+    ("maxprod", maxima as accumulators) or mean ("factored", means as accumulators)."""
     st["t"] += 1
     t = st["t"]
     mask = (g.abs() > h["eps"]) & (g.abs() < 2.0**64)
     g = torch.where(mask, g, torch.zeros_like(g))
     beta = h["beta2"] if h["beta2"] is not None else 1 - t ** (-h["beta_decay"])
+    cover = h.get("cover", "sm3")
     if p.dim() <= 1:
         prev = st["v"]
     else:
-        prev = torch.stack(torch.meshgrid(*st["acc"], indexing="ij")).amin(0)
+        grid = torch.stack(torch.meshgrid(*st["acc"], indexing="ij"))
+        if cover == "sm3":
+            prev = grid.amin(0)
+        else:
+            scale = st["acc"][0].max() if cover == "maxprod" else st["acc"][0].mean()
+            prev = grid.prod(0) / scale ** (p.dim() - 1) if scale > 0 else torch.zeros_like(g)
     nu = torch.where(mask, beta * prev + (1 - beta) * g * g, prev)
     if p.dim() <= 1:
         st["v"] = nu
     else:
-        st["acc"] = [nu.movedim(k, 0).reshape(n, -1).amax(1) for k, n in enumerate(p.shape)]
+        reduce = (lambda x: x.mean(1)) if cover == "factored" else (lambda x: x.amax(1))
+        st["acc"] = [reduce(nu.movedim(k, 0).reshape(n, -1)) for k, n in enumerate(p.shape)]
     nu_hat = nu / (1 - h["beta2"] ** t) if h["beta2"] is not None else nu
     d = nu_hat.sqrt() + h["eps"]
     bm = h["momentum_beta"]
@@ -262,6 +272,9 @@ VARIANTS = [
     dict(momentum="after", bias_correction=True, nesterov=True, beta2=None),
     dict(momentum="before", bias_correction=False, nesterov=False, beta2=None),
     dict(momentum="before", bias_correction=True, nesterov=True, beta2=0.95),
+    dict(momentum="after", bias_correction=False, nesterov=False, beta2=None, cover="maxprod"),
+    dict(momentum="after", bias_correction=False, nesterov=False, beta2=None, cover="factored"),
+    dict(momentum="before", bias_correction=True, nesterov=False, beta2=0.95, cover="factored"),
 ]
 
 
@@ -288,6 +301,28 @@ def test_fusion_variant_matches_its_formula_in_float64(variant):
         ref = [_reference_step(st, r, g.double(), hyper) for st, r, g in zip(states, ref, grads)]
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 2)])
+def test_the_tighter_covers_are_exact_for_an_outer_product_and_maxprod_never_exceeds_sm3(shape):
+    gen = torch.Generator().manual_seed(4)
+    vectors = [torch.rand(n, generator=gen, dtype=torch.float64) + 0.1 for n in shape]
+    outer = torch.stack(torch.meshgrid(*vectors, indexing="ij")).prod(0)
+    noisy = outer * torch.rand(shape, generator=gen, dtype=torch.float64) * 3
+    for nu in (outer, noisy):
+        bounds = {}
+        for name, cover in COVERS.items():
+            acc = [torch.zeros([n if d == k else 1 for d in range(len(shape))], dtype=torch.float64)
+                   for k, n in enumerate(shape)]  # fmt: skip
+            cover.reduce_(acc, nu)
+            bounds[name] = cover.bound(acc).expand(shape)
+        assert (bounds["sm3"] >= nu).all()  # SM3's is an upper bound
+        assert (bounds["maxprod"] <= bounds["sm3"] * (1 + 1e-12)).all()
+        if nu is outer:
+            torch.testing.assert_close(bounds["maxprod"], nu)
+            torch.testing.assert_close(bounds["factored"], nu)
+    with pytest.raises(ValueError, match="cover"):
+        FusionVariant([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, cover="dense")
 
 
 @pytest.mark.parametrize("engine", [{"foreach": False}, {"foreach": True}, {}], ids=["single", "foreach", "default"])
