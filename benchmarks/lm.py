@@ -689,10 +689,8 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None, final_state:
         train_time_s=train_time,
         eval_time_s=eval_time,
         wall_s=time.perf_counter() - started,
-        tokens_per_s=tokens / train_time if train_time > 0 else None,
+        **run_figures(size, tokens=tokens, train_time=train_time, steps=step),
         tokens_per_s_steady=steady_tokens / steady_time if steady_time > 0 else None,
-        ms_per_step=1e3 * train_time / step if step else None,
-        model_tflops_per_s=flops_per_token(size) * tokens / train_time / 1e12 if train_time > 0 else None,
         peak_gpu_memory_bytes=(
             max(int(torch.cuda.max_memory_allocated(device)), probe.peak_before or 0) if device.type == "cuda" else None
         ),
@@ -702,18 +700,15 @@ def train(cfg: RunConfig, *, log=print, command: str | None = None, final_state:
         state_bytes_per_param=sbytes / n_params,
         n_params=n_params,
         model=dict(size=cfg.size, **size.as_dict()),
-        recipe=dict(
-            **recipe,
-            steps=cfg.steps,
+        recipe=recipe_record(
+            recipe,
+            cfg,
             tokens_per_step=tokens_per_step,
-            warmup_steps=max(1, round(recipe["warmup_frac"] * cfg.steps)),
-            schedule="linear warmup, then cosine to min_lr_ratio x peak",
             amp=amp,
+            eval_windows=len(eval_starts),
+            schedule="linear warmup, then cosine to min_lr_ratio x peak",
             clipping=cfg.clipping(),
             compile=cfg.compile,
-            eval_every=cfg.eval_every,
-            eval_windows=len(eval_starts),
-            final_eval="every non-overlapping window of the val and test splits",
         ),
         config=dict(asdict(cfg), data=portable(cfg.data)),
         concurrent_runs=int(os.environ.get("FUSEDBUN_LM_CONCURRENT", "1")),
@@ -731,6 +726,35 @@ def data_info(corpus) -> dict:
         source=corpus.manifest["source"],
         sha256={s: corpus.manifest["splits"][s]["sha256"] for s in ("train", "val", "test")},
         bytes={s: corpus.manifest["splits"][s]["bytes"] for s in ("train", "val", "test")},
+    )
+
+
+def run_figures(size, *, tokens: int, train_time: float, steps: int) -> dict:
+    """A record's throughput fields: tokens/s and model TFLOP/s over the training wall-clock, ms per step."""
+    timed = train_time > 0
+    return dict(
+        tokens_per_s=tokens / train_time if timed else None,
+        ms_per_step=1e3 * train_time / steps if steps else None,
+        model_tflops_per_s=flops_per_token(size) * tokens / train_time / 1e12 if timed else None,
+    )
+
+
+def recipe_record(
+    recipe: dict, cfg, *, tokens_per_step: int, amp: str, eval_windows: int, schedule: str, **extra
+) -> dict:
+    """A record's ``recipe``: the recipe's constants and how this run applied them (``extra``: fields only
+    some training loops record, such as ``clipping``, and ``compile``)."""
+    return dict(
+        **recipe,
+        steps=cfg.steps,
+        tokens_per_step=tokens_per_step,
+        warmup_steps=max(1, round(recipe["warmup_frac"] * cfg.steps)),
+        schedule=schedule,
+        amp=amp,
+        **extra,
+        eval_every=cfg.eval_every,
+        eval_windows=eval_windows,
+        final_eval="every non-overlapping window of the val and test splits",
     )
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 import fusedbun
 from benchmarks.corpus import load_corpus
-from benchmarks.gpt import GPT, flops_per_token, get_size
+from benchmarks.gpt import GPT, get_size
 from benchmarks.lm import (
     RunConfig,
     _add_run_args,
@@ -46,7 +46,9 @@ from benchmarks.lm import (
     portable,
     provenance,
     read_runs,
+    recipe_record,
     resolve_device,
+    run_figures,
     run_key,
 )
 from benchmarks.lm_optimizers import canonical_lr, optimizer_state_bytes
@@ -246,26 +248,21 @@ def train_with_trainer(
         train_time_s=train_time,
         eval_time_s=clock.eval_time,
         wall_s=time.perf_counter() - started,
-        tokens_per_s=tokens / train_time if train_time > 0 else None,
+        **run_figures(size, tokens=tokens, train_time=train_time, steps=steps_done),
         tokens_per_s_steady=None,
-        ms_per_step=1e3 * train_time / steps_done if steps_done else None,
-        model_tflops_per_s=flops_per_token(size) * tokens / train_time / 1e12 if train_time > 0 else None,
         peak_gpu_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         state_bytes=sbytes,
         state_bytes_per_param=sbytes / n_params,
         n_params=n_params,
         model=dict(size=cfg.size, **size.as_dict()),
-        recipe=dict(
-            **recipe,
-            steps=cfg.steps,
+        recipe=recipe_record(
+            recipe,
+            cfg,
             tokens_per_step=tokens_per_step,
-            warmup_steps=max(1, round(recipe["warmup_frac"] * cfg.steps)),
-            schedule="linear warmup, then cosine to min_lr_ratio x peak (LambdaLR)",
             amp=amp,
-            compile=False,
-            eval_every=cfg.eval_every,
             eval_windows=len(val_periodic),
-            final_eval="every non-overlapping window of the val and test splits",
+            schedule="linear warmup, then cosine to min_lr_ratio x peak (LambdaLR)",
+            compile=False,
         ),
         config=dict(asdict(cfg), data=portable(cfg.data)),
         trainer=dict(train_runtime_s=result.metrics.get("train_runtime"), train_loss=result.metrics.get("train_loss")),
