@@ -197,6 +197,26 @@ def _fusable(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
     return True
 
 
+def _increment_steps(steps: list[Tensor]) -> list[float]:
+    """Add 1 to each step count and return the new counts as floats (the version counters are bumped with
+    the tensors the kernel writes).
+
+    torch._foreach_add_ costs about 1.5 us per 0-d tensor on the CPU, more than the rest of a tensor's
+    bookkeeping; a float32 CPU count is read and written through its pointer instead (the sum rounded to
+    fp32 once, as the tensor add rounds it: exact below 2**24). Other counts take the torch op."""
+    cells = []
+    for s in steps:
+        if s.dtype is torch.float32 and s.is_cpu and s.dim() == 0 and not s.requires_grad:
+            cell = ctypes.c_float.from_address(s.data_ptr())
+            cell.value += 1.0
+            cells.append(cell)
+        else:
+            torch._foreach_add_([s], 1)
+            cells.append(s)
+    # read after every increment, as after one _foreach_add_ (should a count appear twice in the list)
+    return [c.value if isinstance(c, ctypes.c_float) else c.item() for c in cells]
+
+
 def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One FusionOptimizer step over lists of CPU tensors (the :class:`~fusedbun.engines.common.Engine`
     signature).
@@ -207,46 +227,52 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     lib, reason, _ = LIBRARY.load()
     if lib is None:
         raise RuntimeError(f"the fused CPU engine cannot run: {reason}")
-    found = torch.zeros(len(params), dtype=torch.bool) if find_nonfinite else None
     if not params:
-        return found
+        return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
     lr, momentum_beta = float(hyper.lr), hyper.momentum_beta
+    with_momentum = momentum_beta > 0
     fused, other = [], []
     for i, p in enumerate(params):
-        if momentum_beta > 0 and momentum_buffers[i] is None:
+        m = momentum_buffers[i] if with_momentum else None
+        if with_momentum and m is None:
             raise ValueError("momentum_beta > 0 but a momentum buffer is None")
-        m = momentum_buffers[i] if momentum_beta > 0 else None
         (fused if _fusable(p, grads[i], m, exp_hessians[i]) else other).append(i)
-    if other:
-        flags = foreach_fusion(tensors.select(other), hyper, find_nonfinite=find_nonfinite)
-        if find_nonfinite:
-            found[other] = flags
+    other_flags = foreach_fusion(tensors.select(other), hyper, find_nonfinite=find_nonfinite) if other else None
     if not fused:
-        return found
+        return _found(len(params), [], [], other, other_flags) if find_nonfinite else None
     steps = [state_steps[i] for i in fused]
-    torch._foreach_add_(steps, 1)
+    counts = _increment_steps(steps)
 
+    # This loop runs for every tensor of every step, before the kernel can start: each tensor's
+    # attributes are read once, and the decay is computed once per distinct step count.
     tasks = (_Task * len(fused))()
     keep_alive: list[Tensor] = []  # temporaries the kernel reads or writes, alive until it returns
     reduce_after: list[tuple[Tensor, list[Tensor]]] = []  # (column maxima, accumulators of dims >= 1) for 3-D+
     n, total, cols = 0, 0, 0
     positions = []  # the list position of each task
-    for i, step in zip(fused, steps):
-        p, g = params[i], grads[i]
-        if p.numel() == 0:
+    betas: dict[float, float] = {}
+    stochastic = hyper.stochastic_rounding
+    for i, count in zip(fused, counts):
+        p = params[i]
+        numel = p.numel()
+        if numel == 0:
             continue  # nothing to update; accumulators cover nothing (as in the reference)
-        m = momentum_buffers[i] if momentum_beta > 0 else None
-        beta = hessian_decay(step.item(), beta_decay=hyper.beta_decay)
-        rounding = hyper.rounding(p, tensors.key(i), step)
-        if p.dim() <= 1:
-            kind, rows, row_len = _DENSE, p.numel(), 1
-            acc, rest_ptr = exp_hessians[i].data_ptr(), None
+        m = momentum_buffers[i] if with_momentum else None
+        beta = betas.get(count)
+        if beta is None:
+            beta = betas[count] = hessian_decay(count, beta_decay=hyper.beta_decay)
+        rounding = hyper.rounding(p, tensors.key(i), count) if stochastic else None
+        dim = p.dim()
+        if dim <= 1:
+            kind, rows, row_len = _DENSE, numel, 1
+            acc, rest_ptr, colmax_ptr = exp_hessians[i].data_ptr(), None, None
         else:
             accs = exp_hessians[i]
-            kind, rows, row_len = _SM3, p.shape[0], p.numel() // p.shape[0]
+            rows = p.shape[0]
+            kind, row_len = _SM3, numel // rows
             cols += row_len
             acc = accs[0].data_ptr()
-            if p.dim() == 2:
+            if dim == 2:
                 # rest is a_1 itself; the combined column maxima are the new a_1, written after the pass.
                 rest_ptr = colmax_ptr = accs[1].data_ptr()
             else:
@@ -260,15 +286,15 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
                 reduce_after.append((colmax, accs[1:]))
         tasks[n] = _Task(
             p.data_ptr(),
-            g.data_ptr(),
+            grads[i].data_ptr(),
             None if m is None else m.data_ptr(),
             acc,
             rest_ptr,
-            colmax_ptr if kind == _SM3 else None,
+            colmax_ptr,
             rows,
             row_len,
             _DTYPE_CODES[p.dtype],
-            _DTYPE_CODES[g.dtype],
+            _DTYPE_CODES[grads[i].dtype],
             0 if m is None else _DTYPE_CODES[m.dtype],
             kind,
             beta,
@@ -279,9 +305,9 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         )
         positions.append(i)
         n += 1
-        total += p.numel()
+        total += numel
     if n == 0:
-        return found
+        return _found(len(params), [], [], other, other_flags) if find_nonfinite else None
 
     flags = (_CENTRALIZE if hyper.centralize else 0) | (_USE_RMS if hyper.use_rms else 0)
     flags |= _MAXIMIZE if hyper.maximize else 0
@@ -302,7 +328,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         raise RuntimeError(f"the fused CPU kernel reports {used} threads for {n} tasks on {nthreads} threads")
     # The kernel wrote through raw pointers; tell autograd, as torch's in-place ops do, so that a tensor
     # saved for backward and then stepped is reported instead of silently used.
-    written = [params[i] for i in fused]
+    written = [params[i] for i in fused] + steps
     written += [momentum_buffers[i] for i in fused if momentum_beta > 0]
     written += [a for i in fused for a in ([exp_hessians[i]] if params[i].dim() <= 1 else exp_hessians[i])]
     torch.autograd.graph.increment_version(written)
@@ -312,6 +338,19 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         for k, a in enumerate(accs):  # a is the accumulator of dim k + 1
             others = tuple(j for j in range(d) if j != k)
             a.copy_(colmax.amax(dim=others, keepdim=True).unsqueeze(0) if others else colmax.unsqueeze(0))
-    if find_nonfinite:
-        found[positions] = torch.tensor([tasks[k].nonfinite != 0 for k in range(n)])
+    if not find_nonfinite:
+        return None
+    return _found(len(params), positions, [tasks[k].nonfinite != 0 for k in range(n)], other, other_flags)
+
+
+def _found(count: int, positions: list[int], flags: list[bool], other: list[int], other_flags: Tensor | None) -> Tensor:
+    """The per-tensor non-finite flags: the kernel's ``flags`` at ``positions``, the multi-tensor engine's at
+    ``other``, False elsewhere (tensors with no elements). One tensor built from a list: indexing a tensor
+    with lists costs more than the rest of a small step."""
+    values = [False] * count
+    for i, bad in zip(positions, flags):
+        values[i] = bad
+    found = torch.tensor(values, dtype=torch.bool)
+    if other:
+        found[other] = other_flags
     return found
