@@ -39,6 +39,7 @@
 
 #define FB_TILE 512   /* elements per tile: the tile's fp32 temporaries stay in L1 */
 #define FB_LANES 16   /* independent partial results for the sums and maxima, so they vectorize */
+#define FB_AHEAD (256 * 1024) /* bytes ahead in each stream that a tile prefetches one line from */
 
 /* The rule's constants and the interface version come from Python (fusedbun/engines/fused_cpu.py) as
  * compile-time definitions, so that they are written once. */
@@ -352,6 +353,15 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
      * vector add per step instead of a multiply (unused, and removed, without sr) */
     const uint32_t mult = t->round_k1 | 1u;
     uint32_t x = sr_base * mult + t->round_k0;
+    /* One line FB_AHEAD bytes ahead in each streamed array. The hardware prefetchers stop at the 4 KiB pages,
+     * whose translations (after a step of another tensor, not cached) then cost a page walk out of memory
+     * each time a stream enters a page; touching each page well before the stream reaches it overlaps those
+     * walks with the streaming (-5 to -15% on the fp32 step, 10.5M parameters). A prefetch never faults, so
+     * one past the end of an array is harmless; the address is formed as an integer for that reason. */
+    __builtin_prefetch((const void *)((uintptr_t)(half ? (const void *)g16 : (const void *)g32) + FB_AHEAD), 0, 3);
+    __builtin_prefetch((const void *)((uintptr_t)(half ? (void *)p16 : (void *)p32) + FB_AHEAD), 0, 3);
+    if (mom == FB_MOM_F32) __builtin_prefetch((const void *)((uintptr_t)m32 + FB_AHEAD), 0, 3);
+    if (mom == FB_MOM_BF16) __builtin_prefetch((const void *)((uintptr_t)m16 + FB_AHEAD), 0, 3);
     float rowmax = -INFINITY;
     int bad = 0;
 #pragma omp simd reduction(max : rowmax) reduction(| : bad) linear(x : mult)
