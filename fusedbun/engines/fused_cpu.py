@@ -307,6 +307,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         n += 1
         total += numel
     if n == 0:
+        torch.autograd.graph.increment_version(steps)  # the counts were written through their pointers
         return _found(len(params), [], [], other, other_flags) if find_nonfinite else None
 
     flags = (_CENTRALIZE if hyper.centralize else 0) | (_USE_RMS if hyper.use_rms else 0)
