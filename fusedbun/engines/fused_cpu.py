@@ -324,15 +324,17 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     )
     # Per-thread column maxima, O(threads * sum of row lengths); allocated here so torch accounts for it.
     scratch = torch.empty(max(1, nthreads * cols), dtype=torch.float32)
-    used = lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
-    if not 1 <= used <= nthreads:
-        raise RuntimeError(f"the fused CPU kernel reports {used} threads for {n} tasks on {nthreads} threads")
-    # The kernel wrote through raw pointers; tell autograd, as torch's in-place ops do, so that a tensor
-    # saved for backward and then stepped is reported instead of silently used.
+    # The kernel writes through raw pointers; tell autograd, as torch's in-place ops do, so that a tensor
+    # saved for backward and then stepped is reported instead of silently used. Bumped before the call:
+    # the same to autograd (nothing runs in between), and these tensors' objects are still in the caches,
+    # which the kernel's pass over every parameter evicts (after it, this took 2-3 times as long).
     written = [params[i] for i in fused] + steps
     written += [momentum_buffers[i] for i in fused if momentum_beta > 0]
     written += [a for i in fused for a in ([exp_hessians[i]] if params[i].dim() <= 1 else exp_hessians[i])]
     torch.autograd.graph.increment_version(written)
+    used = lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
+    if not 1 <= used <= nthreads:
+        raise RuntimeError(f"the fused CPU kernel reports {used} threads for {n} tasks on {nthreads} threads")
 
     for colmax, accs in reduce_after:
         d = colmax.dim()
@@ -341,16 +343,23 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             a.copy_(colmax.amax(dim=others, keepdim=True).unsqueeze(0) if others else colmax.unsqueeze(0))
     if not find_nonfinite:
         return None
-    return _found(len(params), positions, [tasks[k].nonfinite != 0 for k in range(n)], other, other_flags)
+    # The tasks' nonfinite fields in one slice of the array seen as int32 words (a struct object per task
+    # would cost more, with the caches cold after the kernel).
+    words = (ctypes.c_int32 * (n * ctypes.sizeof(_Task) // 4)).from_buffer(tasks)
+    flags = words[_Task.nonfinite.offset // 4 :: ctypes.sizeof(_Task) // 4]
+    return _found(len(params), positions, flags, other, other_flags)
 
 
-def _found(count: int, positions: list[int], flags: list[bool], other: list[int], other_flags: Tensor | None) -> Tensor:
-    """The per-tensor non-finite flags: the kernel's ``flags`` at ``positions``, the multi-tensor engine's at
-    ``other``, False elsewhere (tensors with no elements). One tensor built from a list: indexing a tensor
-    with lists costs more than the rest of a small step."""
-    values = [False] * count
-    for i, bad in zip(positions, flags):
-        values[i] = bad
+def _found(count: int, positions: list[int], flags: list[int], other: list[int], other_flags: Tensor | None) -> Tensor:
+    """The per-tensor non-finite flags: the kernel's ``flags`` (nonzero: found) at ``positions``, the
+    multi-tensor engine's at ``other``, False elsewhere (tensors with no elements). One tensor built from a
+    list: indexing a tensor with lists costs more than the rest of a small step."""
+    if len(positions) == count:  # every tensor went to the kernel, in order
+        values = flags
+    else:
+        values = [0] * count
+        for i, bad in zip(positions, flags):
+            values[i] = bad
     found = torch.tensor(values, dtype=torch.bool)
     if other:
         found[other] = other_flags
