@@ -178,23 +178,28 @@ def library_path() -> Path | None:
     return LIBRARY.load()[2]
 
 
-def _fusable(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
-    """Can the C kernel step this tensor? Otherwise it goes to the multi-tensor engine."""
+def _dtype_codes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> tuple[int, int, int] | None:
+    """The kernel's dtype codes of ``p``, ``g`` and ``m`` (0 without momentum) when it can step this tensor;
+    ``None`` sends it to the multi-tensor engine."""
     codes = _DTYPE_CODES
-    if not (p.is_cpu and g.is_cpu and p.dtype in codes and g.dtype in codes and g.layout is torch.strided):
-        return False
+    p_code, g_code = codes.get(p.dtype), codes.get(g.dtype)
+    if p_code is None or g_code is None or not (p.is_cpu and g.is_cpu and g.layout is torch.strided):
+        return None
     if g.shape != p.shape or not (p.is_contiguous() and g.is_contiguous()):
-        return False
-    if m is not None and not (m.is_cpu and m.dtype in codes and m.shape == p.shape and m.is_contiguous()):
-        return False
+        return None
+    m_code = 0
+    if m is not None:
+        m_code = codes.get(m.dtype)
+        if m_code is None or not (m.is_cpu and m.shape == p.shape and m.is_contiguous()):
+            return None
     if p.dim() <= 1:
         hess = (hess,)
     elif len(hess) != p.dim():
-        return False
+        return None
     for a in hess:
         if a.dtype is not torch.float32 or not a.is_cpu or not a.is_contiguous():
-            return False
-    return True
+            return None
+    return p_code, g_code, m_code
 
 
 def _increment_steps(steps: list[Tensor]) -> list[float]:
@@ -231,59 +236,70 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
     lr, momentum_beta = float(hyper.lr), hyper.momentum_beta
     with_momentum = momentum_beta > 0
-    fused, other = [], []
+    fused, other = [], []  # fused: (list position, dtype codes)
     for i, p in enumerate(params):
         m = momentum_buffers[i] if with_momentum else None
         if with_momentum and m is None:
             raise ValueError("momentum_beta > 0 but a momentum buffer is None")
-        (fused if _fusable(p, grads[i], m, exp_hessians[i]) else other).append(i)
+        codes = _dtype_codes(p, grads[i], m, exp_hessians[i])
+        if codes is None:
+            other.append(i)
+        else:
+            fused.append((i, codes))
     other_flags = foreach_fusion(tensors.select(other), hyper, find_nonfinite=find_nonfinite) if other else None
     if not fused:
         return _found(len(params), [], [], other, other_flags) if find_nonfinite else None
-    steps = [state_steps[i] for i in fused]
+    steps = [state_steps[i] for i, _ in fused]
     counts = _increment_steps(steps)
 
-    # This loop runs for every tensor of every step, before the kernel can start: each tensor's
-    # attributes are read once, and the decay is computed once per distinct step count.
+    # This loop runs for every tensor of every step, before the kernel can start: each tensor's attributes
+    # are read once (the dtype codes already by _dtype_codes), and the decay is computed once per distinct
+    # step count.
     tasks = (_Task * len(fused))()
     keep_alive: list[Tensor] = []  # temporaries the kernel reads or writes, alive until it returns
     reduce_after: list[tuple[Tensor, list[Tensor]]] = []  # (column maxima, accumulators of dims >= 1) for 3-D+
+    written: list[Tensor] = steps.copy()  # what the kernel writes through raw pointers (see below)
     n, total, cols = 0, 0, 0
     positions = []  # the list position of each task
     betas: dict[float, float] = {}
     stochastic = hyper.stochastic_rounding
-    for i, count in zip(fused, counts):
-        p = params[i]
+    for (i, (p_code, g_code, m_code)), count in zip(fused, counts):
+        p, m, hess = params[i], momentum_buffers[i] if with_momentum else None, exp_hessians[i]
+        dim = p.dim()
+        written.append(p)
+        if m is not None:
+            written.append(m)
+        if dim <= 1:
+            written.append(hess)
+        else:
+            written += hess
         numel = p.numel()
         if numel == 0:
             continue  # nothing to update; accumulators cover nothing (as in the reference)
-        m = momentum_buffers[i] if with_momentum else None
         beta = betas.get(count)
         if beta is None:
             beta = betas[count] = hessian_decay(count, beta_decay=hyper.beta_decay)
         rounding = hyper.rounding(p, tensors.key(i), count) if stochastic else None
-        dim = p.dim()
         if dim <= 1:
             kind, rows, row_len = _DENSE, numel, 1
-            acc, rest_ptr, colmax_ptr = exp_hessians[i].data_ptr(), None, None
+            acc, rest_ptr, colmax_ptr = hess.data_ptr(), None, None
         else:
-            accs = exp_hessians[i]
             rows = p.shape[0]
             kind, row_len = _SM3, numel // rows
             cols += row_len
-            acc = accs[0].data_ptr()
+            acc = hess[0].data_ptr()
             if dim == 2:
                 # rest is a_1 itself; the combined column maxima are the new a_1, written after the pass.
-                rest_ptr = colmax_ptr = accs[1].data_ptr()
+                rest_ptr = colmax_ptr = hess[1].data_ptr()
             else:
-                rest = accs[1]
-                for a in accs[2:]:
+                rest = hess[1]
+                for a in hess[2:]:
                     rest = torch.minimum(rest, a)
                 rest = rest.expand((1, *p.shape[1:])).contiguous()
                 colmax = torch.empty(p.shape[1:], dtype=torch.float32)
                 keep_alive += [rest, colmax]
                 rest_ptr, colmax_ptr = rest.data_ptr(), colmax.data_ptr()
-                reduce_after.append((colmax, accs[1:]))
+                reduce_after.append((colmax, hess[1:]))
         tasks[n] = _Task(
             p.data_ptr(),
             grads[i].data_ptr(),
@@ -293,9 +309,9 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             colmax_ptr,
             rows,
             row_len,
-            _DTYPE_CODES[p.dtype],
-            _DTYPE_CODES[grads[i].dtype],
-            0 if m is None else _DTYPE_CODES[m.dtype],
+            p_code,
+            g_code,
+            m_code,
             kind,
             beta,
             1.0 - beta,
@@ -328,9 +344,6 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     # saved for backward and then stepped is reported instead of silently used. Bumped before the call:
     # the same to autograd (nothing runs in between), and these tensors' objects are still in the caches,
     # which the kernel's pass over every parameter evicts (after it, this took 2-3 times as long).
-    written = [params[i] for i in fused] + steps
-    written += [momentum_buffers[i] for i in fused if momentum_beta > 0]
-    written += [a for i in fused for a in ([exp_hessians[i]] if params[i].dim() <= 1 else exp_hessians[i])]
     torch.autograd.graph.increment_version(written)
     used = lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
     if not 1 <= used <= nthreads:
