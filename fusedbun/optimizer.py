@@ -40,7 +40,8 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     lr_value = lr.item() if isinstance(lr, Tensor) else lr
     for name in ("lr", "eps", "beta_decay", "Lambda", "momentum_beta"):
         value = lr_value if name == "lr" else group[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        # float and int first: the ABC check of numbers.Real costs more than the rest of this function
+        if type(value) not in (float, int) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
             raise TypeError(f"Invalid {name}: {value!r}; it must be a real number, not {type(value).__name__}")
     for name in ("centralize", "use_rms", "maximize"):
         if not isinstance(group[name], bool):
@@ -73,7 +74,7 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     if not isinstance(group["stochastic_rounding"], bool):
         raise TypeError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r}; it must be True or False")
     seed = group["rounding_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+    if type(seed) is not int and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise TypeError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
     if not 0 <= seed < 2**63:
         raise ValueError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")

@@ -34,6 +34,8 @@ tensors (every product kept below :math:`2^{48}`), as the reference for every en
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -72,11 +74,23 @@ def _halves(x: int, name: str) -> tuple[int, int]:
 
 def rounding_keys(seed: int, key: int, step: int) -> tuple[int, int]:
     """The two 32-bit words :math:`(k_0, k_1)` that select the random stream of one tensor at one step."""
+    # The (seed, key) part of the hash is the same at every step: kept per tensor, so that a step of the
+    # fused CPU engine (which computes these keys for each tensor in Python) does two finalizers, not six.
+    h = _seed_key_hash(seed, key) if type(seed) is int and type(key) is int else _seed_key_hash.__wrapped__(seed, key)
+    lo, hi = _halves(step, "step")
+    h = _fmix32(_fmix32(h ^ lo) ^ hi)
+    return h, _fmix32(h ^ _GOLDEN)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _seed_key_hash(seed: int, key: int) -> int:
+    """The hash of :func:`rounding_keys` after the seed and the key (ints only in the cache: a bool equals
+    its int, and must still be refused by :func:`_halves`)."""
     h = 0
-    for name, value in (("seed", seed), ("key", key), ("step", step)):
+    for name, value in (("seed", seed), ("key", key)):
         lo, hi = _halves(value, name)
         h = _fmix32(_fmix32(h ^ lo) ^ hi)
-    return h, _fmix32(h ^ _GOLDEN)
+    return h
 
 
 def rounding_keys_at(seed: int, key: int, step: Tensor) -> tuple[Tensor, Tensor]:

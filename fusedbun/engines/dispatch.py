@@ -70,8 +70,11 @@ def step_tensors(
     for i, (p, g) in enumerate(zip(tensors.params, tensors.grads)):
         if g.is_sparse:
             key = ("sparse", "")
-        else:  # p.is_cuda first: reading p.device builds a new object, for every tensor of every step
-            key = ("dtensor" if is_dtensor(p) else "dense", "cuda" if p.is_cuda else p.device.type)
+        else:  # is_cuda and is_cpu first: reading p.device builds a new object, for every tensor of every step
+            key = (
+                "dtensor" if is_dtensor(p) else "dense",
+                "cuda" if p.is_cuda else "cpu" if p.is_cpu else p.device.type,
+            )
         groups.setdefault(key, []).append(i)
     for (kind, device_type), idx in groups.items():
         if kind == "sparse":

@@ -178,23 +178,48 @@ def library_path() -> Path | None:
     return LIBRARY.load()[2]
 
 
-def _fusable(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
-    """Can the C kernel step this tensor? Otherwise it goes to the multi-tensor engine."""
+def _dtype_codes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> tuple[int, int, int] | None:
+    """The kernel's dtype codes of ``p``, ``g`` and ``m`` (0 without momentum) when it can step this tensor;
+    ``None`` sends it to the multi-tensor engine."""
     codes = _DTYPE_CODES
-    if not (p.is_cpu and g.is_cpu and p.dtype in codes and g.dtype in codes and g.layout is torch.strided):
-        return False
+    p_code, g_code = codes.get(p.dtype), codes.get(g.dtype)
+    if p_code is None or g_code is None or not (p.is_cpu and g.is_cpu and g.layout is torch.strided):
+        return None
     if g.shape != p.shape or not (p.is_contiguous() and g.is_contiguous()):
-        return False
-    if m is not None and not (m.is_cpu and m.dtype in codes and m.shape == p.shape and m.is_contiguous()):
-        return False
+        return None
+    m_code = 0
+    if m is not None:
+        m_code = codes.get(m.dtype)
+        if m_code is None or not (m.is_cpu and m.shape == p.shape and m.is_contiguous()):
+            return None
     if p.dim() <= 1:
         hess = (hess,)
     elif len(hess) != p.dim():
-        return False
+        return None
     for a in hess:
         if a.dtype is not torch.float32 or not a.is_cpu or not a.is_contiguous():
-            return False
-    return True
+            return None
+    return p_code, g_code, m_code
+
+
+def _increment_steps(steps: list[Tensor]) -> list[float]:
+    """Add 1 to each step count and return the new counts as floats (the version counters are bumped with
+    the tensors the kernel writes).
+
+    torch._foreach_add_ costs about 1.5 us per 0-d tensor on the CPU, more than the rest of a tensor's
+    bookkeeping; a float32 CPU count is read and written through its pointer instead (the sum rounded to
+    fp32 once, as the tensor add rounds it: exact below 2**24). Other counts take the torch op."""
+    cells = []
+    for s in steps:
+        if s.dtype is torch.float32 and s.is_cpu and s.dim() == 0 and not s.requires_grad:
+            cell = ctypes.c_float.from_address(s.data_ptr())
+            cell.value += 1.0
+            cells.append(cell)
+        else:
+            torch._foreach_add_([s], 1)
+            cells.append(s)
+    # read after every increment, as after one _foreach_add_ (should a count appear twice in the list)
+    return [c.value if isinstance(c, ctypes.c_float) else c.item() for c in cells]
 
 
 def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
@@ -207,69 +232,86 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     lib, reason, _ = LIBRARY.load()
     if lib is None:
         raise RuntimeError(f"the fused CPU engine cannot run: {reason}")
-    found = torch.zeros(len(params), dtype=torch.bool) if find_nonfinite else None
     if not params:
-        return found
+        return torch.zeros(0, dtype=torch.bool) if find_nonfinite else None
     lr, momentum_beta = float(hyper.lr), hyper.momentum_beta
-    fused, other = [], []
+    with_momentum = momentum_beta > 0
+    fused, other = [], []  # fused: (list position, dtype codes)
     for i, p in enumerate(params):
-        if momentum_beta > 0 and momentum_buffers[i] is None:
+        m = momentum_buffers[i] if with_momentum else None
+        if with_momentum and m is None:
             raise ValueError("momentum_beta > 0 but a momentum buffer is None")
-        m = momentum_buffers[i] if momentum_beta > 0 else None
-        (fused if _fusable(p, grads[i], m, exp_hessians[i]) else other).append(i)
-    if other:
-        flags = foreach_fusion(tensors.select(other), hyper, find_nonfinite=find_nonfinite)
-        if find_nonfinite:
-            found[other] = flags
+        codes = _dtype_codes(p, grads[i], m, exp_hessians[i])
+        if codes is None:
+            other.append(i)
+        else:
+            fused.append((i, codes))
+    other_flags = foreach_fusion(tensors.select(other), hyper, find_nonfinite=find_nonfinite) if other else None
     if not fused:
-        return found
-    steps = [state_steps[i] for i in fused]
-    torch._foreach_add_(steps, 1)
+        return _found(len(params), [], [], other, other_flags) if find_nonfinite else None
+    steps = [state_steps[i] for i, _ in fused]
+    counts = _increment_steps(steps)
 
+    # This loop runs for every tensor of every step, before the kernel can start: each tensor's attributes
+    # are read once (the dtype codes already by _dtype_codes), and the decay is computed once per distinct
+    # step count.
     tasks = (_Task * len(fused))()
     keep_alive: list[Tensor] = []  # temporaries the kernel reads or writes, alive until it returns
     reduce_after: list[tuple[Tensor, list[Tensor]]] = []  # (column maxima, accumulators of dims >= 1) for 3-D+
+    written: list[Tensor] = steps.copy()  # what the kernel writes through raw pointers (see below)
     n, total, cols = 0, 0, 0
     positions = []  # the list position of each task
-    for i, step in zip(fused, steps):
-        p, g = params[i], grads[i]
-        if p.numel() == 0:
-            continue  # nothing to update; accumulators cover nothing (as in the reference)
-        m = momentum_buffers[i] if momentum_beta > 0 else None
-        beta = hessian_decay(step.item(), beta_decay=hyper.beta_decay)
-        rounding = hyper.rounding(p, tensors.key(i), step)
-        if p.dim() <= 1:
-            kind, rows, row_len = _DENSE, p.numel(), 1
-            acc, rest_ptr = exp_hessians[i].data_ptr(), None
+    betas: dict[float, float] = {}
+    stochastic = hyper.stochastic_rounding
+    for (i, (p_code, g_code, m_code)), count in zip(fused, counts):
+        p, m, hess = params[i], momentum_buffers[i] if with_momentum else None, exp_hessians[i]
+        dim = p.dim()
+        written.append(p)
+        if m is not None:
+            written.append(m)
+        if dim <= 1:
+            written.append(hess)
         else:
-            accs = exp_hessians[i]
-            kind, rows, row_len = _SM3, p.shape[0], p.numel() // p.shape[0]
+            written += hess
+        numel = p.numel()
+        if numel == 0:
+            continue  # nothing to update; accumulators cover nothing (as in the reference)
+        beta = betas.get(count)
+        if beta is None:
+            beta = betas[count] = hessian_decay(count, beta_decay=hyper.beta_decay)
+        rounding = hyper.rounding(p, tensors.key(i), count) if stochastic else None
+        if dim <= 1:
+            kind, rows, row_len = _DENSE, numel, 1
+            acc, rest_ptr, colmax_ptr = hess.data_ptr(), None, None
+        else:
+            rows = p.shape[0]
+            kind, row_len = _SM3, numel // rows
             cols += row_len
-            acc = accs[0].data_ptr()
-            if p.dim() == 2:
+            acc = hess[0].data_ptr()
+            if dim == 2:
                 # rest is a_1 itself; the combined column maxima are the new a_1, written after the pass.
-                rest_ptr = colmax_ptr = accs[1].data_ptr()
+                rest_ptr = colmax_ptr = hess[1].data_ptr()
             else:
-                rest = accs[1]
-                for a in accs[2:]:
+                rest = hess[1]
+                for a in hess[2:]:
                     rest = torch.minimum(rest, a)
                 rest = rest.expand((1, *p.shape[1:])).contiguous()
                 colmax = torch.empty(p.shape[1:], dtype=torch.float32)
                 keep_alive += [rest, colmax]
                 rest_ptr, colmax_ptr = rest.data_ptr(), colmax.data_ptr()
-                reduce_after.append((colmax, accs[1:]))
+                reduce_after.append((colmax, hess[1:]))
         tasks[n] = _Task(
             p.data_ptr(),
-            g.data_ptr(),
+            grads[i].data_ptr(),
             None if m is None else m.data_ptr(),
             acc,
             rest_ptr,
-            colmax_ptr if kind == _SM3 else None,
+            colmax_ptr,
             rows,
             row_len,
-            _DTYPE_CODES[p.dtype],
-            _DTYPE_CODES[g.dtype],
-            0 if m is None else _DTYPE_CODES[m.dtype],
+            p_code,
+            g_code,
+            m_code,
             kind,
             beta,
             1.0 - beta,
@@ -279,9 +321,10 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         )
         positions.append(i)
         n += 1
-        total += p.numel()
+        total += numel
     if n == 0:
-        return found
+        torch.autograd.graph.increment_version(steps)  # the counts were written through their pointers
+        return _found(len(params), [], [], other, other_flags) if find_nonfinite else None
 
     flags = (_CENTRALIZE if hyper.centralize else 0) | (_USE_RMS if hyper.use_rms else 0)
     flags |= _MAXIMIZE if hyper.maximize else 0
@@ -297,21 +340,40 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     )
     # Per-thread column maxima, O(threads * sum of row lengths); allocated here so torch accounts for it.
     scratch = torch.empty(max(1, nthreads * cols), dtype=torch.float32)
+    # The kernel writes through raw pointers; tell autograd, as torch's in-place ops do, so that a tensor
+    # saved for backward and then stepped is reported instead of silently used. Bumped before the call:
+    # the same to autograd (nothing runs in between), and these tensors' objects are still in the caches,
+    # which the kernel's pass over every parameter evicts (after it, this took 2-3 times as long).
+    torch.autograd.graph.increment_version(written)
     used = lib.fb_fused_step(tasks, n, ctypes.byref(h), scratch.data_ptr())
     if not 1 <= used <= nthreads:
         raise RuntimeError(f"the fused CPU kernel reports {used} threads for {n} tasks on {nthreads} threads")
-    # The kernel wrote through raw pointers; tell autograd, as torch's in-place ops do, so that a tensor
-    # saved for backward and then stepped is reported instead of silently used.
-    written = [params[i] for i in fused]
-    written += [momentum_buffers[i] for i in fused if momentum_beta > 0]
-    written += [a for i in fused for a in ([exp_hessians[i]] if params[i].dim() <= 1 else exp_hessians[i])]
-    torch.autograd.graph.increment_version(written)
 
     for colmax, accs in reduce_after:
         d = colmax.dim()
         for k, a in enumerate(accs):  # a is the accumulator of dim k + 1
             others = tuple(j for j in range(d) if j != k)
             a.copy_(colmax.amax(dim=others, keepdim=True).unsqueeze(0) if others else colmax.unsqueeze(0))
-    if find_nonfinite:
-        found[positions] = torch.tensor([tasks[k].nonfinite != 0 for k in range(n)])
+    if not find_nonfinite:
+        return None
+    # The tasks' nonfinite fields in one slice of the array seen as int32 words (a struct object per task
+    # would cost more, with the caches cold after the kernel).
+    words = (ctypes.c_int32 * (n * ctypes.sizeof(_Task) // 4)).from_buffer(tasks)
+    flags = words[_Task.nonfinite.offset // 4 :: ctypes.sizeof(_Task) // 4]
+    return _found(len(params), positions, flags, other, other_flags)
+
+
+def _found(count: int, positions: list[int], flags: list[int], other: list[int], other_flags: Tensor | None) -> Tensor:
+    """The per-tensor non-finite flags: the kernel's ``flags`` (nonzero: found) at ``positions``, the
+    multi-tensor engine's at ``other``, False elsewhere (tensors with no elements). One tensor built from a
+    list: indexing a tensor with lists costs more than the rest of a small step."""
+    if len(positions) == count:  # every tensor went to the kernel, in order
+        values = flags
+    else:
+        values = [0] * count
+        for i, bad in zip(positions, flags):
+            values[i] = bad
+    found = torch.tensor(values, dtype=torch.bool)
+    if other:
+        found[other] = other_flags
     return found
