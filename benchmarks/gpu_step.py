@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.provenance import commit  # noqa: E402
 from fusedbun import FusionOptimizer  # noqa: E402
 from fusedbun.engines import StepHyper, StepTensors, fused_cuda, select_engine, triton_plan  # noqa: E402
 
@@ -287,6 +288,7 @@ def main() -> None:
         device=torch.cuda.get_device_name(),
         multiprocessors=torch.cuda.get_device_properties(0).multi_processor_count,
         torch=torch.__version__,
+        commit=commit(),
         cuda=torch.version.cuda,
         python=platform.python_version(),
         fused_cuda_unavailable_reason=fused_reason,

@@ -42,9 +42,12 @@ from pathlib import Path
 
 import torch
 
-import fusedbun
-from fusedbun import FusionOptimizer
-from fusedbun.engines import StepHyper, StepTensors, fused_cpu
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's benchmarks
+
+import fusedbun  # noqa: E402
+from benchmarks.provenance import commit  # noqa: E402
+from fusedbun import FusionOptimizer  # noqa: E402
+from fusedbun.engines import StepHyper, StepTensors, fused_cpu  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_speed.json"
 WIDTH = 1024
@@ -389,6 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
         machine=machine(),
         torch=torch.__version__,
         fusedbun=fusedbun.__version__,
+        commit=commit(),
         threads=torch.get_num_threads(),
         fused_cpu_threading=fused_cpu.threading_backend(),
         fused_cpu_unavailable_reason=fused_cpu.unavailable_reason(),
