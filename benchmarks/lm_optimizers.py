@@ -15,7 +15,8 @@ The ablations are prototypes kept here, not in the package: ``fusion_dense`` (a 
 instead of SM3's cover) and :class:`FusionVariant`, FusionOptimizer's ``use_rms=True`` rule written out in
 plain torch with the momentum changed: bias correction, a Nesterov look-ahead, momentum taken before the
 normalization (Adam's order) instead of after it, a constant :math:`\beta_2` instead of the
-:math:`1 - t^{-c}` schedule, or another O(n+m) cover of the second moment than SM3's (:data:`COVERS`).
+:math:`1 - t^{-c}` schedule, another O(n+m) cover of the second moment than SM3's (:data:`COVERS`), or
+the momentum in 8 bits with block-wise scales (:class:`BlockInt8`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "OptimizerChain",
     "FusionVariant",
     "COVERS",
+    "BlockInt8",
     "optimizer_state_bytes",
     "steps_in_backward",
     "STEP_IN_BACKWARD_CLIP",
@@ -151,6 +153,9 @@ def _tensors(value: Any) -> Iterable[Tensor]:
                 yield from _tensors(getattr(value, name))
         else:
             yield value
+    elif isinstance(value, BlockInt8):
+        yield value.codes
+        yield value.scales
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors(v)
@@ -230,6 +235,40 @@ COVERS: dict[str, Cover] = {
 """The second-moment covers an ablation can take (``FusionVariant(cover=...)``)."""
 
 
+MOMENTUM_BLOCK = 256
+"""Elements per scale of the 8-bit momentum (``FusionVariant(momentum_bits=8)``)."""
+
+
+class BlockInt8:
+    """A tensor kept as int8 codes with one fp32 scale per block of :data:`MOMENTUM_BLOCK` elements (of the
+    flattened tensor): ``value = code * absmax / 127``, where ``absmax`` is the block's largest magnitude,
+    rounded to nearest. 1 + 4 / MOMENTUM_BLOCK bytes per element instead of 4. An ablation prototype of
+    8-bit momentum (bitsandbytes keeps Adam's moments in blocks too, with a non-linear code)."""
+
+    def __init__(self, like: Tensor) -> None:
+        self.shape = like.shape
+        n = like.numel()
+        self.codes = torch.zeros(n, dtype=torch.int8, device=like.device)
+        self.scales = torch.zeros(-(-n // MOMENTUM_BLOCK), dtype=torch.float32, device=like.device)
+
+    def _blocks(self, flat: Tensor) -> Tensor:
+        pad = self.scales.numel() * MOMENTUM_BLOCK - flat.numel()
+        return torch.nn.functional.pad(flat, (0, pad)).view(-1, MOMENTUM_BLOCK)
+
+    def get(self) -> Tensor:
+        """The fp32 values."""
+        blocks = self._blocks(self.codes.float()) * (self.scales / 127.0)[:, None]
+        return blocks.view(-1)[: self.codes.numel()].view(self.shape)
+
+    def set_(self, value: Tensor) -> None:
+        """Store ``value`` (fp32, this shape): new scales, then the codes rounded to nearest."""
+        blocks = self._blocks(value.reshape(-1).float())
+        self.scales.copy_(blocks.abs().amax(dim=1))
+        safe = torch.where(self.scales > 0, self.scales, 1.0)[:, None]
+        codes = torch.round(blocks * (127.0 / safe)).clamp_(-127, 127)
+        self.codes.copy_(codes.view(-1)[: self.codes.numel()].to(torch.int8))
+
+
 class FusionVariant(Optimizer):
     r"""FusionOptimizer's ``use_rms=True`` rule in plain torch (one tensor at a time), with the momentum
     and the second-moment decay changeable. An ablation prototype: with ``momentum="after"``,
@@ -272,7 +311,10 @@ class FusionVariant(Optimizer):
         nesterov: bool = False,
         beta2: float | None = None,
         cover: str = "sm3",
+        momentum_bits: int | None = None,
     ) -> None:
+        if momentum_bits not in (None, 8):
+            raise ValueError(f"Invalid momentum_bits: {momentum_bits!r}; it must be None (fp32) or 8")
         if cover not in COVERS:
             raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join(COVERS)}")
         if momentum not in ("after", "before"):
@@ -294,6 +336,7 @@ class FusionVariant(Optimizer):
             nesterov=nesterov,
             beta2=beta2,
             cover=cover,
+            momentum_bits=momentum_bits,
         )
         super().__init__(params, defaults)
 
@@ -314,7 +357,10 @@ class FusionVariant(Optimizer):
                     state["exp_hessian"] = (
                         torch.zeros_like(p, dtype=torch.float32) if p.dim() <= 1 else sm3_accumulators(p)
                     )
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                    if group["momentum_bits"] == 8:
+                        state["momentum_codes"] = BlockInt8(p)
+                    else:
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 state["step"] += 1
                 t = state["step"]
                 g = p.grad.to(torch.float32)
@@ -334,7 +380,13 @@ class FusionVariant(Optimizer):
                     nu = nu / (1.0 - group["beta2"] ** t)
                 denom = nu.sqrt().add_(eps)
                 x = g / denom if group["momentum"] == "after" else g
-                m = state["momentum_buffer"].lerp_(x, 1.0 - bm)
+                if group["momentum_bits"] == 8:
+                    q = state["momentum_codes"]
+                    m = q.get().lerp_(x, 1.0 - bm)
+                    q.set_(m)
+                    m = q.get()  # the step uses what is stored, as with any momentum dtype
+                else:
+                    m = state["momentum_buffer"].lerp_(x, 1.0 - bm)
                 if group["nesterov"]:
                     u = m * bm + x * (1.0 - bm)
                     correction = 1.0 - bm ** (t + 1)
@@ -645,6 +697,16 @@ _SPECS = [
         _fusion_variant(cover="factored"),
         ablation=True,
         note=COVERS["factored"].note + "; O(n+m) like SM3",
+    ),
+    _spec(
+        "fusion_m8",
+        "ablation: 8-bit momentum",
+        _FUSION,
+        4e-3,
+        _fusion_variant(momentum_bits=8),
+        ablation=True,
+        note="the momentum kept as int8 codes with one fp32 absmax scale per 256 elements (BlockInt8), rounded "
+        "to nearest: 1.016 bytes per element instead of 4",
     ),
     _spec(
         "fusion_plain_variant",

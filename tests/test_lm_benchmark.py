@@ -26,6 +26,8 @@ from benchmarks import lm  # noqa: E402
 from benchmarks.gpt import GPT, SIZES  # noqa: E402
 from benchmarks.lm_optimizers import (  # noqa: E402
     COVERS,
+    MOMENTUM_BLOCK,
+    BlockInt8,
     FusionVariant,
     get_lm_optimizer,
     lr_grid,
@@ -323,6 +325,43 @@ def test_the_tighter_covers_are_exact_for_an_outer_product_and_maxprod_never_exc
             torch.testing.assert_close(bounds["factored"], nu)
     with pytest.raises(ValueError, match="cover"):
         FusionVariant([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, cover="dense")
+
+
+def test_block_int8_keeps_each_value_within_half_a_code_of_its_block_and_zeros_exactly():
+    # value = code * absmax / 127 per block of MOMENTUM_BLOCK elements, codes rounded to nearest
+    gen = torch.Generator().manual_seed(5)
+    n = 3 * MOMENTUM_BLOCK + 17  # a last, partial block
+    value = torch.randn(n, generator=gen) * torch.logspace(-3, 2, n)
+    value[MOMENTUM_BLOCK : 2 * MOMENTUM_BLOCK] = 0.0  # a block of zeros
+    q = BlockInt8(value.view(1, n))
+    q.set_(value.view(1, n))
+    back = q.get().view(-1)
+    for b in range(-(-n // MOMENTUM_BLOCK)):
+        block = slice(b * MOMENTUM_BLOCK, (b + 1) * MOMENTUM_BLOCK)
+        absmax = value[block].abs().max()
+        assert ((back[block] - value[block]).abs() <= absmax / 254 * (1 + 1e-6)).all()
+        assert back[block].abs().max() == pytest.approx(absmax.item(), rel=1e-6)  # the largest is exact
+    assert (back[MOMENTUM_BLOCK : 2 * MOMENTUM_BLOCK] == 0).all()
+    assert q.codes.dtype == torch.int8 and q.codes.numel() + 4 * q.scales.numel() == n + 4 * 4
+
+
+def test_fusion_variant_with_8_bit_momentum_keeps_about_one_byte_and_tracks_fp32_momentum():
+    torch.manual_seed(6)
+    shape = (64, 48)
+    a, b = torch.nn.Parameter(torch.randn(shape)), torch.nn.Parameter(torch.randn(shape))
+    b.data.copy_(a.data)
+    full, eight = FusionVariant([a], lr=0.01), FusionVariant([b], lr=0.01, momentum_bits=8)
+    for grads in _gradients([shape], 10, seed=7):
+        a.grad, b.grad = grads[0].clone(), grads[0].clone()
+        full.step()
+        eight.step()
+    # the two runs part by a small fraction of how far the steps moved the weights (lr x steps per entry)
+    rel = (a.detach() - b.detach()).norm() / (0.01 * 10 * a.numel() ** 0.5)
+    assert 0 < rel < 0.01, rel
+    state = optimizer_state_bytes(eight) - optimizer_state_bytes(full) + 4 * a.numel()
+    assert state / a.numel() == pytest.approx(1 + 4 / MOMENTUM_BLOCK, abs=0.02)
+    with pytest.raises(ValueError, match="momentum_bits"):
+        FusionVariant([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, momentum_bits=4)
 
 
 @pytest.mark.parametrize("engine", [{"foreach": False}, {"foreach": True}, {}], ids=["single", "foreach", "default"])
