@@ -574,6 +574,37 @@ _SPECS = [
         "on its own instead of the global norm to 1.0, which needs every gradient at once",
     ),
     _spec(
+        "fusion_rms_factored",
+        'FusionOptimizer (use_rms=True, cover="factored")',
+        _FUSION,
+        1e-3,
+        _fusion,
+        options=dict(use_rms=True, cover="factored"),
+        note="as fusion_rms with the factored second moment (fusedbun.factored: Adafactor's per-dimension means "
+        "multiplied back), the same O(n+m) state; centre 1e-3, the best of its ablation prototype",
+    ),
+    _spec(
+        "fusion_factored_bf16_sr",
+        'FusionOptimizer (use_rms=True, cover="factored") on bf16 parameters, stochastic rounding, bf16 momentum',
+        _FUSION,
+        1e-3,
+        _fusion,
+        options=dict(use_rms=True, cover="factored", momentum_dtype=torch.bfloat16, stochastic_rounding=True),
+        recipe=dict(param_dtype="bf16"),
+        note="as fusion_bf16_sr with the factored second moment",
+    ),
+    _spec(
+        "fusion_factored_bf16_sr_sib",
+        'FusionOptimizer (use_rms=True, cover="factored") on bf16 parameters, stochastic rounding, bf16 momentum, '
+        "step in backward",
+        _FUSION,
+        1e-3,
+        _fusion,
+        options=dict(use_rms=True, cover="factored", momentum_dtype=torch.bfloat16, stochastic_rounding=True),
+        recipe=dict(param_dtype="bf16", step_in_backward=True, clip_per_param=STEP_IN_BACKWARD_CLIP),
+        note="as fusion_bf16_sr_sib with the factored second moment: 4 persistent bytes per parameter",
+    ),
+    _spec(
         "adafactor",
         "Adafactor (torch)",
         "torch",

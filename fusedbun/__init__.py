@@ -14,6 +14,7 @@ from fusedbun.adalite import (
     rms_normalize,
 )
 from fusedbun.backward import StepInBackward, step_in_backward
+from fusedbun.factored import factored_second_moment_
 from fusedbun.hessian import dense_second_moment_, hessian_decay, masked_ema
 from fusedbun.optimizer import FusionOptimizer, fusion
 from fusedbun.param_groups import param_groups_no_decay
@@ -33,6 +34,7 @@ __all__ = [
     "dense_second_moment_",
     "sm3_accumulators",
     "sm3_second_moment_",
+    "factored_second_moment_",
     "rms_normalize",
     "momentum_",
     "decoupled_weight_decay_",

@@ -20,6 +20,7 @@ from torch.optim.optimizer import Optimizer, required
 
 from fusedbun.engines.common import StepHyper, StepTensors, is_dtensor
 from fusedbun.engines.dispatch import step_tensors
+from fusedbun.factored import COVERS
 from fusedbun.nonfinite import MODES as _NONFINITE_MODES
 from fusedbun.nonfinite import NonfiniteReports, finite_gradients
 from fusedbun.sm3 import sm3_accumulators
@@ -78,6 +79,11 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise TypeError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
     if not 0 <= seed < 2**63:
         raise ValueError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
+    cover = group["cover"]
+    if not isinstance(cover, str):
+        raise TypeError(f"Invalid cover: {cover!r}; it must be one of {', '.join(map(repr, COVERS))}")
+    if cover not in COVERS:
+        raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join(map(repr, COVERS))}")
 
 
 class FusionOptimizer(Optimizer):
@@ -143,6 +149,12 @@ class FusionOptimizer(Optimizer):
             index: reproducible for the seed, the same on every engine and device, and identical across
             data-parallel replicas. fp32 and fp64 parameters and the momentum are never rounded this way.
         rounding_seed: the seed of that stream, an int in [0, 2**63) (default 0).
+        cover: how a tensor of 2 or more dims keeps its second moment in O(sum of its dims) numbers.
+            ``"sm3"`` (default): the rule above, SM3's maxima and their minimum, an upper bound of each
+            entry. ``"factored"``: the per-dimension *means* of :math:`\nu`, multiplied back as in
+            Adafactor, :math:`\mathrm{prev} = a^{(0)} \prod_{k \ge 1} a^{(k)} / \operatorname{mean}(a^{(0)})^{d-1}`
+            (:mod:`fusedbun.factored`): exact for a rank-one second moment and closer to AdamW's dense
+            one in training, with the same state. 0-D and 1-D tensors keep their dense ``v`` either way.
 
     With ``torch.amp.GradScaler``, ``scaler.step(opt)`` hands the loss scale to :meth:`step`, which divides
     it out inside the engines' pass and skips the whole step (parameters, state and step counts) when the
@@ -173,6 +185,7 @@ class FusionOptimizer(Optimizer):
         nonfinite: str = "mask",
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
+        cover: str = "sm3",
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -189,6 +202,7 @@ class FusionOptimizer(Optimizer):
             nonfinite=nonfinite,
             stochastic_rounding=stochastic_rounding,
             rounding_seed=rounding_seed,
+            cover=cover,
         )
         _check_hyperparameters(defaults)
         self._nonfinite_reports = NonfiniteReports()
@@ -509,6 +523,7 @@ def fusion(
     foreach: bool | None = None,
     fused: bool | None = None,
     find_nonfinite: bool = False,
+    cover: str = "sm3",
 ) -> list[Tensor] | None:
     r"""Functional form of one FusionOptimizer step over lists of tensors (see :class:`FusionOptimizer`).
 
@@ -519,8 +534,11 @@ def fusion(
     Gradient entries that are NaN, Inf or :math:`\ge 2^{64}` in magnitude are masked (see
     :func:`fusedbun.adalite.eps_mask`). With ``find_nonfinite``, returns one 0-d bool tensor per
     parameter, in order, on its engine's device: True where its gradient held such an entry. Reading
-    them is left to the caller (for CUDA tensors a read waits for the step to finish).
+    them is left to the caller (for CUDA tensors a read waits for the step to finish). ``cover`` is the
+    class's option of that name.
     """
+    if cover not in COVERS:
+        raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join(map(repr, COVERS))}")
     hyper = StepHyper(
         lr=lr,
         eps=eps,
@@ -530,6 +548,7 @@ def fusion(
         centralize=centralize,
         use_rms=use_rms,
         maximize=maximize,
+        cover=cover,
     )
     pairs = step_tensors(
         StepTensors(params, grads, momentum_buffers, exp_hessians, state_steps),

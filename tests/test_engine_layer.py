@@ -1,6 +1,6 @@
 """The package's layering and the engine layer's small contracts.
 
-Components (``adalite``, ``sm3``, ``hessian``, ``rounding``, ``distributed``) <- engines (``engines/``) <-
+Components (``adalite``, ``sm3``, ``factored``, ``hessian``, ``rounding``, ``distributed``) <- engines (``engines/``) <-
 the optimizer (``optimizer``, ``backward``) <- the book: no module imports from a layer above its own.
 """
 
@@ -20,6 +20,7 @@ PACKAGE = Path(fusedbun.__file__).resolve().parent
 LAYERS = {  # module (relative to the package) -> its layer; a module may import from its layer or below
     "adalite": 0,
     "sm3": 0,
+    "factored": 0,
     "hessian": 0,
     "rounding": 0,
     "param_groups": 0,

@@ -9,9 +9,10 @@
  *   g    = (maximize ? -1 : 1) * grad_unscale * g - (centralize ? row mean : 0)
  *   mask = eps < |g| < 2^64 (false for NaN and Inf, and where g^2 would overflow fp32);  g = mask ? g : 0
  *          a task's `nonfinite` is set when an entry fails the upper bound (fusedbun.adalite.eps_mask)
- *   prev = SM3: min(a0[i], rest[j]) (all >= 0)  dense (0-D/1-D): v[i]
+ *   prev = SM3: min(a0[i], rest[j]) (all >= 0)  factored: a0[i] * rest[j]  dense (0-D/1-D): v[i]
  *   nu   = mask ? beta * prev + (1 - beta) * g^2 : prev
  *          SM3: new a0[i] = max_j nu, column maxima max_i nu -> colmax[j]    dense: v[i] = nu
+ *          factored: new a0[i] = mean_j nu, column sums sum_i nu -> colmax[j] (see below)
  *   u    = use_rms ? g / (sqrt(nu) + eps) : g
  *   m    = lerp(m, u, 1 - momentum_beta), rounded to m's dtype;  u = m (the momentum as stored)
  *   p    = p * (1 - lr * Lambda) - lr * u, rounded once to p's dtype (to nearest even, or stochastically
@@ -22,6 +23,13 @@
  * about equal element counts (threads of torch's OpenMP runtime when built with -fopenmp, else POSIX
  * threads); each thread keeps its own column maxima, combined at the end, in scratch memory that the
  * caller allocates (so every byte the step uses is visible to torch's memory profiler).
+ *
+ * Factored tensors (cover="factored", fusedbun/factored.py) need sums, whose rounding depends on the order
+ * of addition. Their rows are grouped in blocks of FB_SUM_ROWS, and a thread's range always holds whole
+ * blocks. Each block sums its rows' nu in row order into its own slot of colmax (which holds
+ * ceil(rows / FB_SUM_ROWS) * row_len floats for such a task); after the pass the slots are added in block
+ * order into the first. The order is fixed by the shape alone, so the result does not depend on the
+ * number of threads. rest[j] is then prod_{k>=1} a_k / S^(d-1), also from the caller.
  *
  * Compiled at first use by fusedbun/engines/fused_cpu.py; the layout of fb_task and fb_hyper is mirrored
  * there with ctypes and checked against fb_layout() when the build is loaded.
@@ -49,20 +57,26 @@
 #ifndef FB_ABI_VERSION
 #error "FB_ABI_VERSION must be defined by the build"
 #endif
+#ifndef FB_SUM_ROWS
+#error "FB_SUM_ROWS (rows per block of a factored tensor's column sums) must be defined by the build"
+#endif
 
 enum { FB_F32 = 0, FB_BF16 = 1, FB_F16 = 2 };
-enum { FB_DENSE = 0, FB_SM3 = 1 };
+enum { FB_DENSE = 0, FB_SM3 = 1, FB_FACTORED = 2 };
 enum { FB_CENTRALIZE = 1, FB_USE_RMS = 2, FB_MAXIMIZE = 4 };
 
 typedef struct {
     void *p;
     const void *g;
     void *m;            /* NULL without momentum */
-    float *acc;         /* SM3: a0, one number per row; dense: v, one number per element */
-    const float *rest;  /* SM3: min of the other accumulators, row_len numbers; dense: NULL */
-    float *colmax;      /* SM3: out, max of nu over the rows, row_len numbers; dense: NULL */
-    int64_t rows;       /* SM3: size of dim 0; dense: number of elements */
-    int64_t row_len;    /* SM3: product of the other dims; dense: 1 */
+    float *acc;         /* SM3, factored: a0, one number per row; dense: v, one number per element */
+    const float *rest;  /* SM3: min of the other accumulators, row_len numbers; factored: their product
+                           over S^(d-1); dense: NULL */
+    float *colmax;      /* SM3: out, max of nu over the rows, row_len numbers; factored: out, the sum of nu
+                           over the rows in the first row_len of its ceil(rows / FB_SUM_ROWS) * row_len
+                           numbers (the blocks' sums); dense: NULL */
+    int64_t rows;       /* SM3, factored: size of dim 0; dense: number of elements */
+    int64_t row_len;    /* SM3, factored: product of the other dims; dense: 1 */
     int32_t p_dtype, g_dtype, m_dtype, kind;
     float beta, one_minus_beta;
     int32_t nonfinite;  /* out: set to 1 when the gradient held NaN, Inf or |g| >= 2^64 (masked) */
@@ -246,12 +260,14 @@ static void store_f32(void *dst, int32_t dtype, int64_t offset, const float *res
 
 /* ---- one tile ------------------------------------------------------------------------------------ */
 
-/* Mask, second moment and normalization of one tile; sm3 and use_rms are constants at each call site,
- * so every variant compiles to its own branch-free vector loop. */
+/* Mask, second moment and normalization of one tile; kind (FB_DENSE, FB_SM3, FB_FACTORED) and use_rms are
+ * constants at each call site, so every variant compiles to its own branch-free vector loop. SM3 folds nu
+ * into the column maxima col, factored adds it to the column sums col. */
 static inline __attribute__((always_inline)) void second_moment_tile(
     int n, const float *restrict g, float sign, float mean, float eps, float beta, float omb,
     float a0, const float *restrict rest, float *restrict col, float *restrict v,
-    float *restrict nu_out, float *restrict u_out, int *restrict bad_out, const int sm3, const int use_rms) {
+    float *restrict nu_out, float *restrict u_out, int *restrict bad_out, const int kind, const int use_rms) {
+    const int sm3 = kind == FB_SM3, factored = kind == FB_FACTORED;
     int bad = 0;
     for (int j = 0; j < n; j++) {
         float gj = sign * g[j] - mean;
@@ -263,6 +279,8 @@ static inline __attribute__((always_inline)) void second_moment_tile(
         float prev;
         if (sm3) {
             prev = min_nonneg(a0, rest[j]);
+        } else if (factored) {
+            prev = a0 * rest[j];
         } else {
             prev = v[j];
         }
@@ -271,6 +289,9 @@ static inline __attribute__((always_inline)) void second_moment_tile(
         if (sm3) {
             float c = col[j];
             col[j] = nu > c ? nu : c;
+            nu_out[j] = nu;
+        } else if (factored) {
+            col[j] += nu;
             nu_out[j] = nu;
         } else {
             v[j] = nu;
@@ -427,6 +448,7 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
 }
 
 static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
+    if (t->kind == FB_FACTORED) return 0; /* its tiles take second_moment_tile + update_tile */
     const int f32 = t->p_dtype == FB_F32 && t->g_dtype == FB_F32;
     const int bf16 = t->p_dtype == FB_BF16 && t->g_dtype == FB_BF16;
     if (!f32 && !bf16) return 0;
@@ -484,27 +506,29 @@ static inline void flag_nonfinite(const fb_task *t) {
     __atomic_store_n((int32_t *)&t->nonfinite, 1, __ATOMIC_RELAXED);
 }
 
+/* The mean of a row's signed gradient, for centralization; the second read of the row comes from cache. */
+static float row_mean(const fb_task *t, int64_t base, float sign, float *restrict gbuf) {
+    const int64_t R = t->row_len;
+    double lanes[FB_LANES] = {0};
+    for (int64_t c = 0; c < R; c += FB_TILE) {
+        int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
+        const float *g = grad_tile(t, base + c, n, gbuf);
+        int j = 0;
+        for (; j + FB_LANES <= n; j += FB_LANES)
+            for (int l = 0; l < FB_LANES; l++) lanes[l] += (double)g[j + l];
+        for (; j < n; j++) lanes[0] += (double)g[j];
+    }
+    double sum = 0.0;
+    for (int l = 0; l < FB_LANES; l++) sum += lanes[l];
+    return (float)(sign * sum / (double)R);
+}
+
 static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restrict col) {
     float gbuf[FB_TILE], nubuf[FB_TILE], ubuf[FB_TILE];
     const int64_t R = t->row_len, base = i * R;
     const float sign = ((h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f) * h->grad_unscale;
     const int use_rms = (h->flags & FB_USE_RMS) != 0;
-    float mean = 0.0f;
-    if (h->flags & FB_CENTRALIZE) {
-        /* The row mean first; the second read of the row comes from cache. */
-        double lanes[FB_LANES] = {0};
-        for (int64_t c = 0; c < R; c += FB_TILE) {
-            int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
-            const float *g = grad_tile(t, base + c, n, gbuf);
-            int j = 0;
-            for (; j + FB_LANES <= n; j += FB_LANES)
-                for (int l = 0; l < FB_LANES; l++) lanes[l] += (double)g[j + l];
-            for (; j < n; j++) lanes[0] += (double)g[j];
-        }
-        double sum = 0.0;
-        for (int l = 0; l < FB_LANES; l++) sum += lanes[l];
-        mean = (float)(sign * sum / (double)R);
-    }
+    const float mean = (h->flags & FB_CENTRALIZE) ? row_mean(t, base, sign, gbuf) : 0.0f;
     const float a0 = t->acc[i];
     const int fast = fast_tile_applies(t, h);
     int bad = 0;
@@ -520,10 +544,10 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
             const float *g = grad_tile(t, base + c, n, gbuf);
             if (use_rms)
                 second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
-                                   NULL, nubuf, ubuf, &bad, 1, 1);
+                                   NULL, nubuf, ubuf, &bad, FB_SM3, 1);
             else
                 second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c,
-                                   NULL, nubuf, ubuf, &bad, 1, 0);
+                                   NULL, nubuf, ubuf, &bad, FB_SM3, 0);
         }
         int j = 0;
         for (; j + FB_LANES <= n; j += FB_LANES)
@@ -534,6 +558,39 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
     float mx = rowmax[0];
     for (int l = 1; l < FB_LANES; l++) mx = rowmax[l] > mx ? rowmax[l] : mx;
     t->acc[i] = mx;
+    if (bad) flag_nonfinite(t);
+}
+
+/* One row of a factored tensor: its nu summed into its block's column sums (the block's first row starts
+ * them), and its mean the new a0[i]. */
+static void factored_row(const fb_task *t, const fb_hyper *h, int64_t i) {
+    float gbuf[FB_TILE], nubuf[FB_TILE], ubuf[FB_TILE];
+    const int64_t R = t->row_len, base = i * R;
+    const float sign = ((h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f) * h->grad_unscale;
+    const float mean = (h->flags & FB_CENTRALIZE) ? row_mean(t, base, sign, gbuf) : 0.0f;
+    float *restrict col = t->colmax + (i / FB_SUM_ROWS) * R;
+    if (i % FB_SUM_ROWS == 0) memset(col, 0, (size_t)R * sizeof(float));
+    const float a0 = t->acc[i];
+    int bad = 0;
+    float lanes[FB_LANES] = {0};
+    for (int64_t c = 0; c < R; c += FB_TILE) {
+        int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
+        const float *g = grad_tile(t, base + c, n, gbuf);
+        if (h->flags & FB_USE_RMS)
+            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c, NULL,
+                               nubuf, ubuf, &bad, FB_FACTORED, 1);
+        else
+            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c, NULL,
+                               nubuf, ubuf, &bad, FB_FACTORED, 0);
+        int j = 0;
+        for (; j + FB_LANES <= n; j += FB_LANES)
+            for (int l = 0; l < FB_LANES; l++) lanes[l] += nubuf[j + l];
+        for (; j < n; j++) lanes[0] += nubuf[j];
+        update_tile(t, h, base + c, n, ubuf);
+    }
+    float sum = 0.0f;
+    for (int l = 0; l < FB_LANES; l++) sum += lanes[l];
+    t->acc[i] = sum / (float)R;
     if (bad) flag_nonfinite(t);
 }
 
@@ -551,10 +608,10 @@ static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int6
         const float *g = grad_tile(t, c, n, gbuf);
         if (h->flags & FB_USE_RMS)
             second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
-                               NULL, ubuf, &bad, 0, 1);
+                               NULL, ubuf, &bad, FB_DENSE, 1);
         else
             second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
-                               NULL, ubuf, &bad, 0, 0);
+                               NULL, ubuf, &bad, FB_DENSE, 0);
         update_tile(t, h, c, n, ubuf);
     }
     if (bad) flag_nonfinite(t);
@@ -578,13 +635,15 @@ typedef struct {
 
 /* First row of a task (whose elements start at elem_offset over all tasks) that belongs to thread
  * `thread`: threads take contiguous ranges of about total_elems / nthreads elements, rounded to whole
- * rows. Monotone in `thread`, so the ranges partition every task's rows. */
+ * rows (to whole blocks of FB_SUM_ROWS rows for a factored task). Monotone in `thread`, so the ranges
+ * partition every task's rows. */
 static int64_t first_row(const fb_plan *plan, const fb_task *t, int64_t elem_offset, int thread) {
     if (thread >= plan->nthreads) return t->rows;
     int64_t start = (int64_t)((double)plan->total_elems * thread / plan->nthreads);
     int64_t x = start - elem_offset;
     if (x <= 0) return 0;
     int64_t r = (x + t->row_len - 1) / t->row_len;
+    if (t->kind == FB_FACTORED) r = (r + FB_SUM_ROWS - 1) / FB_SUM_ROWS * FB_SUM_ROWS;
     return r < t->rows ? r : t->rows;
 }
 
@@ -600,6 +659,8 @@ static void *run_worker(void *arg) {
                 float *col = plan->scratch + (int64_t)w->thread * plan->total_cols + col_offset;
                 for (int64_t j = 0; j < t->row_len; j++) col[j] = -INFINITY;
                 for (int64_t i = r0; i < r1; i++) sm3_row(t, plan->h, i, col);
+            } else if (t->kind == FB_FACTORED) {
+                for (int64_t i = r0; i < r1; i++) factored_row(t, plan->h, i);
             } else {
                 dense_range(t, plan->h, r0, r1);
             }
@@ -668,6 +729,14 @@ int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h, float
                 }
             }
             col_offset += t->row_len;
+        } else if (t->kind == FB_FACTORED) {
+            /* The blocks' column sums, added in block order into the first block's. */
+            const int64_t R = t->row_len, blocks = (t->rows + FB_SUM_ROWS - 1) / FB_SUM_ROWS;
+            for (int64_t b = 1; b < blocks; b++) {
+                const float *restrict src = t->colmax + b * R;
+                float *restrict dst = t->colmax;
+                for (int64_t j = 0; j < R; j++) dst[j] += src[j];
+            }
         }
         elem_offset += t->rows * t->row_len;
     }

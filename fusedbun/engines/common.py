@@ -31,7 +31,8 @@ class StepHyper:
 
     The names are the constructor's (see :class:`fusedbun.FusionOptimizer`); ``lr`` is a float, or a
     0-d tensor under ``torch.compile``. ``grad_unscale`` multiplies every gradient before the rule (the
-    reciprocal of a loss scale, as ``torch.amp.GradScaler`` hands it over; 1 otherwise).
+    reciprocal of a loss scale, as ``torch.amp.GradScaler`` hands it over; 1 otherwise). ``cover`` is how
+    a tensor of 2+ dims keeps its second moment (:data:`fusedbun.factored.COVERS`).
     """
 
     lr: float | Tensor
@@ -45,6 +46,12 @@ class StepHyper:
     stochastic_rounding: bool = False
     rounding_seed: int = 0
     grad_unscale: float = 1.0
+    cover: str = "sm3"
+
+    @property
+    def factored(self) -> bool:
+        """Whether tensors of 2+ dims take the factored second moment (:mod:`fusedbun.factored`)."""
+        return self.cover == "factored"
 
     @classmethod
     def from_group(cls, group: dict[str, Any], **override: Any) -> StepHyper:

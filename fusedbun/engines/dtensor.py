@@ -23,6 +23,12 @@ Where the rule reduces, and what that costs under sharding (chapter 9 of the boo
   needs only the previous accumulators), so one step costs one small all-reduce: ``sum_k>=1 n_k`` fp32
   numbers per dim-0-sharded weight, against ``n * m`` numbers for the gradient's reduce-scatter.
 
+- **Factored accumulators** (``cover="factored"``, :mod:`fusedbun.factored`) are sharded the same way.
+  ``prev`` needs :math:`S`, the mean of the whole :math:`a^{(0)}`: the local sums are all-reduced
+  (``SUM``) over the mesh dimensions that shard dim 0, for every such parameter of the step in one
+  collective before the first update. The new :math:`a^{(k)}` are means: local sums, all-reduced with
+  ``SUM`` where another dim is sharded (deferred and packed like the maxima), divided by the global count.
+
 Uneven shards (a dim 0 that the world size does not divide; FSDP2 follows ``torch.chunk``, so a rank
 may even hold zero rows) need no special case in the arithmetic: a rank's empty slice contributes 0 to a
 maximum (``nu >= 0``) and nothing to a sum. Every rank still joins every collective, in the same order.
@@ -43,6 +49,7 @@ from torch.distributed.tensor import DTensor
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.distributed import all_reduce_, sharded_dims
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, signed_gradient, stack_flags, step_decay
+from fusedbun.factored import factored_rest
 from fusedbun.hessian import dense_second_moment_, masked_ema
 from fusedbun.rounding import stochastic_round_at
 from fusedbun.sm3 import sm3_min, sm3_reduce_
@@ -90,8 +97,10 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
     params, grads, momentum_buffers, exp_hessians, state_steps = tensors[:5]
     lr, eps, Lambda, momentum_beta = hyper.lr, hyper.eps, hyper.Lambda, hyper.momentum_beta
     found = []
-    # Deferred accumulator maxima: (mesh, mesh dims) -> [(local accumulator, its new local maximum)].
-    pending: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
+    # Deferred accumulator reductions: (op, mesh, mesh dims) -> [(local accumulator, its new local maximum or
+    # sum, the divisor that turns the reduced sum into a mean)].
+    pending: dict[tuple, list[tuple[Tensor, Tensor, int]]] = {}
+    scales = _factored_scales(params, exp_hessians) if hyper.factored else {}
 
     for i, (param, grad, buf, hess, step) in enumerate(zip(params, grads, momentum_buffers, exp_hessians, state_steps)):
         step += 1
@@ -122,6 +131,19 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
         # 4: the second moment nu from the previous (local slices of the) accumulators.
         if param.dim() <= 1:
             nu = dense_second_moment_(_local(hess), g, mask, beta=beta)
+        elif hyper.factored:
+            accs = [_local(a) for a in hess]
+            prev = (accs[0] * factored_rest(accs, scales[i])).expand(g.shape)
+            nu = masked_ema(prev, g, mask, beta=beta)
+            dims = tuple(range(nu.dim()))
+            for k, acc in enumerate(accs):
+                local_sum = nu.sum(dim=dims[:k] + dims[k + 1 :], keepdim=True)
+                divisor = param.numel() // param.shape[k]
+                across = tuple(sorted(i for i, d in shards.items() if d != k))
+                if across:
+                    pending.setdefault((dist.ReduceOp.SUM, mesh, across), []).append((acc, local_sum, divisor))
+                else:
+                    acc.copy_(local_sum / divisor)  # whole locally; prev of this parameter is already computed
         else:
             accs = [_local(a) for a in hess]
             prev = sm3_min(accs).expand(g.shape)
@@ -132,7 +154,7 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
             for k, (acc, a_new) in enumerate(zip(accs, new)):
                 across = tuple(sorted(i for i, d in shards.items() if d != k))
                 if across:
-                    pending.setdefault((mesh, across), []).append((acc, a_new))
+                    pending.setdefault((dist.ReduceOp.MAX, mesh, across), []).append((acc, a_new, 1))
                 else:
                     acc.copy_(a_new)  # exact locally; prev of this parameter is already computed
 
@@ -149,13 +171,34 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
         elif p is not p_local:
             p_local.copy_(p)
 
-    # One MAX all-reduce per (mesh, mesh dims) for every replicated accumulator of the step.
-    for (mesh, across), pairs in pending.items():
-        flat = torch.cat([a_new.reshape(-1) for _, a_new in pairs])
-        all_reduce_(flat, dist.ReduceOp.MAX, mesh, across)
-        sizes = [a_new.numel() for _, a_new in pairs]
-        for (acc, _), values in zip(pairs, flat.split(sizes)):
-            acc.copy_(values.view_as(acc))
+    # One all-reduce per (op, mesh, mesh dims) for every replicated accumulator of the step.
+    for (op, mesh, across), pairs in pending.items():
+        flat = torch.cat([a_new.reshape(-1) for _, a_new, _ in pairs])
+        all_reduce_(flat, op, mesh, across)
+        sizes = [a_new.numel() for _, a_new, _ in pairs]
+        for (acc, _, divisor), values in zip(pairs, flat.split(sizes)):
+            acc.copy_(values.view_as(acc) / divisor if divisor != 1 else values.view_as(acc))
     if not find_nonfinite:
         return None
     return stack_flags(found, [p.to_local() for p in params[:1]])
+
+
+def _factored_scales(params: list[DTensor], exp_hessians: list) -> dict[int, Tensor]:
+    """``S``, the mean of the whole dim-0 accumulator, of each factored parameter of 2+ dims (by list
+    position): local sums, all-reduced with ``SUM`` over the mesh dims that shard dim 0, one collective
+    per (mesh, mesh dims) for the whole step. Every rank computes the same list, in the same order."""
+    scales: dict[int, Tensor] = {}
+    pending: dict[tuple, list[int]] = {}
+    for i, (param, hess) in enumerate(zip(params, exp_hessians)):
+        if param.dim() < 2 or param.numel() == 0:
+            continue
+        scales[i] = _local(hess[0]).sum().reshape(1)
+        across = tuple(sorted(j for j, d in sharded_dims(param).items() if d == 0))
+        if across:
+            pending.setdefault((param.device_mesh, across), []).append(i)
+    for (mesh, across), idx in pending.items():
+        flat = torch.cat([scales[i] for i in idx])
+        all_reduce_(flat, dist.ReduceOp.SUM, mesh, across)
+        for i, value in zip(idx, flat.unbind()):
+            scales[i] = value
+    return {i: s.reshape(()) / params[i].shape[0] for i, s in scales.items()}

@@ -8,7 +8,10 @@ arithmetic of :mod:`~fusedbun.engines.single_tensor` and changes only the order 
   ``BLOCK_ELEMS`` numbers each, so a block's temporaries stay in cache. Centralization reduces over
   dims 1.. and the dim-0 accumulator is a maximum over dims 1.., so both are local to a block; the other
   accumulators are running maxima across blocks, committed after the last block (their previous values
-  are still needed for ``prev``). Extra memory is a few blocks, not a parameter's size. On a GPU a
+  are still needed for ``prev``). With ``cover="factored"`` the accumulators are means: the dim-0 one is
+  again local to a block, and the others come from running column sums, added block after block in row
+  order (an order fixed by the shape), then divided once. Extra memory is a few blocks, not a
+  parameter's size. On a GPU a
   block is ``DEVICE_BLOCK_ELEMS`` numbers: there the cost is kernel launches, not cache misses, so
   blocks are as large as the peak-memory budget allows. Under ``torch.compile`` a tensor is one block:
   the compiler fuses the ops itself, and a loop over blocks would only unroll into a larger graph.
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from fusedbun.adalite import GRAD_LIMIT, decoupled_weight_decay_, momentum_
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
+from fusedbun.factored import factored_rest
 from fusedbun.hessian import masked_ema
 from fusedbun.rounding import stochastic_round_at
 
@@ -116,6 +120,45 @@ def _sm3_tensor_(p, g, m, accs: list[Tensor], *, beta: float, find: bool, hyper:
     return torch.stack(usable_blocks).all().logical_not() if find else None
 
 
+def _factored_tensor_(
+    p, g, m, accs: list[Tensor], *, beta: float, find: bool, hyper: StepHyper, keys=None
+) -> Tensor | None:
+    """Blocked step for a tensor of 2 or more dims with the factored accumulators ``accs``
+    (:mod:`fusedbun.factored`); the arguments and the result are those of :func:`_sm3_tensor_`."""
+    if p.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=p.device) if find else None
+    rows, row_len = p.shape[0], p[0].numel()
+    per_block = max(1, _block_elems(p) // max(1, row_len))
+    dims = tuple(range(p.dim()))
+    rest = factored_rest(accs)  # from the previous accumulators, before any block changes a0
+    column_sums = torch.zeros_like(rest)  # sum of nu over the rows, shaped [1, n_1, ...]
+    usable_blocks = []
+
+    for r0 in range(0, rows, per_block):
+        rs = slice(r0, r0 + per_block)
+        acc0 = accs[0][rs]
+
+        def second_moment(gb: Tensor, mask: Tensor, beta: float, acc0: Tensor = acc0) -> Tensor:
+            nu = masked_ema((acc0 * rest).expand(gb.shape), gb, mask, beta=beta)
+            torch.mean(nu, dim=dims[1:], keepdim=True, out=acc0)
+            column_sums.add_(nu.sum(dim=0, keepdim=True))
+            return nu
+
+        rounding = None if keys is None else (keys, r0 * row_len)
+        usable = _update_block(
+            p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, hyper=hyper, rounding=rounding
+        )
+        if find:
+            usable_blocks.append(usable.all())
+
+    numel = p.numel()
+    for k, a in enumerate(accs[1:], start=1):
+        others = tuple(j for j in dims[1:] if j != k)
+        total = column_sums.sum(dim=others, keepdim=True) if others else column_sums
+        a.copy_(total / (numel // p.shape[k]))
+    return torch.stack(usable_blocks).all().logical_not() if find else None
+
+
 def _dense_flat_(
     params, grads, bufs, hessians, *, beta: float, find: bool, hyper: StepHyper, keys=None
 ) -> list[Tensor]:
@@ -177,7 +220,7 @@ def foreach_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
     flat: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if p.dim() >= 2:
-            found[i] = _sm3_tensor_(
+            found[i] = (_factored_tensor_ if hyper.factored else _sm3_tensor_)(
                 p,
                 grads[i],
                 momentum_buffers[i],

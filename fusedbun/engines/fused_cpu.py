@@ -12,6 +12,11 @@ Whole-tensor PyTorch ops move several times that. This engine runs the step as o
   per row it keeps the maximum (the new ``a0[i]``), per thread the column maxima (``R`` numbers), which
   are combined after the pass and reduced here to the new ``a_k``, ``k >= 1`` (O(R)). With centralization
   the row mean is taken first; that second read of a row comes from cache.
+- With ``cover="factored"`` (:mod:`fusedbun.factored`) ``rest`` is ``prod_{k>=1} a_k / S^(d-1)`` and
+  ``prev = a0[i] * rest[j]``; the new ``a0[i]`` is the row's mean of ``nu``, and the column sums are kept
+  per block of ``SUM_ROWS`` rows, each block summed in row order, then the blocks in block order, so the
+  result does not depend on the thread count (threads take whole blocks). The new ``a_k``, ``k >= 1``,
+  are their means here (O(R)). These tensors take the kernel's general tile loop, not its fast one.
 - A 0-D or 1-D tensor has a dense second moment ``v``: ``prev = v``, and ``nu`` is written back.
 - Rows are split among ``torch.get_num_threads()`` threads inside the C call, in contiguous ranges of
   about equal element counts. The kernel is built with ``-fopenmp`` and must then bind to the OpenMP
@@ -48,6 +53,7 @@ from fusedbun.adalite import GRAD_LIMIT
 from fusedbun.engines._cbuild import BuildError, SharedLibrary, cache_dir, find_compiler
 from fusedbun.engines.common import StepHyper, StepTensors
 from fusedbun.engines.foreach import foreach_fusion
+from fusedbun.factored import factored_rest
 from fusedbun.hessian import hessian_decay
 
 __all__ = [
@@ -63,12 +69,15 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).resolve().parent.parent / "_csrc" / "fused_step.c"
-ABI_VERSION = 6
+ABI_VERSION = 7
 """The version of the C interface (the structs and functions below); the build must report the same."""
 _MIN_ELEMS_PER_THREAD = 1 << 16  # below this a thread costs more to start than it saves
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_DENSE, _SM3 = 0, 1
+_DENSE, _SM3, _FACTORED = 0, 1, 2
+SUM_ROWS = 32
+"""Rows per block of a factored tensor's column sums (the kernel's ``FB_SUM_ROWS``): its scratch is
+``ceil(rows / SUM_ROWS) * row_len`` floats, about 3% of the tensor."""
 _CENTRALIZE, _USE_RMS, _MAXIMIZE = 1, 2, 4
 
 
@@ -116,7 +125,7 @@ def _c_float(x: float) -> str:
     return f"{float(x).hex()}f"
 
 
-DEFINES = {"FB_ABI_VERSION": str(ABI_VERSION), "FB_GRAD_LIMIT": _c_float(GRAD_LIMIT)}
+DEFINES = {"FB_ABI_VERSION": str(ABI_VERSION), "FB_GRAD_LIMIT": _c_float(GRAD_LIMIT), "FB_SUM_ROWS": str(SUM_ROWS)}
 """The compile-time definitions: the interface version and the constants of the rule, from Python."""
 
 
@@ -258,6 +267,8 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     tasks = (_Task * len(fused))()
     keep_alive: list[Tensor] = []  # temporaries the kernel reads or writes, alive until it returns
     reduce_after: list[tuple[Tensor, list[Tensor]]] = []  # (column maxima, accumulators of dims >= 1) for 3-D+
+    means_after: list[tuple[Tensor, list[Tensor], int]] = []  # factored: (column sums, accumulators, numel)
+    factored = hyper.factored
     written: list[Tensor] = steps.copy()  # what the kernel writes through raw pointers (see below)
     n, total, cols = 0, 0, 0
     positions = []  # the list position of each task
@@ -283,6 +294,15 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         if dim <= 1:
             kind, rows, row_len = _DENSE, numel, 1
             acc, rest_ptr, colmax_ptr = hess.data_ptr(), None, None
+        elif factored:
+            rows = p.shape[0]
+            kind, row_len = _FACTORED, numel // rows
+            acc = hess[0].data_ptr()
+            rest = factored_rest(hess).expand((1, *p.shape[1:])).contiguous()
+            sums = torch.empty(-(-rows // SUM_ROWS) * row_len, dtype=torch.float32)
+            keep_alive += [rest, sums]
+            rest_ptr, colmax_ptr = rest.data_ptr(), sums.data_ptr()
+            means_after.append((sums[:row_len].view(p.shape[1:]), hess[1:], numel))
         else:
             rows = p.shape[0]
             kind, row_len = _SM3, numel // rows
@@ -349,6 +369,12 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     if not 1 <= used <= nthreads:
         raise RuntimeError(f"the fused CPU kernel reports {used} threads for {n} tasks on {nthreads} threads")
 
+    for column_sums, accs, numel in means_after:
+        d = column_sums.dim()
+        for k, a in enumerate(accs):  # a is the accumulator of dim k + 1
+            others = tuple(j for j in range(d) if j != k)
+            total = column_sums.sum(dim=others, keepdim=True) if others else column_sums
+            a.copy_((total / (numel // column_sums.shape[k])).unsqueeze(0))
     for colmax, accs in reduce_after:
         d = colmax.dim()
         for k, a in enumerate(accs):  # a is the accumulator of dim k + 1

@@ -11,6 +11,7 @@ from torch import Tensor
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, signed_gradient, stack_flags, step_decay
+from fusedbun.factored import factored_second_moment_
 from fusedbun.hessian import dense_second_moment_
 from fusedbun.rounding import flat_index, stochastic_round_at
 from fusedbun.sm3 import sm3_second_moment_
@@ -37,9 +38,11 @@ def single_tensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfini
             found.append(nonfinite_entries(g).any())
         g, mask = eps_mask(g, eps=eps)
 
-        # 4: the second moment nu; dense for 0-D/1-D, SM3 accumulators for 2-D and up.
+        # 4: the second moment nu; dense for 0-D/1-D, SM3's (or the factored) accumulators for 2-D and up.
         if param.dim() <= 1:
             nu = dense_second_moment_(hess, g, mask, beta=beta)
+        elif hyper.factored:
+            nu = factored_second_moment_(hess, g, mask, beta=beta)
         else:
             nu = sm3_second_moment_(hess, g, mask, beta=beta)
 

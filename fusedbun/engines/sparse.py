@@ -12,11 +12,22 @@ present rows ``R``. With :math:`A = \max_{r \notin R} a^{(0)}_r`, that is:
   an absent row contributes its carried-over :math:`\mathrm{prev} = \min_k a^{(k)}`, whose maximum over
   the absent rows is :math:`\min(A, a^{(k)})`.
 
-Work and memory grow with the present rows (times the row size), plus one O(n) maximum over the
-dim-0 accumulator for :math:`A`.
+With ``cover="factored"`` (:mod:`fusedbun.factored`) an absent row ``r`` carries over
+:math:`\mathrm{prev}_r = a^{(0)}_r\,\mathrm{rest}`, with :math:`\mathrm{rest} = \prod_{k \ge 1} a^{(k)} / S^{d-1}`
+the same for every row, so its sums are closed forms:
+
+- :math:`a^{(0)}_r \leftarrow a^{(0)}_r \operatorname{mean}(\mathrm{rest})` (the mean of its carried-over row);
+- the column sums of :math:`\nu` are those of the present rows plus
+  :math:`\mathrm{rest} \sum_{r \notin R} a^{(0)}_r`, and each :math:`a^{(k)}`, :math:`k \ge 1`, is their
+  mean over the other dims.
+
+Work and memory grow with the present rows (times the row size), plus O(n) work over the dim-0
+accumulator (the maximum :math:`A`, or the sum over the absent rows).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -24,6 +35,7 @@ from torch import Tensor
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, signed_gradient, stack_flags, step_decay
+from fusedbun.factored import factored_rest
 from fusedbun.hessian import masked_ema
 from fusedbun.rounding import flat_index, stochastic_round_at
 from fusedbun.sm3 import sm3_min
@@ -81,6 +93,8 @@ def _sparse_step_(
         prev = exp_hessian[rows]
         nu = masked_ema(prev, g, mask, beta=beta)
         exp_hessian[rows] = nu
+    elif hyper.factored:
+        nu = _factored_rows_(exp_hessian, rows, g, mask, beta=beta)
     else:
         acc = exp_hessian
         absent = acc[0].clone()
@@ -111,3 +125,27 @@ def _sparse_step_(
         index = rows.view(-1, *[1] * (p.dim() - 1)) * row_len + flat_index(p.shape[1:], p.device)
         param[rows] = stochastic_round_at(p, param.dtype, keys, index)
     return found
+
+
+def _factored_rows_(acc: list[Tensor], rows: Tensor, g: Tensor, mask: Tensor, *, beta: float | Tensor) -> Tensor:
+    """The factored second moment of the present ``rows`` (their ``nu``); every accumulator ends where the
+    dense rule leaves it for a gradient that is zero outside those rows."""
+    n0 = acc[0].shape[0]
+    numel = n0 * math.prod(g.shape[1:])
+    dims = tuple(range(g.dim()))
+    rest = factored_rest(acc)
+    nu = masked_ema((acc[0][rows] * rest).expand(g.shape), g, mask, beta=beta)
+    if numel == 0:
+        return nu
+    present = torch.zeros(n0, dtype=torch.bool, device=acc[0].device)
+    present[rows] = True
+    a0 = acc[0].view(-1)
+    absent_sum = torch.where(present, 0.0, a0).sum()
+    column_sums = nu.sum(dim=0, keepdim=True) + rest * absent_sum
+    a0.copy_(torch.where(present, 0.0, a0 * rest.mean()))  # absent rows: the mean of their carried-over prev
+    a0[rows] = nu.mean(dim=dims[1:]).view(-1)
+    for k in range(1, len(acc)):
+        others = tuple(j for j in dims[1:] if j != k)
+        total = column_sums.sum(dim=others, keepdim=True) if others else column_sums
+        acc[k].copy_(total / (numel // g.shape[k]))
+    return nu
