@@ -23,9 +23,11 @@ whatever the number of tensors, driven by a table of element offsets and sizes o
 - fp32, bf16 and fp16 parameters, gradients and momentum in any combination; arithmetic in fp32; each
   store rounds to nearest even once; the update uses the momentum as stored.
 - Tensors the kernel does not take (fp64 parameters, non-contiguous tensors or accumulators, more than
-  ``MAX_NDIM`` dims, other dtypes) are stepped by the multi-tensor engine in the same call. So are the
-  tensors of 2 or more dims with ``cover="factored"`` (:mod:`fusedbun.factored`): the kernel's
-  accumulators are maxima reduced by atomics, and a mean needs sums in a fixed order instead.
+  ``MAX_NDIM`` dims, other dtypes) are stepped by the multi-tensor engine in the same call.
+- With ``cover="factored"`` (:mod:`fusedbun.factored`) the same pass forms ``prev = a0 * rest`` (``rest``
+  computed before the launch, O(C)) and stores, instead of atomic maxima, per-program sums of ``nu`` into
+  slots that the host adds in a fixed order: the means do not depend on the order in which programs
+  finish, so a step is deterministic.
 
 Triton is an optional dependency (``pip install fusedbun[triton]``); it is imported only when this engine
 is first used, so :mod:`fusedbun` imports on machines without it.
@@ -68,24 +70,6 @@ def unavailable_reason() -> str:
 @torch.compiler.disable
 def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
     """One step of the rule over lists of CUDA tensors (the :class:`~fusedbun.engines.common.Engine`
-    signature); with ``cover="factored"`` the tensors of 2 or more dims go to the multi-tensor engine."""
-    factored = [i for i, p in enumerate(tensors.params) if p.dim() >= 2] if hyper.factored else []
-    if not factored:
-        return _kernel_fusion(tensors, hyper, find_nonfinite=find_nonfinite)
-    others = [i for i in range(len(tensors.params)) if i not in set(factored)]
-    flags_f = foreach_fusion(tensors.select(factored), hyper, find_nonfinite=find_nonfinite)
-    flags_o = _kernel_fusion(tensors.select(others), hyper, find_nonfinite=find_nonfinite) if others else None
-    if not find_nonfinite:
-        return None
-    found = torch.zeros(len(tensors.params), dtype=torch.bool, device=flags_f.device)
-    found[factored] = flags_f
-    if others:
-        found[others] = flags_o.to(found.device)
-    return found
-
-
-def _kernel_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool = False) -> Tensor | None:
-    """One step of the rule over lists of CUDA tensors (the :class:`~fusedbun.engines.common.Engine`
     signature). Under Triton's interpreter (``TRITON_INTERPRET=1``) it also steps CPU tensors, which is how
     the kernel is tested on machines without a GPU.
 
@@ -97,7 +81,15 @@ def _kernel_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
     beta_decay = hyper.beta_decay
     if hyper.momentum_beta <= 0:
         momentum_buffers = [None] * len(params)
-    plan = step_plan(params, grads, momentum_buffers, exp_hessians, centralize=hyper.centralize, config=CONFIG)
+    plan = step_plan(
+        params,
+        grads,
+        momentum_buffers,
+        exp_hessians,
+        centralize=hyper.centralize,
+        config=CONFIG,
+        factored=hyper.factored,
+    )
     for flags in plan.flags.values():
         flags.zero_()
     if plan.fallback:

@@ -28,6 +28,14 @@ are masked like entries at or below ``eps`` (:func:`fusedbun.adalite.eps_mask`).
 sets its tensor's entry of ``flags`` (int32, at the position the table names, zeroed by the host) to 1:
 a plain store of the same value from any number of programs, so no atomic is needed.
 
+With ``FACTORED`` (``cover="factored"``, :mod:`fusedbun.factored`) a tensor of 2 or more dims is seen as
+the matrix ``(n0, C)``: the host passes ``rest = prod_{k>=1} a_k / S^(d-1)`` as its one column
+accumulator, ``prev = a0[row] * rest[col]``, and the new accumulators are means, whose sums must not
+depend on the order in which programs finish. So no atomics: each program stores the sums of ``nu`` over
+its columns for each of its rows (one slot per row and column block) and over its rows for each of its
+columns (one slot per column and row block), each reduced in a fixed order inside the program; the host
+adds the slots in order and divides.
+
 A 0-D or 1-D tensor keeps a dense ``v``: ``prev = v``, and ``nu`` is written back in place. It is viewed as
 rows of ``BC`` numbers (the last row masked), so the same walk serves.
 
@@ -245,6 +253,7 @@ def fusion_step_kernel(
     PREFETCH: tl.constexpr,  # issue the next block's loads before working on the current one
     PER_TENSOR_BETA: tl.constexpr,  # beta_t from the table (step counts differ), else the arguments
     STOCHASTIC: tl.constexpr,  # round p (bf16, fp16) stochastically, with the table's stream keys
+    FACTORED: tl.constexpr = False,  # NDIM == 2 only: prev = a0 * rest, and the sums of nu into slots
 ):
     pid = tl.program_id(0)
     tensor = tl.load(tiles + 3 * pid).to(tl.int64)
@@ -330,11 +339,18 @@ def fusion_step_kernel(
 
         if NDIM == 1:
             prev = a
+        elif FACTORED:  # rows and columns outside the tensor load as inf: 0 instead, so no inf * 0 is formed
+            prev = tl.where(row_ok, a, 0.0)[:, None] * tl.where(col_ok, col_prev, 0.0)[None, :]
         else:
             prev = tl.minimum(a[:, None], col_prev[None, :])
         nu = tl.where(keep, prev * beta + one_minus_beta * (g * g), prev)
         if NDIM == 1:
             tl.store(v_ptr + offs, nu, mask=ok)
+        elif FACTORED:  # this program's sums: its rows over its columns, and (below) its columns over its rows
+            nu_ok = tl.where(ok, nu, 0.0)
+            row_sum = tl.sum(nu_ok, axis=1).to(tl.int32, bitcast=True)
+            tl.store(acc0_new + col_block * n_rows + rows, row_sum, mask=row_ok)
+            col_acc = col_acc + nu_ok
         else:
             nu_max = tl.where(ok, nu, 0.0)  # 0 is neutral for the maxima: every nu is >= +0.0
             row_max = tl.max(nu_max, axis=1)
@@ -368,7 +384,11 @@ def fusion_step_kernel(
 
     bad = tl.max(tl.max(bad_acc, axis=1), axis=0)
     tl.store(flags + tl.load(row + _FLAG), bad, mask=bad > 0)
-    if NDIM >= 2:
+    if FACTORED:
+        col_sum = tl.sum(col_acc, axis=0).to(tl.int32, bitcast=True)
+        acc_1_sums = i32_base + _offset(row, _DIM_BASE + 3, 0)
+        tl.store(acc_1_sums + row_block * n_cols + cols, col_sum, mask=col_ok)
+    elif NDIM >= 2:
         col_bits = tl.max(col_acc, axis=0).to(tl.int32, bitcast=True)
         for k in tl.static_range(1, NDIM):
             acc_k_new = i32_base + _offset(row, _DIM_BASE + _DIM_SLOTS * (k - 1) + 3, 0)

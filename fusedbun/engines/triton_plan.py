@@ -18,6 +18,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from fusedbun.factored import factored_means_, factored_rest
+
 __all__ = ["KernelConfig", "CONFIG", "MAX_NDIM", "META_WIDTH", "step_plan", "kernel_takes"]
 
 # Layout of a row of the meta table (int64 slots). Locations are element offsets from the base pointers.
@@ -129,7 +131,9 @@ class _Plan:
     tensor of each kind, and each launch passes the current first tensors as the bases.
     """
 
-    def __init__(self, items, positions, flags, *, ndim: int, bc: int, centralize: bool, config: KernelConfig):
+    def __init__(
+        self, items, positions, flags, *, ndim: int, bc: int, centralize: bool, config: KernelConfig, factored=False
+    ):
         tk = _LAYOUT
 
         p0, g0, m0, h0 = items[0]
@@ -142,8 +146,18 @@ class _Plan:
         self.compiled: dict[tuple, object] = {}
         self.has_momentum = m0 is not None
         self.flags = flags  # int32, one per tensor of the step's list; the kernel sets a tensor's at its position
-        self.new_accs = self.means = None
-        if not dense:
+        self.new_accs = self.means = self.rest = None
+        # factored (cover="factored"; the kernel sees each tensor as (n0, C), ndim 2): per tensor its
+        # accumulators, its rest (C numbers, set before each launch), and its slots of row and column sums
+        self.factored = factored and not dense
+        self.factored_jobs: list[tuple] = []
+        if self.factored:
+            sizes = [self._factored_slots(item[0], bc) for item in items]
+            self.new_accs = torch.empty(sum(r + c for r, c in sizes), dtype=torch.float32, device=device)
+            self.rest = torch.empty(
+                sum(item[0].numel() // item[0].shape[0] for item in items), dtype=torch.float32, device=device
+            )
+        elif not dense:
             self.new_accs = torch.zeros(
                 sum(a.numel() for item in items for a in item[3]), dtype=torch.float32, device=device
             )
@@ -156,7 +170,7 @@ class _Plan:
         table: list[int] = []
         grid_rows, grid_cols = [], []
         self.copy_src, self.mean_jobs = [], []
-        acc_pos = mean_pos = 0
+        acc_pos = mean_pos = rest_pos = 0
         for (p, g, m, hess), position in zip(items, positions):
             row = [0] * tk.META_WIDTH
             row[tk.P], row[tk.G], row[tk.FLAG] = p_off(p), g_off(g), position
@@ -166,6 +180,23 @@ class _Plan:
                 rows, cols = -(-p.numel() // bc), bc
                 cols_aligned &= p.numel() % 16 == 0
                 row[tk.ACC0_OLD] = f_off(hess)
+            elif self.factored:
+                rows, cols = p.shape[0], p.numel() // p.shape[0]
+                cols_aligned &= cols % 16 == 0
+                row_slots, col_slots = self._factored_slots(p, bc)
+                rest = self.rest[rest_pos : rest_pos + cols]
+                row[tk.ACC0_OLD], row[tk.ACC0_NEW] = f_off(hess[0]), acc_pos
+                row[tk.DIM_BASE : tk.DIM_BASE + 4] = [cols, 1, f_off(rest), acc_pos + row_slots]
+                sums = self.new_accs[acc_pos : acc_pos + row_slots + col_slots]
+                self.factored_jobs.append(
+                    (rest, sums[:row_slots].view(-1, rows), sums[row_slots:].view(-1, cols), tuple(p.shape))
+                )
+                acc_pos += row_slots + col_slots
+                rest_pos += cols
+                if self.centralize:
+                    row[tk.MEAN] = f_off(self.means[mean_pos:])
+                    self.mean_jobs.append((rows, cols, self.means[mean_pos : mean_pos + rows]))
+                    mean_pos += rows
             else:
                 rows, cols = p.shape[0], p.numel() // p.shape[0]
                 cols_aligned &= cols % 16 == 0
@@ -201,6 +232,12 @@ class _Plan:
             COLS_SHIFT=4 if cols_aligned else 0,
         )
 
+    def _factored_slots(self, p: Tensor, bc: int) -> tuple[int, int]:
+        """Slots of row sums (one per row and column block) and of column sums (one per column and row
+        block) of a factored tensor."""
+        rows, cols = p.shape[0], p.numel() // p.shape[0]
+        return -(-cols // bc) * rows, -(-rows // self.rows_per_tile) * cols
+
     def set_betas(self, betas: list[float] | None, device_betas: tuple[Tensor, Tensor] | None, index: list[int]):
         """Per-tensor decays into the table: from host floats (one small copy) or from device tensors."""
         tk = _LAYOUT
@@ -231,6 +268,8 @@ class _Plan:
         the offsets), ``grads`` and ``hessians`` the current lists (for the row means and the copy back)."""
         for (rows, cols, out), g in zip(self.mean_jobs, grads):
             torch.mean(g.view(rows, cols), dim=1, dtype=torch.float32, out=out)
+        for (rest, *_), hess in zip(self.factored_jobs, hessians):
+            rest.copy_(factored_rest(hess).view(-1))
         f32_base = h0 if self.ndim == 1 else h0[0]
         lr = float(hyper.lr)
         args = (
@@ -272,6 +311,7 @@ class _Plan:
             PREFETCH=self.prefetch,
             PER_TENSOR_BETA=beta is None,
             STOCHASTIC=stochastic,
+            FACTORED=self.factored,
             **self.shifts,
         )
         compiled = tk.fusion_step_kernel[self.grid](*args, **constexprs, num_warps=self.num_warps)
@@ -283,7 +323,10 @@ class _Plan:
         self._copy_back(hessians)
 
     def _copy_back(self, hessians) -> None:
-        if self.new_accs is not None:  # the new maxima over the accumulators; zero for the next step
+        if self.factored:  # the slots added in order (a fixed-order reduction), then divided: the new means
+            for (_, row_sums, col_sums, shape), hess in zip(self.factored_jobs, hessians):
+                factored_means_(hess, row_sums.sum(dim=0), col_sums.sum(dim=0), shape)
+        elif self.new_accs is not None:  # the new maxima over the accumulators; zero for the next step
             torch._foreach_copy_([a for h in hessians for a in h], self.copy_src)
             self.new_accs.zero_()
 
@@ -348,7 +391,9 @@ class _StepPlan:
     """For one list of tensors: which of them the multi-tensor engine steps, and the kernel launches for
     the others (a plan, and the positions of its tensors in the list)."""
 
-    def __init__(self, params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig):
+    def __init__(
+        self, params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig, factored=False
+    ):
         takes = [kernel_takes(p, g, m, h) for p, g, m, h in zip(params, grads, momentum_buffers, exp_hessians)]
         self.fallback = [i for i, ok in enumerate(takes) if not ok]
         self.kernel_positions = [i for i, ok in enumerate(takes) if ok]
@@ -359,8 +404,8 @@ class _StepPlan:
                 continue  # nothing to update; its accumulators cover nothing (as in the reference)
             if p.dim() <= 1:
                 ndim, bc = 1, config.dense_cols
-            else:
-                ndim, bc = p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
+            else:  # a factored tensor is seen as the matrix (n0, C), whatever its dims
+                ndim, bc = 2 if factored else p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
             key = (p.device, p.dtype, g.dtype, None if m is None else m.dtype, bc, ndim)
             groups.setdefault(key, []).append(i)
         self.launches = []
@@ -369,14 +414,25 @@ class _StepPlan:
         self.flags = {d: torch.zeros(len(params), dtype=torch.int32, device=d) for d in devices}
         for (device, *_, bc, ndim), idx in groups.items():
             items = [(params[i], grads[i], momentum_buffers[i], exp_hessians[i]) for i in idx]
-            plan = _Plan(items, idx, self.flags[device], ndim=ndim, bc=bc, centralize=centralize, config=config)
+            plan = _Plan(
+                items,
+                idx,
+                self.flags[device],
+                ndim=ndim,
+                bc=bc,
+                centralize=centralize,
+                config=config,
+                factored=factored,
+            )
             self.launches.append((plan, idx))
 
 
 _STEP_PLANS: OrderedDict = OrderedDict()  # both kinds, each bounded by its own limit (step_plan)
 
 
-def step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig) -> _StepPlan:
+def step_plan(
+    params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig, factored: bool = False
+) -> _StepPlan:
     """The cached plan of these tensors, or a new one. The key holds every address, shape, dtype and
     layout fact the plan depends on, so a plan is reused only for tensors laid out as when it was built.
     The gradients enter by their layout alone (:func:`_layout`): the table holds their offsets from the
@@ -388,6 +444,7 @@ def step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool
     key = (
         config.key(),
         centralize,
+        factored,
         tuple(map(data_ptr, params)),  # addresses imply devices
         tuple(p.shape for p in params),
         tuple(p.dtype for p in params),
@@ -399,7 +456,9 @@ def step_plan(params, grads, momentum_buffers, exp_hessians, *, centralize: bool
     )
     plan = _STEP_PLANS.get(key)
     if plan is None:
-        plan = _StepPlan(params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=config)
+        plan = _StepPlan(
+            params, grads, momentum_buffers, exp_hessians, centralize=centralize, config=config, factored=factored
+        )
         _STEP_PLANS[key] = plan
         _evict(single=len(params) == 1)
     else:
@@ -419,6 +478,6 @@ def _layout(tensors) -> tuple:
 def _evict(*, single: bool) -> None:
     """Drop the least recently used plans of one kind (one tensor, or a list) beyond that kind's limit."""
     limit = _MAX_SINGLE_PLANS if single else _MAX_PLANS
-    kind = [k for k in _STEP_PLANS if (len(k[2]) == 1) == single]
+    kind = [k for k in _STEP_PLANS if (len(k[3]) == 1) == single]
     for k in kind[: max(0, len(kind) - limit)]:
         del _STEP_PLANS[k]
