@@ -97,6 +97,12 @@ OPTIMIZERS: list[tuple[str, tuple[str, ...], Callable, str]] = [
         _fusion(use_rms=True, momentum_dtype=torch.bfloat16),
         "",
     ),
+    (
+        "FusionOptimizer use_rms, cover='factored'",
+        ("foreach", "fused"),
+        _fusion(use_rms=True, cover="factored"),
+        "the factored second moment (fusedbun.factored)",
+    ),
     ("AdamW", ("foreach", "fused"), lambda ps, e: torch.optim.AdamW(ps, lr=1e-3, **{e: True}), "torch.optim.AdamW"),
     ("Adafactor", ("default",), lambda ps, e: torch.optim.Adafactor(ps, lr=1e-2), "torch.optim.Adafactor"),
     (

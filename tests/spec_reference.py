@@ -64,6 +64,26 @@ def sm3_cover(nu: torch.Tensor) -> list[torch.Tensor]:
     return [nu.amax(dim=tuple(i for i in range(d) if i != k), keepdim=True) for k in range(d)]
 
 
+def factored_prev(accumulators: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+    """Rule 4 with ``cover="factored"``, dim >= 2: ``S = mean(a_0)``,
+    ``prev = a_0 * (a_1 * ... * a_{d-1}) / S**(d-1)`` (broadcast to the full shape), 0 everywhere where S == 0."""
+    acc = [a.to(F64) for a in accumulators]
+    s = acc[0].mean()
+    if not bool(s > 0):  # S == 0 (an empty a_0 has no mean; the caller keeps an empty parameter's state)
+        return torch.zeros(tuple(shape), dtype=F64)
+    rest = acc[1]
+    for a in acc[2:]:
+        rest = rest * a
+    rest = rest / s ** (len(acc) - 1)
+    return (acc[0] * rest).expand(*shape).clone()
+
+
+def factored_cover(nu: torch.Tensor) -> list[torch.Tensor]:
+    """Rule 4 with ``cover="factored"``, dim >= 2: ``a_k = nu.mean(over every dim but k, keepdim=True)``."""
+    d = nu.dim()
+    return [nu.mean(dim=tuple(i for i in range(d) if i != k), keepdim=True) for k in range(d)]
+
+
 def reference_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -78,8 +98,12 @@ def reference_step(
     centralize: bool = False,
     use_rms: bool = False,
     maximize: bool = False,
+    cover: str = "sm3",
 ) -> RefStep:
-    """One step of the contract's "One step, for one parameter p with dense gradient g, at step t", in float64."""
+    """One step of the contract's "One step, for one parameter p with dense gradient g, at step t", in float64.
+
+    ``cover`` (dim >= 2 only): ``"sm3"`` (min of the accumulators, maxima kept) or ``"factored"`` (the
+    product of the accumulators over ``mean(a_0)**(d-1)``, means kept; an empty parameter keeps its state)."""
     p = param.detach().to(F64).clone()
     g = grad.detach().to(F64).clone()
     if g.is_sparse:
@@ -107,9 +131,16 @@ def reference_step(
             acc = [torch.zeros(accumulator_shape(p.shape, k), dtype=F64) for k in range(p.dim())]
         else:
             acc = [a.to(F64) for a in state.exp_hessian]
-        prev = sm3_prev(acc, p.shape)
-        nu = torch.where(mask, b * prev + (1.0 - b) * g * g, prev)
-        new_hessian = sm3_cover(nu)
+        if cover == "sm3":
+            prev = sm3_prev(acc, p.shape)
+            nu = torch.where(mask, b * prev + (1.0 - b) * g * g, prev)
+            new_hessian = sm3_cover(nu)
+        elif cover == "factored":
+            prev = factored_prev(acc, p.shape)
+            nu = torch.where(mask, b * prev + (1.0 - b) * g * g, prev)
+            new_hessian = factored_cover(nu) if p.numel() > 0 else acc
+        else:
+            raise ValueError(f"unknown cover {cover!r}")
     # 5. RMS normalization.
     u = g / (nu.sqrt() + eps) if use_rms else g
     direction = u
