@@ -41,7 +41,7 @@ __all__ = [
     "factored_rest",
     "factored_prev",
     "factored_reduce_",
-    "factored_means_",
+    "factored_column_means_",
     "factored_second_moment_",
 ]
 
@@ -79,18 +79,16 @@ def factored_reduce_(accumulators: Sequence[Tensor], nu: Tensor) -> None:
         acc.copy_(nu.mean(dim=dims[:k] + dims[k + 1 :], keepdim=True))
 
 
-def factored_means_(accumulators: Sequence[Tensor], row_sums: Tensor, column_sums: Tensor, shape) -> None:
-    r"""Set the accumulators of a tensor of ``shape`` from the sums of :math:`\nu` over its rows' other
-    dims (``row_sums``, ``n_0`` numbers) and over its dim 0 (``column_sums``, one number per position of
-    dims ``1..``): the means that :func:`factored_reduce_` takes, for engines that sum in their own
-    (fixed) order."""
+def factored_column_means_(accumulators: Sequence[Tensor], column_sums: Tensor, shape) -> None:
+    r"""Set the accumulators of dims ``1..`` of a tensor of ``shape`` from the sums of :math:`\nu` over
+    its dim 0 (``column_sums``, one number per position of dims ``1..``): the means that
+    :func:`factored_reduce_` takes, for engines that sum in their own (fixed) order."""
     numel = math.prod(shape)
     if numel == 0:
         return
-    accumulators[0].copy_((row_sums / (numel // shape[0])).view_as(accumulators[0]))
     column_sums = column_sums.reshape(shape[1:])
     d = len(shape) - 1
-    for k, acc in enumerate(accumulators[1:]):  # acc is the accumulator of dim k + 1
+    for k, acc in enumerate(accumulators):  # acc is the accumulator of dim k + 1
         others = tuple(j for j in range(d) if j != k)
         total = column_sums.sum(dim=others, keepdim=True) if others else column_sums
         acc.copy_((total / (numel // shape[k + 1])).view_as(acc))

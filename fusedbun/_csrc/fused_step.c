@@ -29,7 +29,9 @@
  * blocks. Each block sums its rows' nu in row order into its own slot of colmax (which holds
  * ceil(rows / FB_SUM_ROWS) * row_len floats for such a task); after the pass the slots are added in block
  * order into the first. The order is fixed by the shape alone, so the result does not depend on the
- * number of threads. rest[j] is then prod_{k>=1} a_k / S^(d-1), also from the caller.
+ * number of threads. rest[j] is then prod_{k>=1} a_k / S^(d-1), also from the caller; for a matrix
+ * (FB_FACTORED_2D) the kernel forms rest = a1 / S itself before the pass, with S = mean(a0) summed in
+ * row order, and writes the new a1, the column sums over the rows, after it.
  *
  * Compiled at first use by fusedbun/engines/fused_cpu.py; the layout of fb_task and fb_hyper is mirrored
  * there with ctypes and checked against fb_layout() when the build is loaded.
@@ -62,7 +64,9 @@
 #endif
 
 enum { FB_F32 = 0, FB_BF16 = 1, FB_F16 = 2 };
-enum { FB_DENSE = 0, FB_SM3 = 1, FB_FACTORED = 2 };
+/* FB_FACTORED_2D: a factored matrix whose rest the kernel forms itself (a1 / mean(a0), into the tail of
+ * its colmax buffer) and whose new a1 it writes (through rest, which then points at a1). */
+enum { FB_DENSE = 0, FB_SM3 = 1, FB_FACTORED = 2, FB_FACTORED_2D = 3 };
 enum { FB_CENTRALIZE = 1, FB_USE_RMS = 2, FB_MAXIMIZE = 4 };
 
 typedef struct {
@@ -349,9 +353,9 @@ static inline const float *grad_tile(const fb_task *t, int64_t off, int n, float
 
 /* The common cases in one loop per tile: p and g both fp32 or both bf16 (a bf16 p rounded to nearest or
  * stochastically), momentum absent, fp32 or bf16, and the lerp form of weights below 0.5 (momentum_beta >
- * 0.5). sm3, use_rms, mom, shift (maximize, centralize or a loss scale), half (bf16 p and g) and sr are
- * constants at each call site, so each of the 72 variants compiles to its own vector loop, with the row
- * maximum as a vector reduction. Same arithmetic as second_moment_tile + update_tile, element by element,
+ * 0.5). kind (dense, SM3, factored), use_rms, mom, shift (maximize, centralize or a loss scale), half
+ * (bf16 p and g) and sr are constants at each call site, so each of the 108 variants compiles to its own
+ * vector loop, with the row maximum (SM3) or the row sum (factored) as a vector reduction. Same arithmetic as second_moment_tile + update_tile, element by element,
  * so a tile gives the same bits on either path: a bf16 load is exact, and the stores are the integer
  * rounding of f32_to_bf16 and of store_bf16_sr_run. With sr, `sr_base` is fb_random's counter of the
  * tile's first element, its high index word folded in (the caller keeps the tile in one 2^32 block). */
@@ -359,15 +363,16 @@ enum { FB_MOM_NONE = 0, FB_MOM_F32 = 1, FB_MOM_BF16 = 2 };
 
 static inline __attribute__((always_inline)) float fast_tile_variant(
     const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
-    const float *restrict rest, float *restrict col, int *restrict bad_out, uint32_t sr_base, const int sm3,
+    const float *restrict rest, float *restrict col, int *restrict bad_out, uint32_t sr_base, const int kind,
     const int use_rms, const int mom, const int shift, const int half, const int sr, const int plain) {
+    const int sm3 = kind == FB_SM3, factored = kind == FB_FACTORED;
     const float *restrict g32 = half ? NULL : (const float *)t->g + off;
     const uint16_t *restrict g16 = half ? (const uint16_t *)t->g + off : NULL;
     float *restrict p32 = half ? NULL : (float *)t->p + off;
     uint16_t *restrict p16 = half ? (uint16_t *)t->p + off : NULL;
     float *restrict m32 = mom == FB_MOM_F32 ? (float *)t->m + off : NULL;
     uint16_t *restrict m16 = mom == FB_MOM_BF16 ? (uint16_t *)t->m + off : NULL;
-    float *restrict v = sm3 ? NULL : t->acc + off;
+    float *restrict v = kind == FB_DENSE ? t->acc + off : NULL;
     const float eps = h->eps, beta = t->beta, omb = t->one_minus_beta;
     const float w = h->momentum_weight, decay = h->decay, neg_lr = h->neg_lr;
     /* fb_random's argument of the element, (sr_base + j) * mult + k0, as a linear induction variable: one
@@ -383,9 +388,9 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
     __builtin_prefetch((const void *)((uintptr_t)(half ? (void *)p16 : (void *)p32) + FB_AHEAD), 0, 3);
     if (mom == FB_MOM_F32) __builtin_prefetch((const void *)((uintptr_t)m32 + FB_AHEAD), 0, 3);
     if (mom == FB_MOM_BF16) __builtin_prefetch((const void *)((uintptr_t)m16 + FB_AHEAD), 0, 3);
-    float rowmax = -INFINITY;
+    float rowmax = -INFINITY, rowsum = 0.0f;
     int bad = 0;
-#pragma omp simd reduction(max : rowmax) reduction(| : bad) linear(x : mult)
+#pragma omp simd reduction(max : rowmax) reduction(+ : rowsum) reduction(| : bad) linear(x : mult)
     for (int j = 0; j < n; j++) {
         const float graw = half ? bf16_to_f32(g16[j]) : g32[j];
         float gj = shift ? sign * graw - mean : graw;
@@ -397,6 +402,8 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
         float prev;
         if (sm3) {
             prev = min_nonneg(a0, rest[j]);
+        } else if (factored) {
+            prev = a0 * rest[j];
         } else {
             prev = v[j];
         }
@@ -406,6 +413,9 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
             float c = col[j];
             col[j] = nu > c ? nu : c;
             rowmax = nu > rowmax ? nu : rowmax;
+        } else if (factored) {
+            col[j] += nu;
+            rowsum += nu;
         } else {
             v[j] = nu;
         }
@@ -444,11 +454,10 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
         x += mult;
     }
     *bad_out |= bad;
-    return rowmax;
+    return factored ? rowsum : rowmax;
 }
 
 static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
-    if (t->kind == FB_FACTORED) return 0; /* its tiles take second_moment_tile + update_tile */
     const int f32 = t->p_dtype == FB_F32 && t->g_dtype == FB_F32;
     const int bf16 = t->p_dtype == FB_BF16 && t->g_dtype == FB_BF16;
     if (!f32 && !bf16) return 0;
@@ -463,10 +472,12 @@ static inline int fast_tile_fits(const fb_task *t, int fast, int64_t off, int n)
     return (uint64_t)off >> 32 == (uint64_t)(off + n - 1) >> 32;
 }
 
-/* Returns the maximum of nu over the tile (SM3 tensors). */
+static inline int is_factored(const fb_task *t) { return t->kind == FB_FACTORED || t->kind == FB_FACTORED_2D; }
+
+/* Returns the maximum of nu over the tile (SM3 tensors) or its sum (factored tensors). */
 static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
                        const float *restrict rest, float *restrict col, int *restrict bad) {
-    const int sm3 = t->kind == FB_SM3, rms = (h->flags & FB_USE_RMS) != 0;
+    const int kind = is_factored(t) ? FB_FACTORED : t->kind, rms = (h->flags & FB_USE_RMS) != 0;
     const int half = t->p_dtype == FB_BF16, sr = half && t->stochastic, plain = half && h->decay == 1.0f;
     /* sign * g - mean is g itself for sign 1 and mean 0 (-0 included), so the shift is exact either way: the
      * bf16 tiles always take it, as second_moment_tile does, which halves their variants */
@@ -477,22 +488,24 @@ static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, 
     /* precision (0: fp32; 1, 2: bf16 to nearest, stochastically; 3, 4: the same without decay), then the
      * flags: a dense switch */
     const int prec = half ? 1 + sr + 2 * plain : 0;
-    const int variant = (((prec * 2 + sm3) * 2 + rms) * 2 + shift) * 3 + mom;
+    const int variant = (((prec * 3 + kind) * 2 + rms) * 2 + shift) * 3 + mom;
     switch (variant) {
-#define FB_CASE(PREC, SM3, RMS, SHIFT, MOM)                                                            \
-    case (((PREC * 2 + SM3) * 2 + RMS) * 2 + SHIFT) * 3 + MOM:                                        \
-        return fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, bad, sr_base, SM3, RMS, MOM, SHIFT, \
+#define FB_CASE(PREC, KIND, RMS, SHIFT, MOM)                                                           \
+    case (((PREC * 3 + KIND) * 2 + RMS) * 2 + SHIFT) * 3 + MOM:                                       \
+        return fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, bad, sr_base, KIND, RMS, MOM, SHIFT, \
                                  PREC > 0, PREC == 2 || PREC == 4, PREC >= 3);
-#define FB_CASES(PREC, SM3, RMS, SHIFT) \
-    FB_CASE(PREC, SM3, RMS, SHIFT, 0) FB_CASE(PREC, SM3, RMS, SHIFT, 1) FB_CASE(PREC, SM3, RMS, SHIFT, 2)
-#define FB_PREC(PREC)                                                                                  \
-    FB_CASES(PREC, 0, 0, 0) FB_CASES(PREC, 0, 0, 1) FB_CASES(PREC, 0, 1, 0) FB_CASES(PREC, 0, 1, 1)   \
-    FB_CASES(PREC, 1, 0, 0) FB_CASES(PREC, 1, 0, 1) FB_CASES(PREC, 1, 1, 0) FB_CASES(PREC, 1, 1, 1)
-#define FB_PREC_HALF(PREC) \
-    FB_CASES(PREC, 0, 0, 1) FB_CASES(PREC, 0, 1, 1) FB_CASES(PREC, 1, 0, 1) FB_CASES(PREC, 1, 1, 1)
+#define FB_CASES(PREC, KIND, RMS, SHIFT) \
+    FB_CASE(PREC, KIND, RMS, SHIFT, 0) FB_CASE(PREC, KIND, RMS, SHIFT, 1) FB_CASE(PREC, KIND, RMS, SHIFT, 2)
+#define FB_KIND(PREC, KIND) \
+    FB_CASES(PREC, KIND, 0, 0) FB_CASES(PREC, KIND, 0, 1) FB_CASES(PREC, KIND, 1, 0) FB_CASES(PREC, KIND, 1, 1)
+#define FB_KIND_HALF(PREC, KIND) FB_CASES(PREC, KIND, 0, 1) FB_CASES(PREC, KIND, 1, 1)
+#define FB_PREC(PREC) FB_KIND(PREC, 0) FB_KIND(PREC, 1) FB_KIND(PREC, 2)
+#define FB_PREC_HALF(PREC) FB_KIND_HALF(PREC, 0) FB_KIND_HALF(PREC, 1) FB_KIND_HALF(PREC, 2)
         FB_PREC(0) FB_PREC_HALF(1) FB_PREC_HALF(2) FB_PREC_HALF(3) FB_PREC_HALF(4)
 #undef FB_PREC_HALF
 #undef FB_PREC
+#undef FB_KIND_HALF
+#undef FB_KIND
 #undef FB_CASES
 #undef FB_CASE
     }
@@ -561,6 +574,9 @@ static void sm3_row(const fb_task *t, const fb_hyper *h, int64_t i, float *restr
     if (bad) flag_nonfinite(t);
 }
 
+/* Blocks of FB_SUM_ROWS rows of a factored task (its colmax holds that many rows of column sums). */
+static inline int64_t sum_blocks(const fb_task *t) { return (t->rows + FB_SUM_ROWS - 1) / FB_SUM_ROWS; }
+
 /* One row of a factored tensor: its nu summed into its block's column sums (the block's first row starts
  * them), and its mean the new a0[i]. */
 static void factored_row(const fb_task *t, const fb_hyper *h, int64_t i) {
@@ -570,17 +586,23 @@ static void factored_row(const fb_task *t, const fb_hyper *h, int64_t i) {
     const float mean = (h->flags & FB_CENTRALIZE) ? row_mean(t, base, sign, gbuf) : 0.0f;
     float *restrict col = t->colmax + (i / FB_SUM_ROWS) * R;
     if (i % FB_SUM_ROWS == 0) memset(col, 0, (size_t)R * sizeof(float));
+    const float *restrict rest = t->kind == FB_FACTORED_2D ? t->colmax + sum_blocks(t) * R : t->rest;
     const float a0 = t->acc[i];
+    const int fast = fast_tile_applies(t, h);
     int bad = 0;
     float lanes[FB_LANES] = {0};
     for (int64_t c = 0; c < R; c += FB_TILE) {
         int n = (int)(R - c < FB_TILE ? R - c : FB_TILE);
+        if (fast_tile_fits(t, fast, base + c, n)) { /* the tile's sum into lane 0, tile after tile */
+            lanes[0] += fast_tile(t, h, base + c, n, sign, mean, a0, rest + c, col + c, &bad);
+            continue;
+        }
         const float *g = grad_tile(t, base + c, n, gbuf);
         if (h->flags & FB_USE_RMS)
-            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c, NULL,
+            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, rest + c, col + c, NULL,
                                nubuf, ubuf, &bad, FB_FACTORED, 1);
         else
-            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, t->rest + c, col + c, NULL,
+            second_moment_tile(n, g, sign, mean, h->eps, t->beta, t->one_minus_beta, a0, rest + c, col + c, NULL,
                                nubuf, ubuf, &bad, FB_FACTORED, 0);
         int j = 0;
         for (; j + FB_LANES <= n; j += FB_LANES)
@@ -617,6 +639,17 @@ static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int6
     if (bad) flag_nonfinite(t);
 }
 
+/* rest = a1 / S, S = mean(a0) (summed in row order), 0 everywhere while S is 0, into the tail of colmax:
+ * before any row changes a0. fusedbun/factored.py's factored_rest, for a matrix. */
+static void factored_rest_2d(const fb_task *t) {
+    float *restrict rest = t->colmax + sum_blocks(t) * t->row_len;
+    const float *restrict a1 = t->rest;
+    double sum = 0.0;
+    for (int64_t i = 0; i < t->rows; i++) sum += (double)t->acc[i];
+    const float scale = (float)(sum / (double)t->rows);
+    for (int64_t j = 0; j < t->row_len; j++) rest[j] = scale > 0.0f ? a1[j] / scale : 0.0f;
+}
+
 /* ---- the work split and the threads --------------------------------------------------------------- */
 
 typedef struct {
@@ -643,7 +676,7 @@ static int64_t first_row(const fb_plan *plan, const fb_task *t, int64_t elem_off
     int64_t x = start - elem_offset;
     if (x <= 0) return 0;
     int64_t r = (x + t->row_len - 1) / t->row_len;
-    if (t->kind == FB_FACTORED) r = (r + FB_SUM_ROWS - 1) / FB_SUM_ROWS * FB_SUM_ROWS;
+    if (is_factored(t)) r = (r + FB_SUM_ROWS - 1) / FB_SUM_ROWS * FB_SUM_ROWS;
     return r < t->rows ? r : t->rows;
 }
 
@@ -659,7 +692,7 @@ static void *run_worker(void *arg) {
                 float *col = plan->scratch + (int64_t)w->thread * plan->total_cols + col_offset;
                 for (int64_t j = 0; j < t->row_len; j++) col[j] = -INFINITY;
                 for (int64_t i = r0; i < r1; i++) sm3_row(t, plan->h, i, col);
-            } else if (t->kind == FB_FACTORED) {
+            } else if (is_factored(t)) {
                 for (int64_t i = r0; i < r1; i++) factored_row(t, plan->h, i);
             } else {
                 dense_range(t, plan->h, r0, r1);
@@ -681,6 +714,7 @@ int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h, float
     for (int64_t k = 0; k < ntasks; k++) {
         plan.total_elems += tasks[k].rows * tasks[k].row_len;
         if (tasks[k].kind == FB_SM3) plan.total_cols += tasks[k].row_len;
+        if (tasks[k].kind == FB_FACTORED_2D) factored_rest_2d(&tasks[k]);
     }
 #ifdef _OPENMP
     /* torch's own OpenMP runtime (the loader checks that this library shares it): its worker threads,
@@ -729,13 +763,18 @@ int fb_fused_step(const fb_task *tasks, int64_t ntasks, const fb_hyper *h, float
                 }
             }
             col_offset += t->row_len;
-        } else if (t->kind == FB_FACTORED) {
+        } else if (is_factored(t)) {
             /* The blocks' column sums, added in block order into the first block's. */
-            const int64_t R = t->row_len, blocks = (t->rows + FB_SUM_ROWS - 1) / FB_SUM_ROWS;
+            const int64_t R = t->row_len, blocks = sum_blocks(t);
+            float *restrict dst = t->colmax;
             for (int64_t b = 1; b < blocks; b++) {
                 const float *restrict src = t->colmax + b * R;
-                float *restrict dst = t->colmax;
                 for (int64_t j = 0; j < R; j++) dst[j] += src[j];
+            }
+            if (t->kind == FB_FACTORED_2D) { /* the new a1: the means over the rows */
+                float *restrict a1 = (float *)t->rest;
+                const float rows = (float)t->rows;
+                for (int64_t j = 0; j < R; j++) a1[j] = dst[j] / rows;
             }
         }
         elem_offset += t->rows * t->row_len;

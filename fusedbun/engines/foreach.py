@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fusedbun.adalite import GRAD_LIMIT, decoupled_weight_decay_, momentum_
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
-from fusedbun.factored import factored_rest
+from fusedbun.factored import factored_column_means_, factored_rest
 from fusedbun.hessian import masked_ema
 from fusedbun.rounding import stochastic_round_at
 
@@ -151,11 +151,7 @@ def _factored_tensor_(
         if find:
             usable_blocks.append(usable.all())
 
-    numel = p.numel()
-    for k, a in enumerate(accs[1:], start=1):
-        others = tuple(j for j in dims[1:] if j != k)
-        total = column_sums.sum(dim=others, keepdim=True) if others else column_sums
-        a.copy_(total / (numel // p.shape[k]))
+    factored_column_means_(accs[1:], column_sums, tuple(p.shape))
     return torch.stack(usable_blocks).all().logical_not() if find else None
 
 

@@ -12,11 +12,12 @@ Whole-tensor PyTorch ops move several times that. This engine runs the step as o
   per row it keeps the maximum (the new ``a0[i]``), per thread the column maxima (``R`` numbers), which
   are combined after the pass and reduced here to the new ``a_k``, ``k >= 1`` (O(R)). With centralization
   the row mean is taken first; that second read of a row comes from cache.
-- With ``cover="factored"`` (:mod:`fusedbun.factored`) ``rest`` is ``prod_{k>=1} a_k / S^(d-1)`` and
-  ``prev = a0[i] * rest[j]``; the new ``a0[i]`` is the row's mean of ``nu``, and the column sums are kept
-  per block of ``SUM_ROWS`` rows, each block summed in row order, then the blocks in block order, so the
-  result does not depend on the thread count (threads take whole blocks). The new ``a_k``, ``k >= 1``,
-  are their means here (O(R)). These tensors take the kernel's general tile loop, not its fast one.
+- With ``cover="factored"`` (:mod:`fusedbun.factored`) ``rest`` is ``prod_{k>=1} a_k / S^(d-1)`` (for a
+  matrix the kernel forms ``a1 / S`` itself, and writes the new ``a1``) and ``prev = a0[i] * rest[j]``.
+  The new ``a0[i]`` is the row's mean of ``nu``, and the column sums are kept per block of ``SUM_ROWS``
+  rows, each block summed in row order, then the blocks in block order, so the result does not depend on
+  the thread count (threads take whole blocks). The new ``a_k``, ``k >= 1``, of a tensor of 3 or more
+  dims are their means here (O(R)).
 - A 0-D or 1-D tensor has a dense second moment ``v``: ``prev = v``, and ``nu`` is written back.
 - Rows are split among ``torch.get_num_threads()`` threads inside the C call, in contiguous ranges of
   about equal element counts. The kernel is built with ``-fopenmp`` and must then bind to the OpenMP
@@ -53,7 +54,7 @@ from fusedbun.adalite import GRAD_LIMIT
 from fusedbun.engines._cbuild import BuildError, SharedLibrary, cache_dir, find_compiler
 from fusedbun.engines.common import StepHyper, StepTensors
 from fusedbun.engines.foreach import foreach_fusion
-from fusedbun.factored import factored_rest
+from fusedbun.factored import factored_column_means_, factored_rest
 from fusedbun.hessian import hessian_decay
 
 __all__ = [
@@ -74,7 +75,7 @@ ABI_VERSION = 7
 _MIN_ELEMS_PER_THREAD = 1 << 16  # below this a thread costs more to start than it saves
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_DENSE, _SM3, _FACTORED = 0, 1, 2
+_DENSE, _SM3, _FACTORED, _FACTORED_2D = 0, 1, 2, 3
 SUM_ROWS = 32
 """Rows per block of a factored tensor's column sums (the kernel's ``FB_SUM_ROWS``): its scratch is
 ``ceil(rows / SUM_ROWS) * row_len`` floats, about 3% of the tensor."""
@@ -267,7 +268,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     tasks = (_Task * len(fused))()
     keep_alive: list[Tensor] = []  # temporaries the kernel reads or writes, alive until it returns
     reduce_after: list[tuple[Tensor, list[Tensor]]] = []  # (column maxima, accumulators of dims >= 1) for 3-D+
-    means_after: list[tuple[Tensor, list[Tensor], int]] = []  # factored: (column sums, accumulators, numel)
+    means_after: list[tuple[Tensor, list[Tensor], tuple]] = []  # factored: (column sums, accumulators, shape)
     factored = hyper.factored
     written: list[Tensor] = steps.copy()  # what the kernel writes through raw pointers (see below)
     n, total, cols = 0, 0, 0
@@ -296,13 +297,22 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             acc, rest_ptr, colmax_ptr = hess.data_ptr(), None, None
         elif factored:
             rows = p.shape[0]
-            kind, row_len = _FACTORED, numel // rows
+            row_len = numel // rows
             acc = hess[0].data_ptr()
-            rest = factored_rest(hess).expand((1, *p.shape[1:])).contiguous()
-            sums = torch.empty(-(-rows // SUM_ROWS) * row_len, dtype=torch.float32)
-            keep_alive += [rest, sums]
-            rest_ptr, colmax_ptr = rest.data_ptr(), sums.data_ptr()
-            means_after.append((sums[:row_len].view(p.shape[1:]), hess[1:], numel))
+            blocks = -(-rows // SUM_ROWS)
+            if dim == 2:  # the kernel forms rest = a1 / S itself (into the buffer's tail) and writes the new a1
+                kind = _FACTORED_2D
+                sums = torch.empty((blocks + 1) * row_len, dtype=torch.float32)
+                rest_ptr = hess[1].data_ptr()
+            else:
+                kind = _FACTORED
+                rest = factored_rest(hess).expand((1, *p.shape[1:])).contiguous()
+                sums = torch.empty(blocks * row_len, dtype=torch.float32)
+                keep_alive.append(rest)
+                rest_ptr = rest.data_ptr()
+                means_after.append((sums[:row_len], hess[1:], tuple(p.shape)))
+            keep_alive.append(sums)
+            colmax_ptr = sums.data_ptr()
         else:
             rows = p.shape[0]
             kind, row_len = _SM3, numel // rows
@@ -369,12 +379,8 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     if not 1 <= used <= nthreads:
         raise RuntimeError(f"the fused CPU kernel reports {used} threads for {n} tasks on {nthreads} threads")
 
-    for column_sums, accs, numel in means_after:
-        d = column_sums.dim()
-        for k, a in enumerate(accs):  # a is the accumulator of dim k + 1
-            others = tuple(j for j in range(d) if j != k)
-            total = column_sums.sum(dim=others, keepdim=True) if others else column_sums
-            a.copy_((total / (numel // column_sums.shape[k])).unsqueeze(0))
+    for column_sums, accs, shape in means_after:
+        factored_column_means_(accs, column_sums, shape)
     for colmax, accs in reduce_after:
         d = colmax.dim()
         for k, a in enumerate(accs):  # a is the accumulator of dim k + 1

@@ -35,7 +35,7 @@ from torch import Tensor
 from fusedbun.adalite import centralize as centralize_grad
 from fusedbun.adalite import decoupled_weight_decay_, eps_mask, momentum_, nonfinite_entries, rms_normalize
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, signed_gradient, stack_flags, step_decay
-from fusedbun.factored import factored_rest
+from fusedbun.factored import factored_column_means_, factored_rest
 from fusedbun.hessian import masked_ema
 from fusedbun.rounding import flat_index, stochastic_round_at
 from fusedbun.sm3 import sm3_min
@@ -144,8 +144,5 @@ def _factored_rows_(acc: list[Tensor], rows: Tensor, g: Tensor, mask: Tensor, *,
     column_sums = nu.sum(dim=0, keepdim=True) + rest * absent_sum
     a0.copy_(torch.where(present, 0.0, a0 * rest.mean()))  # absent rows: the mean of their carried-over prev
     a0[rows] = nu.mean(dim=dims[1:]).view(-1)
-    for k in range(1, len(acc)):
-        others = tuple(j for j in dims[1:] if j != k)
-        total = column_sums.sum(dim=others, keepdim=True) if others else column_sums
-        acc[k].copy_(total / (numel // g.shape[k]))
+    factored_column_means_(acc[1:], column_sums, (n0, *g.shape[1:]))
     return nu

@@ -28,13 +28,13 @@ are masked like entries at or below ``eps`` (:func:`fusedbun.adalite.eps_mask`).
 sets its tensor's entry of ``flags`` (int32, at the position the table names, zeroed by the host) to 1:
 a plain store of the same value from any number of programs, so no atomic is needed.
 
-With ``FACTORED`` (``cover="factored"``, :mod:`fusedbun.factored`) a tensor of 2 or more dims is seen as
-the matrix ``(n0, C)``: the host passes ``rest = prod_{k>=1} a_k / S^(d-1)`` as its one column
-accumulator, ``prev = a0[row] * rest[col]``, and the new accumulators are means, whose sums must not
-depend on the order in which programs finish. So no atomics: each program stores the sums of ``nu`` over
-its columns for each of its rows (one slot per row and column block) and over its rows for each of its
-columns (one slot per column and row block), each reduced in a fixed order inside the program; the host
-adds the slots in order and divides.
+With ``FACTORED`` (``cover="factored"``, :mod:`fusedbun.factored`) the column side of ``prev`` is the
+product of ``a_k / S`` over ``k >= 1`` instead of their minimum, ``S = mean(a0)`` written for each tensor
+by :func:`factored_scale_kernel` before the step, and ``prev = a0[row] * that``. The new accumulators are
+means, whose sums must not depend on the order in which programs finish, so no atomics: each program
+stores the sums of ``nu`` over its columns for each of its rows (one slot per row and column block) and
+over its rows for each of its columns (one slot per column and row block), each reduced in a fixed order
+inside the program; :func:`factored_finish_kernel` then adds the slots in order and divides.
 
 A 0-D or 1-D tensor keeps a dense ``v``: ``prev = v``, and ``nu`` is written back in place. It is viewed as
 rows of ``BC`` numbers (the last row masked), so the same walk serves.
@@ -55,6 +55,7 @@ from fusedbun.engines.triton_plan import (
     ACC0_NEW,
     ACC0_OLD,
     BETA,
+    COL_SUMS,
     COLS,
     DIM_BASE,
     DIM_SLOTS,
@@ -66,6 +67,7 @@ from fusedbun.engines.triton_plan import (
     ROUND_K0,
     ROUND_K1,
     ROWS,
+    SCALE,
     G,
     M,
     P,
@@ -78,6 +80,7 @@ _BETA, _ONE_MINUS_BETA, _ACC0_OLD, _ACC0_NEW, _FLAG = (
     tl.constexpr(v) for v in (BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG)
 )
 _ROUND_K0, _ROUND_K1 = tl.constexpr(ROUND_K0), tl.constexpr(ROUND_K1)
+_SCALE, _COL_SUMS = tl.constexpr(SCALE), tl.constexpr(COL_SUMS)
 _GRAD_LIMIT = tl.constexpr(GRAD_LIMIT)
 _DIM_BASE, _DIM_SLOTS, _META_WIDTH = tl.constexpr(DIM_BASE), tl.constexpr(DIM_SLOTS), tl.constexpr(META_WIDTH)
 
@@ -253,7 +256,7 @@ def fusion_step_kernel(
     PREFETCH: tl.constexpr,  # issue the next block's loads before working on the current one
     PER_TENSOR_BETA: tl.constexpr,  # beta_t from the table (step counts differ), else the arguments
     STOCHASTIC: tl.constexpr,  # round p (bf16, fp16) stochastically, with the table's stream keys
-    FACTORED: tl.constexpr = False,  # NDIM == 2 only: prev = a0 * rest, and the sums of nu into slots
+    FACTORED: tl.constexpr = False,  # cover="factored": prev = a0 * prod(a_k / S), the sums of nu into slots
 ):
     pid = tl.program_id(0)
     tensor = tl.load(tiles + 3 * pid).to(tl.int64)
@@ -287,11 +290,22 @@ def fusion_step_kernel(
         prev_ptr = f32_base + _offset(row, _ACC0_OLD, 0)  # the old a0
         acc0_new = i32_base + _offset(row, _ACC0_NEW, 0)
         # The column side of prev: min over k >= 1 of a_k at each column's index along dim k.
-        col_prev = tl.full([BC], float("inf"), tl.float32)
+        # (factored: the product of a_k / S, the reference's order; 0 while S is 0 and outside the tensor)
+        if FACTORED:
+            scale = tl.load(i32_base + tl.load(row + _SCALE)).to(tl.float32, bitcast=True)
+            safe = tl.where(scale > 0, scale, 1.0)
+            col_prev = tl.full([BC], 1.0, tl.float32)
+        else:
+            col_prev = tl.full([BC], float("inf"), tl.float32)
         for k in tl.static_range(1, NDIM):
             acc_k = f32_base + _offset(row, _DIM_BASE + _DIM_SLOTS * (k - 1) + 2, 0)
             index = _dim_index(row, cols, k, NDIM)
-            col_prev = tl.minimum(col_prev, tl.load(acc_k + index, mask=col_ok, other=float("inf")))
+            if FACTORED:
+                col_prev = col_prev * (tl.load(acc_k + index, mask=col_ok, other=0.0) / safe)
+            else:
+                col_prev = tl.minimum(col_prev, tl.load(acc_k + index, mask=col_ok, other=float("inf")))
+        if FACTORED:
+            col_prev = tl.where(scale > 0, col_prev, 0.0)
         col_acc = tl.zeros([BR, BC], tl.float32)
     if CENTRALIZE:
         mean_ptr = f32_base + _offset(row, _MEAN, 0)
@@ -339,8 +353,8 @@ def fusion_step_kernel(
 
         if NDIM == 1:
             prev = a
-        elif FACTORED:  # rows and columns outside the tensor load as inf: 0 instead, so no inf * 0 is formed
-            prev = tl.where(row_ok, a, 0.0)[:, None] * tl.where(col_ok, col_prev, 0.0)[None, :]
+        elif FACTORED:  # rows outside the tensor load as inf: 0 instead, so no inf * 0 is formed
+            prev = tl.where(row_ok, a, 0.0)[:, None] * col_prev[None, :]
         else:
             prev = tl.minimum(a[:, None], col_prev[None, :])
         nu = tl.where(keep, prev * beta + one_minus_beta * (g * g), prev)
@@ -386,11 +400,66 @@ def fusion_step_kernel(
     tl.store(flags + tl.load(row + _FLAG), bad, mask=bad > 0)
     if FACTORED:
         col_sum = tl.sum(col_acc, axis=0).to(tl.int32, bitcast=True)
-        acc_1_sums = i32_base + _offset(row, _DIM_BASE + 3, 0)
-        tl.store(acc_1_sums + row_block * n_cols + cols, col_sum, mask=col_ok)
+        col_sums = i32_base + _offset(row, _COL_SUMS, 0)
+        tl.store(col_sums + row_block * n_cols + cols, col_sum, mask=col_ok)
     elif NDIM >= 2:
         col_bits = tl.max(col_acc, axis=0).to(tl.int32, bitcast=True)
         for k in tl.static_range(1, NDIM):
             acc_k_new = i32_base + _offset(row, _DIM_BASE + _DIM_SLOTS * (k - 1) + 3, 0)
             index = _dim_index(row, cols, k, NDIM)
             tl.atomic_max(acc_k_new + index, col_bits, mask=col_ok, sem="relaxed")
+
+
+@triton.jit
+def factored_scale_kernel(meta, f32_base, sums, BLOCK: tl.constexpr):
+    """``S = mean(a0)`` of tensor ``program_id(0)`` of a launch into ``sums`` at its ``SCALE`` slot: the
+    blocks of ``a0`` added in order, each reduced in a fixed order (cover="factored")."""
+    row = meta + tl.program_id(0).to(tl.int64) * _META_WIDTH
+    n_rows = tl.load(row + _ROWS)
+    a0 = f32_base + tl.load(row + _ACC0_OLD)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for r0 in range(0, n_rows, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        acc += tl.load(a0 + rows, mask=rows < n_rows, other=0.0)
+    tl.store(sums + tl.load(row + _SCALE), tl.sum(acc, axis=0) / n_rows.to(tl.float32))
+
+
+@triton.jit
+def factored_finish_kernel(
+    meta,
+    f32_base,
+    sums,
+    row_chunks,  # programs along axis 1 below this one reduce row sums, the others column sums
+    NDIM: tl.constexpr,
+    ROWS_PER_TILE: tl.constexpr,
+    BC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The new factored accumulators of tensor ``program_id(0)`` from the step's slots, each added in slot
+    order: ``a0`` (the rows' sums over the column blocks, divided by the row length) and, for a 2-D tensor,
+    ``a1`` (the columns' sums over the row blocks, divided by the rows); a tensor of more dims keeps its
+    column sums in the first row of its slots, for the host to reduce to each ``a_k``."""
+    row = meta + tl.program_id(0).to(tl.int64) * _META_WIDTH
+    chunk = tl.program_id(1)
+    n_rows = tl.load(row + _ROWS)
+    n_cols = tl.load(row + _COLS)
+    if chunk < row_chunks:
+        rows = chunk * BLOCK + tl.arange(0, BLOCK)
+        ok = rows < n_rows
+        slots = sums + tl.load(row + _ACC0_NEW)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for cb in range(0, tl.cdiv(n_cols, BC)):
+            acc += tl.load(slots + cb * n_rows + rows, mask=ok, other=0.0)
+        tl.store(f32_base + tl.load(row + _ACC0_OLD) + rows, acc / n_cols.to(tl.float32), mask=ok)
+    else:
+        cols = (chunk - row_chunks) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        slots = sums + tl.load(row + _COL_SUMS)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for rb in range(0, tl.cdiv(n_rows, ROWS_PER_TILE)):
+            acc += tl.load(slots + rb * n_cols + cols, mask=ok, other=0.0)
+        if NDIM == 2:
+            a1 = f32_base + tl.load(row + _DIM_BASE + 2)
+            tl.store(a1 + cols, acc / n_rows.to(tl.float32), mask=ok)
+        else:
+            tl.store(slots + cols, acc, mask=ok)

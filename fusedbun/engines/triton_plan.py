@@ -18,13 +18,15 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from fusedbun.factored import factored_means_, factored_rest
+from fusedbun.factored import factored_column_means_
 
 __all__ = ["KernelConfig", "CONFIG", "MAX_NDIM", "META_WIDTH", "step_plan", "kernel_takes"]
 
 # Layout of a row of the meta table (int64 slots). Locations are element offsets from the base pointers.
 P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG, ROUND_K0, ROUND_K1 = range(14)
-DIM_BASE = 14  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
+# cover="factored": where the tensor's S = mean(a0) is written for the step, and where its column sums go
+SCALE, COL_SUMS = 14, 15
+DIM_BASE = 16  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
 DIM_SLOTS = 4
 MAX_NDIM = 6
 META_WIDTH = DIM_BASE + DIM_SLOTS * (MAX_NDIM - 1)
@@ -35,6 +37,7 @@ _MAX_PLANS = 16  # plans of whole lists (a step() of a param group): a few per o
 # needs N of them every step. A plan's device memory is its table and O(n+m) scratch, so even thousands
 # of one-tensor plans hold about as much as the SM3 accumulators they serve.
 _MAX_SINGLE_PLANS = 4096
+_FINISH_BLOCK = 1024  # numbers per program of the factored cover's scale and finishing kernels
 
 
 class KernelConfig:
@@ -147,16 +150,17 @@ class _Plan:
         self.has_momentum = m0 is not None
         self.flags = flags  # int32, one per tensor of the step's list; the kernel sets a tensor's at its position
         self.new_accs = self.means = self.rest = None
-        # factored (cover="factored"; the kernel sees each tensor as (n0, C), ndim 2): per tensor its
-        # accumulators, its rest (C numbers, set before each launch), and its slots of row and column sums
+        # factored (cover="factored"): per tensor its S, its slots of row sums (one per row and column block)
+        # and of column sums (one per column and row block), all in new_accs; tensors of 3+ dims also keep
+        # (column sums, accumulators, shape) for the host's reduction to a_k, k >= 1
         self.factored = factored and not dense
         self.factored_jobs: list[tuple] = []
         if self.factored:
             sizes = [self._factored_slots(item[0], bc) for item in items]
-            self.new_accs = torch.empty(sum(r + c for r, c in sizes), dtype=torch.float32, device=device)
-            self.rest = torch.empty(
-                sum(item[0].numel() // item[0].shape[0] for item in items), dtype=torch.float32, device=device
-            )
+            self.new_accs = torch.empty(len(items) + sum(r + c for r, c in sizes), dtype=torch.float32, device=device)
+            self.row_chunks = max(-(-item[0].shape[0] // _FINISH_BLOCK) for item in items)
+            col_chunks = max(-(-(item[0].numel() // item[0].shape[0]) // _FINISH_BLOCK) for item in items)
+            self.finish_grid = (len(items), self.row_chunks + col_chunks, 1)
         elif not dense:
             self.new_accs = torch.zeros(
                 sum(a.numel() for item in items for a in item[3]), dtype=torch.float32, device=device
@@ -170,8 +174,9 @@ class _Plan:
         table: list[int] = []
         grid_rows, grid_cols = [], []
         self.copy_src, self.mean_jobs = [], []
-        acc_pos = mean_pos = rest_pos = 0
-        for (p, g, m, hess), position in zip(items, positions):
+        acc_pos = len(items) if self.factored else 0  # a factored plan's S come first
+        mean_pos = 0
+        for t_index, ((p, g, m, hess), position) in enumerate(zip(items, positions)):
             row = [0] * tk.META_WIDTH
             row[tk.P], row[tk.G], row[tk.FLAG] = p_off(p), g_off(g), position
             if self.has_momentum:
@@ -180,23 +185,6 @@ class _Plan:
                 rows, cols = -(-p.numel() // bc), bc
                 cols_aligned &= p.numel() % 16 == 0
                 row[tk.ACC0_OLD] = f_off(hess)
-            elif self.factored:
-                rows, cols = p.shape[0], p.numel() // p.shape[0]
-                cols_aligned &= cols % 16 == 0
-                row_slots, col_slots = self._factored_slots(p, bc)
-                rest = self.rest[rest_pos : rest_pos + cols]
-                row[tk.ACC0_OLD], row[tk.ACC0_NEW] = f_off(hess[0]), acc_pos
-                row[tk.DIM_BASE : tk.DIM_BASE + 4] = [cols, 1, f_off(rest), acc_pos + row_slots]
-                sums = self.new_accs[acc_pos : acc_pos + row_slots + col_slots]
-                self.factored_jobs.append(
-                    (rest, sums[:row_slots].view(-1, rows), sums[row_slots:].view(-1, cols), tuple(p.shape))
-                )
-                acc_pos += row_slots + col_slots
-                rest_pos += cols
-                if self.centralize:
-                    row[tk.MEAN] = f_off(self.means[mean_pos:])
-                    self.mean_jobs.append((rows, cols, self.means[mean_pos : mean_pos + rows]))
-                    mean_pos += rows
             else:
                 rows, cols = p.shape[0], p.numel() // p.shape[0]
                 cols_aligned &= cols % 16 == 0
@@ -209,8 +197,16 @@ class _Plan:
                     base = tk.DIM_BASE + tk.DIM_SLOTS * (k - 1)
                     row[base : base + 4] = [p.shape[k], stride, f_off(hess[k]), pos]
                     pos += sizes[k]
-                acc_pos += sum(sizes)
-                self.copy_src.extend(v.view_as(a) for v, a in zip(views, hess))
+                if self.factored:  # the slots of the sums take the place of the new maxima
+                    row_slots, col_slots = self._factored_slots(p, bc)
+                    row[tk.SCALE], row[tk.COL_SUMS] = t_index, acc_pos + row_slots
+                    if p.dim() > 2:
+                        col_sums = self.new_accs[acc_pos + row_slots : acc_pos + row_slots + cols]
+                        self.factored_jobs.append((col_sums, hess[1:], tuple(p.shape)))
+                    acc_pos += row_slots + col_slots
+                else:
+                    acc_pos += sum(sizes)
+                    self.copy_src.extend(v.view_as(a) for v, a in zip(views, hess))
                 if self.centralize:
                     row[tk.MEAN] = f_off(self.means[mean_pos:])
                     self.mean_jobs.append((rows, cols, self.means[mean_pos : mean_pos + rows]))
@@ -222,6 +218,7 @@ class _Plan:
         pinned = device.type == "cuda"
         self.meta = _to_device(torch.tensor(table, dtype=torch.int64, pin_memory=pinned), device)
         self.meta = self.meta.view(len(items), tk.META_WIDTH)
+        self.grid_tensors = len(items)
         self.tiles = _to_device(_tile_table(grid_rows, grid_cols, pinned), device)
         self.grid = (sum(r * c for r, c in zip(grid_rows, grid_cols)), 1, 1)
         self.shifts = dict(
@@ -268,8 +265,11 @@ class _Plan:
         the offsets), ``grads`` and ``hessians`` the current lists (for the row means and the copy back)."""
         for (rows, cols, out), g in zip(self.mean_jobs, grads):
             torch.mean(g.view(rows, cols), dim=1, dtype=torch.float32, out=out)
-        for (rest, *_), hess in zip(self.factored_jobs, hessians):
-            rest.copy_(factored_rest(hess).view(-1))
+        tk = _kernels()
+        if self.factored:  # S = mean(a0) of every tensor, before any program changes an a0
+            tk.factored_scale_kernel[(self.grid_tensors, 1, 1)](
+                self.meta, h0[0], self.new_accs, BLOCK=_FINISH_BLOCK, num_warps=4
+            )
         f32_base = h0 if self.ndim == 1 else h0[0]
         lr = float(hyper.lr)
         args = (
@@ -294,11 +294,10 @@ class _Plan:
         if compiled is not None:
             try:  # the launcher takes every argument in signature order, constexprs included (Triton 3.x)
                 compiled[0][self.grid](*args, *compiled[1])
-                return self._copy_back(hessians)
+                return self._copy_back(hessians, f32_base)
             except (TypeError, IndexError, AttributeError, KeyError) as exc:  # another Triton's launcher
                 self.direct_launch = False
                 _warn_direct_launch_failed(exc)
-        tk = _kernels()
         constexprs = dict(
             NDIM=self.ndim,
             HAS_MOMENTUM=self.has_momentum,
@@ -320,12 +319,23 @@ class _Plan:
         else:
             names = tk.fusion_step_kernel.arg_names
             self.compiled[variant] = (compiled, tuple(constexprs[n] for n in names[len(args) :]))
-        self._copy_back(hessians)
+        self._copy_back(hessians, f32_base)
 
-    def _copy_back(self, hessians) -> None:
+    def _copy_back(self, hessians, f32_base) -> None:
         if self.factored:  # the slots added in order (a fixed-order reduction), then divided: the new means
-            for (_, row_sums, col_sums, shape), hess in zip(self.factored_jobs, hessians):
-                factored_means_(hess, row_sums.sum(dim=0), col_sums.sum(dim=0), shape)
+            _kernels().factored_finish_kernel[self.finish_grid](
+                self.meta,
+                f32_base,
+                self.new_accs,
+                self.row_chunks,
+                NDIM=self.ndim,
+                ROWS_PER_TILE=self.rows_per_tile,
+                BC=self.bc,
+                BLOCK=_FINISH_BLOCK,
+                num_warps=4,
+            )
+            for col_sums, accs, shape in self.factored_jobs:  # 3+ dims: the column sums to each a_k, k >= 1
+                factored_column_means_(accs, col_sums, shape)
         elif self.new_accs is not None:  # the new maxima over the accumulators; zero for the next step
             torch._foreach_copy_([a for h in hessians for a in h], self.copy_src)
             self.new_accs.zero_()
@@ -359,7 +369,7 @@ class _Layout:
     """The slot numbers above, as attributes (``tk.P``), for the table builders."""
 
     P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA = P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA
-    ROUND_K0, ROUND_K1 = ROUND_K0, ROUND_K1
+    ROUND_K0, ROUND_K1, SCALE, COL_SUMS = ROUND_K0, ROUND_K1, SCALE, COL_SUMS
     ACC0_OLD, ACC0_NEW, FLAG, DIM_BASE, DIM_SLOTS, META_WIDTH = (
         ACC0_OLD,
         ACC0_NEW,
@@ -404,8 +414,8 @@ class _StepPlan:
                 continue  # nothing to update; its accumulators cover nothing (as in the reference)
             if p.dim() <= 1:
                 ndim, bc = 1, config.dense_cols
-            else:  # a factored tensor is seen as the matrix (n0, C), whatever its dims
-                ndim, bc = 2 if factored else p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
+            else:
+                ndim, bc = p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
             key = (p.device, p.dtype, g.dtype, None if m is None else m.dtype, bc, ndim)
             groups.setdefault(key, []).append(i)
         self.launches = []
