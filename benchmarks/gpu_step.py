@@ -356,6 +356,12 @@ def main() -> None:
                 16,
             ),
             (
+                "fusedbun fused fp32 momentum, cover='factored' (step)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, cover="factored"),
+                k,
+                20,
+            ),
+            (
                 "fusedbun fused fp32 momentum, nonfinite='skip' (step)",
                 lambda ps: FusionOptimizer(ps, lr=lr, fused=True, nonfinite="skip"),
                 k,
@@ -390,6 +396,12 @@ def main() -> None:
             (
                 "fusedbun fused bf16 p/g/m, stochastic rounding (step)",
                 lambda ps: FusionOptimizer(ps, lr=lr, fused=True, stochastic_rounding=True),
+                dict(**k, **bf16),
+                10,
+            ),
+            (
+                "fusedbun fused bf16 p/g/m, stochastic rounding, cover='factored' (step)",
+                lambda ps: FusionOptimizer(ps, lr=lr, fused=True, stochastic_rounding=True, cover="factored"),
                 dict(**k, **bf16),
                 10,
             ),
