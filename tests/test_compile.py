@@ -138,3 +138,21 @@ def test_skip_mode_still_compiles_with_its_check_outside_the_graph():
     compiled, eager, frames = run_compiled(4, "eager", dict(lr=1e-2, nonfinite="skip"))
     assert frames[-1] == frames[1], f"graphs compiled after each step: {frames}"
     assert_same_training(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [None, False], ids=["default-engine", "reference-engine"])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_factored_cover_compiles_as_one_graph_that_never_recompiles(foreach, backend):
+    # cover="factored" is a hyperparameter like the others: the same single graph, no recompiles as the
+    # step count grows, and the eager step's numbers (its means are fp32 sums, so to fp32 rounding).
+    opts = dict(lr=1e-2, use_rms=True, cover="factored", foreach=foreach)
+    compiled, eager, frames = run_compiled(5, backend, opts)
+    assert frames[0] >= 1
+    assert frames[-1] == frames[0], f"graphs compiled after each step: {frames}"
+    assert_same_training(compiled, eager, rtol=1e-5, atol=1e-7)
+    model = make_model()
+    opt = FusionOptimizer(model.parameters(), **opts)
+    step = torch.compile(opt.step, backend="eager", fullgraph=True)  # raises on any graph break
+    for t in range(2):
+        set_fresh_grads([model], t)
+        step()
