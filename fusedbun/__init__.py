@@ -3,7 +3,8 @@
 ``FusionOptimizer`` (also exported as ``Fusedbun``) fuses SM3's O(n+m) second-moment accumulator with
 Adalite's gradient centralization, momentum, decoupled weight decay and RMS normalization, and masks
 entries at or below ``eps`` out of each update (sparse updates); the second moment is an EMA of squared
-gradients with Adafactor's decay schedule.
+gradients with Adafactor's decay schedule. With ``cover="factored"`` the same O(n+m) numbers hold Adafactor's
+rank-one fit of the second moment instead of SM3's bound.
 """
 
 from fusedbun.adalite import (
