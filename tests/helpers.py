@@ -44,6 +44,15 @@ def accumulators(state) -> list[torch.Tensor]:
     return list(h) if isinstance(h, (list, tuple)) else [h]
 
 
+def state_tensors(opt, p) -> list[torch.Tensor]:
+    """The tensors of ``p``'s optimizer state, key by key in sorted order (lists of accumulators flattened)."""
+    out = []
+    for key in sorted(opt.state[p]):
+        value = opt.state[p][key]
+        out += list(value) if isinstance(value, (list, tuple)) else [value]
+    return out
+
+
 def make_params(seed: int, shapes=SHAPES, dtype=torch.float32) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in shapes]

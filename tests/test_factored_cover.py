@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from conftest import AVAILABLE_ENGINES, FUSED_CPU_REASON
-from helpers import assert_same_run, assert_tree_equal, clone_params, launch, make_params, run
+from helpers import assert_same_run, assert_tree_equal, clone_params, launch, make_params, run, state_tensors
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rule_check import (
@@ -48,12 +48,12 @@ from rule_check import (
     dtype_id,
     group_hp,
     group_of,
-    half_ulp,
     hessian_of,
     make_grad,
     set_grad,
     shape_id,
     steps_taken,
+    verify,
 )
 from spec_reference import (
     RefState,
@@ -131,47 +131,13 @@ def check_hessian(opt, e: Expectation, what: str = "") -> None:
 
 def check(opt, e: Expectation, what: str = "", rows: torch.Tensor | None = None) -> None:
     """Call after ``opt.step()``: step count, accumulators, momentum and parameter match the oracle
-    (``rule_check.verify``'s reading of "fp32 arithmetic, one rounding to the parameter dtype", with the
-    accumulator tolerance of :func:`accumulator_rtol`; the error of nu reaches u through a square root).
+    (``rule_check.verify``, with the accumulator tolerance of :func:`accumulator_rtol` for the group's cover).
 
     ``rows`` (row-sparse gradients): a bool mask over dim 0 of the rows present in the gradient; the parameter
     and momentum are compared with the dense rule on those rows, and must be bit-for-bit unchanged on the others."""
-    p, ref, hp = e.p, e.ref, e.hp
-    pc = p.detach().cpu()
-    sel = (lambda x: x[rows]) if rows is not None else (lambda x: x)
-    tag = f"{what}step {e.t} {tuple(p.shape)} {dtype_id(p.dtype)}"
-    lr, mb = hp["lr"], hp["momentum_beta"]
-    check_hessian(opt, e, what)
-    nu_rel = max((accumulator_rtol(p.shape, k, cover_of(opt, p)) for k in range(p.dim())), default=2e-6)
-    u_err = (1e-5 + nu_rel) * (ref.u.abs() + e.pre_m.abs() + ref.direction.abs() + ref.g.abs())
-
-    m_round = torch.zeros((), dtype=F64)
-    st_ = opt.state[p]
-    if mb > 0:
-        assert "momentum_buffer" in st_, f"{tag}: no momentum_buffer with momentum_beta={mb}"
-        m = st_["momentum_buffer"].detach().cpu()
-        assert m.dtype == e.momentum_dtype, f"{tag}: momentum_buffer dtype {m.dtype}, expected {e.momentum_dtype}"
-        tol_m = u_err.clone()
-        if e.momentum_dtype in LOW:
-            m_round = 1.01 * torch.maximum(
-                half_ulp(ref.momentum_buffer, e.momentum_dtype), half_ulp(m, e.momentum_dtype)
-            )
-            tol_m = tol_m + m_round
-        else:
-            tol_m = tol_m + 1e-6 * ref.momentum_buffer.abs()
-        assert_within(f"{tag} momentum_buffer", sel(m), sel(ref.momentum_buffer), sel(tol_m))
-        if rows is not None:
-            assert torch.equal(m.to(F64)[~rows], e.pre_m[~rows]), f"{tag}: momentum rows absent from the gradient moved"
-    else:
-        assert st_.get("momentum_buffer") is None, f"{tag}: a momentum_buffer exists with momentum_beta=0"
-
-    rel = 1e-12 if p.dtype == F64 else 1e-6
-    tol_p = rel * (e.pre_p.abs() + ref.param.abs()) + lr * (u_err + m_round)
-    if p.dtype in LOW:
-        tol_p = tol_p + 1.01 * torch.maximum(half_ulp(ref.param, p.dtype), half_ulp(pc, p.dtype))
-    assert_within(f"{tag} param", sel(pc), sel(ref.param), sel(tol_p))
-    if rows is not None:
-        assert torch.equal(pc.to(F64)[~rows], e.pre_p[~rows]), f"{tag}: param rows absent from the gradient moved"
+    cover = cover_of(opt, e.p)
+    tag = f"{what}{tuple(e.p.shape)} {dtype_id(e.p.dtype)} ({cover}) "
+    verify(opt, e, tag, rows, accumulator_rtol=lambda shape, k: accumulator_rtol(shape, k, cover))
 
 
 def step_and_check(opt, params, what: str = "", momentum_dtype=None) -> None:
@@ -179,14 +145,6 @@ def step_and_check(opt, params, what: str = "", momentum_dtype=None) -> None:
     opt.step()
     for e in exps:
         check(opt, e, what)
-
-
-def state_tensors(opt, p) -> list[torch.Tensor]:
-    out = []
-    for key in sorted(opt.state[p]):
-        value = opt.state[p][key]
-        out += list(value) if isinstance(value, (list, tuple)) else [value]
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import launch
+from helpers import launch, state_tensors
 from torch import nn
 
 import fusedbun
@@ -352,14 +352,6 @@ def low_param(shape, dtype, gen) -> nn.Parameter:
 def nonzero_grad(shape, dtype, gen) -> torch.Tensor:
     g = torch.randn(shape, generator=gen).to(dtype)
     return torch.where(g == 0, torch.ones((), dtype=dtype), g)
-
-
-def state_tensors(opt, p) -> list[torch.Tensor]:
-    out = []
-    for key in sorted(opt.state[p]):
-        value = opt.state[p][key]
-        out += list(value) if isinstance(value, (list, tuple)) else [value]
-    return out
 
 
 def test_options_are_param_group_entries_with_defaults_off_and_seed_zero():
