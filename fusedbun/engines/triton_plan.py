@@ -149,7 +149,7 @@ class _Plan:
         self.compiled: dict[tuple, object] = {}
         self.has_momentum = m0 is not None
         self.flags = flags  # int32, one per tensor of the step's list; the kernel sets a tensor's at its position
-        self.new_accs = self.means = self.rest = None
+        self.new_accs = self.means = None
         # factored (cover="factored"): per tensor its S, its slots of row sums (one per row and column block)
         # and of column sums (one per column and row block), all in new_accs; tensors of 3+ dims also keep
         # (column sums, accumulators, shape) for the host's reduction to a_k, k >= 1
@@ -265,12 +265,11 @@ class _Plan:
         the offsets), ``grads`` and ``hessians`` the current lists (for the row means and the copy back)."""
         for (rows, cols, out), g in zip(self.mean_jobs, grads):
             torch.mean(g.view(rows, cols), dim=1, dtype=torch.float32, out=out)
-        tk = _kernels()
-        if self.factored:  # S = mean(a0) of every tensor, before any program changes an a0
-            tk.factored_scale_kernel[(self.grid_tensors, 1, 1)](
-                self.meta, h0[0], self.new_accs, BLOCK=_FINISH_BLOCK, num_warps=4
-            )
         f32_base = h0 if self.ndim == 1 else h0[0]
+        if self.factored:  # S = mean(a0) of every tensor, before any program changes an a0
+            _kernels().factored_scale_kernel[(self.grid_tensors, 1, 1)](
+                self.meta, f32_base, self.new_accs, BLOCK=_FINISH_BLOCK, num_warps=4
+            )
         lr = float(hyper.lr)
         args = (
             self.tiles,
@@ -298,6 +297,7 @@ class _Plan:
             except (TypeError, IndexError, AttributeError, KeyError) as exc:  # another Triton's launcher
                 self.direct_launch = False
                 _warn_direct_launch_failed(exc)
+        tk = _kernels()
         constexprs = dict(
             NDIM=self.ndim,
             HAS_MOMENTUM=self.has_momentum,
