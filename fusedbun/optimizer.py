@@ -79,11 +79,16 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise TypeError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
     if not 0 <= seed < 2**63:
         raise ValueError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
-    cover = group["cover"]
+    _check_cover(group["cover"])
+
+
+def _check_cover(cover: Any) -> None:
+    """Raise ``TypeError`` or ``ValueError`` naming ``cover`` and its values (:data:`fusedbun.factored.COVERS`)."""
+    valid = ", ".join(map(repr, COVERS))
     if not isinstance(cover, str):
-        raise TypeError(f"Invalid cover: {cover!r}; it must be one of {', '.join(map(repr, COVERS))}")
+        raise TypeError(f"Invalid cover: {cover!r}; it must be one of {valid}")
     if cover not in COVERS:
-        raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join(map(repr, COVERS))}")
+        raise ValueError(f"Invalid cover: {cover!r}; it must be one of {valid}")
 
 
 class FusionOptimizer(Optimizer):
@@ -537,8 +542,7 @@ def fusion(
     them is left to the caller (for CUDA tensors a read waits for the step to finish). ``cover`` is the
     class's option of that name.
     """
-    if cover not in COVERS:
-        raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join(map(repr, COVERS))}")
+    _check_cover(cover)
     hyper = StepHyper(
         lr=lr,
         eps=eps,
