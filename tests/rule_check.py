@@ -17,6 +17,7 @@ Reading of the contract used where it is terse (the places an implementer may wa
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -240,3 +241,40 @@ def step_and_verify(opt, params, what: str = "", momentum_dtype=None) -> None:
     opt.step()
     for e in exps:
         verify(opt, e, what)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# row-sparse gradients
+# ----------------------------------------------------------------------------------------------------------
+
+SPARSE_BATCHES = [[0, 1, 1, 3], [2, 3, 7, 7, 7], [0, 9, 9, 5], [1], [4, 6, 0, 2, 8, 8]]
+"""The rows looked up at each step of the row-sparse tests: repeated rows, and rows absent for a while."""
+
+
+def sparse_batch_grad(emb, opt, rows, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give ``emb.weight`` (``nn.Embedding(sparse=True)``) the row-sparse gradient of looking up ``rows``,
+    one entry of the first row small enough to be masked; return it dense and the mask of present rows."""
+    w = emb.weight
+    idx = torch.tensor(rows)
+    coef = torch.randn(len(rows), w.shape[1], generator=gen)
+    coef[0, 0] = 0.01  # one small entry: masked in a present row
+    opt.zero_grad()
+    (emb(idx) * coef).sum().backward()
+    assert w.grad.is_sparse
+    present = torch.zeros(w.shape[0], dtype=torch.bool)
+    present[idx] = True
+    return w.grad.to_dense(), present
+
+
+def dense_twin_step(opt, w, g_dense, engine: dict, hp: dict):
+    """The engine's own dense rule as a second witness: a copy of ``w`` with ``opt``'s state, stepped once
+    with ``g_dense``. Returns the copy and its optimizer."""
+    from fusedbun import FusionOptimizer
+
+    wd = w.detach().clone().requires_grad_()
+    od = FusionOptimizer([wd], **engine, **hp)
+    if steps_taken(opt, w):
+        od.load_state_dict(copy.deepcopy(opt.state_dict()))
+    wd.grad = g_dense.clone()
+    od.step()
+    return wd, od

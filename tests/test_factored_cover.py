@@ -42,9 +42,11 @@ from hypothesis import strategies as st
 from rule_check import (
     F64,
     LOW,
+    SPARSE_BATCHES,
     STEP_SCALES,
     Expectation,
     assert_within,
+    dense_twin_step,
     dtype_id,
     group_hp,
     group_of,
@@ -52,6 +54,7 @@ from rule_check import (
     make_grad,
     set_grad,
     shape_id,
+    sparse_batch_grad,
     steps_taken,
     verify,
 )
@@ -442,8 +445,6 @@ def test_a_state_dict_without_the_cover_key_loads_with_the_default_sm3(engine):
 # 7. row-sparse gradients
 # ----------------------------------------------------------------------------------------------------------
 
-SPARSE_BATCHES = [[0, 1, 1, 3], [2, 3, 7, 7, 7], [0, 9, 9, 5], [1], [4, 6, 0, 2, 8, 8]]
-
 
 @pytest.mark.parametrize(
     "hyper",
@@ -462,23 +463,10 @@ def test_sparse_gradient_is_lazy_and_the_accumulators_follow_the_dense_factored_
     emb = nn.Embedding(10, 4, sparse=True)
     opt = FusionOptimizer(emb.parameters(), **engine, **hp)
     w = emb.weight
-    for t, rows in enumerate(SPARSE_BATCHES, start=1):
-        idx = torch.tensor(rows)
-        coef = torch.randn(len(rows), 4, generator=gen)
-        coef[0, 0] = 0.01  # one small entry: masked in a present row
-        opt.zero_grad()
-        (emb(idx) * coef).sum().backward()
-        assert w.grad.is_sparse
-        g_dense = w.grad.to_dense()
-        present = torch.zeros(10, dtype=torch.bool)
-        present[idx] = True
+    for rows in SPARSE_BATCHES:
+        g_dense, present = sparse_batch_grad(emb, opt, rows, gen)
         e = expect(opt, w)  # the oracle on the dense gradient, zero outside the present rows
-        wd = w.detach().clone().requires_grad_()
-        od = FusionOptimizer([wd], **engine, **hp)
-        if t > 1:
-            od.load_state_dict(copy.deepcopy(opt.state_dict()))
-        wd.grad = g_dense.clone()
-        od.step()
+        wd, od = dense_twin_step(opt, w, g_dense, engine, hp)  # the engine's own dense rule, same state
         opt.step()
         tag = f"sparse rows {sorted(set(rows))}: "
         check(opt, e, tag, rows=present)

@@ -11,7 +11,6 @@ Elsewhere: the component functions on their own (``test_components.py``), proper
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -19,8 +18,10 @@ import torch
 import torch.nn as nn
 from rule_check import (
     F64,
+    SPARSE_BATCHES,
     STEP_SCALES,
     assert_within,
+    dense_twin_step,
     dtype_id,
     expect_step,
     hessian_of,
@@ -28,6 +29,7 @@ from rule_check import (
     set_grad,
     shape_id,
     snapshot,
+    sparse_batch_grad,
     step_and_verify,
     steps_taken,
     verify,
@@ -206,8 +208,6 @@ def test_momentum_dtype_sets_the_buffer_dtype_and_math_stays_fp32(pdtype, moment
 # row-sparse gradients: present rows follow the dense rule, absent rows are not touched
 # ----------------------------------------------------------------------------------------------------------
 
-SPARSE_BATCHES = [[0, 1, 1, 3], [2, 3, 7, 7, 7], [0, 9, 9, 5], [1], [4, 6, 0, 2, 8, 8]]
-
 
 @pytest.mark.parametrize("Lambda", [0.0, 0.01], ids=["wd0", "wd.01"])
 @pytest.mark.parametrize("momentum_beta", [0.0, 0.9], ids=["mom0", "mom.9"])
@@ -228,25 +228,11 @@ def test_sparse_gradient_updates_present_rows_as_the_dense_rule_and_leaves_absen
     opt = FusionOptimizer(emb.parameters(), **engine, **hp)
     w = emb.weight
     for t, rows in enumerate(SPARSE_BATCHES, start=1):
-        idx = torch.tensor(rows)
-        coef = torch.randn(len(rows), 4, generator=gen)
-        coef[0, 0] = 0.01  # one small entry: masked in a present row
-        opt.zero_grad()
-        (emb(idx) * coef).sum().backward()
-        assert w.grad.is_sparse
-        g_dense = w.grad.to_dense()
-        present = torch.zeros(10, dtype=torch.bool)
-        present[idx] = True
+        g_dense, present = sparse_batch_grad(emb, opt, rows, gen)
         t0, pre = snapshot(opt, w)
         assert t0 == t - 1
         ref = reference_step(w, g_dense, pre, t, **hp)  # the dense rule, gradient zero outside present rows
-        # the implementation's own dense rule from the same state, as a second witness
-        wd = w.detach().clone().requires_grad_()
-        od = FusionOptimizer([wd], **engine, **hp)
-        if t > 1:
-            od.load_state_dict(copy.deepcopy(opt.state_dict()))
-        wd.grad = g_dense.clone()
-        od.step()
+        wd, od = dense_twin_step(opt, w, g_dense, engine, hp)  # the implementation's own dense rule
         w_before = w.detach().clone()
         m_before = opt.state[w]["momentum_buffer"].clone() if momentum_beta > 0 and t > 1 else None
 
