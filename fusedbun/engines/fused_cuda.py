@@ -24,10 +24,10 @@ whatever the number of tensors, driven by a table of element offsets and sizes o
   store rounds to nearest even once; the update uses the momentum as stored.
 - Tensors the kernel does not take (fp64 parameters, non-contiguous tensors or accumulators, more than
   ``MAX_NDIM`` dims, other dtypes) are stepped by the multi-tensor engine in the same call.
-- With ``cover="factored"`` (:mod:`fusedbun.factored`) the same pass forms ``prev = a0 * rest`` (``rest``
-  computed before the launch, O(C)) and stores, instead of atomic maxima, per-program sums of ``nu`` into
-  slots that the host adds in a fixed order: the means do not depend on the order in which programs
-  finish, so a step is deterministic.
+- With ``cover="factored"`` (:mod:`fusedbun.factored`) the same pass forms ``prev = a0 * prod_k (a_k / S)``
+  (``S = mean(a0)`` from a small kernel before it) and stores, instead of atomic maxima, per-program sums
+  of ``nu`` into slots that a finishing kernel adds in a fixed order: the means do not depend on the order
+  in which programs finish, so a step is deterministic.
 
 Triton is an optional dependency (``pip install fusedbun[triton]``); it is imported only when this engine
 is first used, so :mod:`fusedbun` imports on machines without it.
