@@ -406,6 +406,14 @@ def main() -> None:
                 10,
             ),
             (
+                "fusedbun fused bf16 p/g/m, stochastic rounding, use_rms, cover='factored' (step)",
+                lambda ps: FusionOptimizer(
+                    ps, lr=lr, fused=True, stochastic_rounding=True, use_rms=True, cover="factored"
+                ),
+                dict(**k, **bf16),
+                10,
+            ),
+            (
                 "fusedbun fused bf16 p/g/m, stochastic rounding (engine)",
                 lambda ps: FusionOptimizer(ps, lr=lr, fused=True, stochastic_rounding=True),
                 dict(engine_only=True, **k, **bf16),
@@ -463,11 +471,12 @@ def main() -> None:
         default = fused_cuda.CONFIG
         for rpt, bc, epi, nw, pf in [
             (256, 128, 2048, 4, True),
-            (256, 128, 4096, 4, True),
-            (256, 256, 4096, 8, True),
+            (256, 128, 1024, 4, True),
+            (256, 128, 2048, 8, True),
             (512, 128, 4096, 8, True),
-            (128, 128, 2048, 4, True),
+            (128, 128, 1024, 4, True),
             (256, 128, 2048, 8, False),
+            (256, 256, 2048, 4, True),
         ]:
             cfg = dict(rows_per_tile=rpt, block_cols=bc, elems_per_iter=epi, num_warps=nw, prefetch=pf)
             fused_cuda.CONFIG = fused_cuda.KernelConfig(**cfg)

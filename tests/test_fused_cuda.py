@@ -548,3 +548,47 @@ def test_stepping_inside_backward_builds_each_launch_plan_once(kernel_device, mo
                 first = len(built)
     assert first == 40
     assert len(built) == first, f"{len(built) - first} plans rebuilt after the first step"
+
+
+@pytest.mark.parametrize("cover", ["sm3", "factored"])
+def test_the_64_bit_index_path_gives_the_bits_of_the_32_bit_one(kernel_device, monkeypatch, cover):
+    # A launch whose offsets all fit an int32 does its index arithmetic (addresses, the rounding's element
+    # counter) in 32 bits; otherwise in 64. Forcing the 64-bit path (no tensor counts as small) must change
+    # nothing: every number stored, the parameters' stochastically rounded bits included, is the same.
+    from fusedbun.engines import triton_plan
+
+    gen = torch.Generator().manual_seed(23)
+    shapes = [(37, 20), (5, 3, 7), (300,), ()]
+    init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes]
+    grads = [[torch.randn(s, generator=gen).to(torch.bfloat16) for s in shapes] for _ in range(2)]
+    runs, flags = [], []
+    for limit in (triton_plan.INDEX32_LIMIT, 0):
+        monkeypatch.setattr(triton_plan, "INDEX32_LIMIT", limit)
+        monkeypatch.setattr(triton_plan, "_STEP_PLANS", type(triton_plan._STEP_PLANS)())
+        params = [torch.nn.Parameter(t.clone().to(kernel_device)) for t in init]
+        opt = FusionOptimizer(
+            params,
+            lr=0.01,
+            fused=True,
+            use_rms=True,
+            centralize=True,
+            momentum_dtype=torch.bfloat16,
+            stochastic_rounding=True,
+            rounding_seed=3,
+            cover=cover,
+        )
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.to(kernel_device)
+            opt.step()
+        flags.append({plan.index32 for sp in triton_plan._STEP_PLANS.values() for plan, _ in sp.launches})
+        runs.append((params, opt.state_dict()["state"]))
+    assert flags == [{True}, {False}]
+    for k, (a, b) in enumerate(zip(runs[0][0], runs[1][0])):
+        assert torch.equal(a.detach().view(torch.int16), b.detach().view(torch.int16)), f"parameter {k}"
+    for k in runs[0][1]:
+        for key, value in runs[0][1][k].items():
+            other = runs[1][1][k][key]
+            pairs = zip(value, other) if isinstance(value, list) else [(value, other)]
+            for u, v in pairs:
+                assert torch.equal(u, v), f"parameter {k}: {key}"

@@ -96,6 +96,18 @@ def _offset(row, slot: tl.constexpr, SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _size(row, slot: tl.constexpr, SHIFT: tl.constexpr, INDEX32: tl.constexpr):
+    """A size from the table (rows, columns, numel): int32 with ``INDEX32`` (every offset inside the
+    launch's tensors fits), else int64; with SHIFT > 0 a multiple of 2**SHIFT, as for :func:`_offset`."""
+    size = tl.load(row + slot)
+    if INDEX32:
+        size = size.to(tl.int32)
+    if SHIFT > 0:
+        size = (size >> SHIFT) << SHIFT
+    return size
+
+
+@triton.jit
 def _load_f32(row, slot: tl.constexpr):
     # A float32 stored as its bit pattern in the low half of an int64 slot.
     return tl.load(row + slot).to(tl.int32).to(tl.float32, bitcast=True)
@@ -149,21 +161,48 @@ def _fmix32(h):
 
 
 @triton.jit
-def _random_bits(index, k0, k1):
-    """The random word of each element at flat index ``index`` (int64) in the stream ``(k0, k1)``."""
-    counter = index.to(tl.uint32) + (index >> 32).to(tl.uint32) * 0x9E3779B9
-    return _fmix32(counter * (k1 | 1) + k0)
+def _counter(index, INDEX32: tl.constexpr):
+    """The element counter of the flat index ``index``: ``i_lo + 0x9E3779B9 * i_hi`` (uint32); with
+    ``INDEX32`` the index is an int32 below 2**31, so ``i_hi`` is 0."""
+    if INDEX32:
+        counter = index.to(tl.uint32)
+    else:
+        counter = index.to(tl.uint32) + (index >> 32).to(tl.uint32) * 0x9E3779B9
+    return counter
 
 
 @triton.jit
-def _round_stochastically(x, ty: tl.constexpr, r):
+def _random_bits(index, k0, k1, INDEX32: tl.constexpr):
+    """The random word of each element at flat index ``index`` in the stream ``(k0, k1)``."""
+    return _fmix32(_counter(index, INDEX32) * (k1 | 1) + k0)
+
+
+@triton.jit
+def _random_top16(index, k0, k1, INDEX32: tl.constexpr):
+    """The top 16 bits of :func:`_random_bits`, as a uint32 below 2**16: the finalizer's last step
+    (``h ^= h >> 16``) leaves the top half of the word as it is, so it is skipped."""
+    h = _counter(index, INDEX32) * (k1 | 1) + k0
+    h ^= h >> 16
+    h *= 0x85EBCA6B
+    h ^= h >> 13
+    h *= 0xC2B2AE35
+    return h >> 16
+
+
+@triton.jit
+def _round_stochastically(x, ty: tl.constexpr, index, k0, k1, INDEX32: tl.constexpr):
     """``x`` (fp32) into ``ty`` (bf16 or fp16), away from zero with probability equal to its fractional
-    distance between the two neighbours, the random word ``r`` (uint32) deciding; as the C kernel."""
+    distance between the two neighbours, the random word of each element's flat ``index`` in the stream
+    ``(k0, k1)`` deciding; as the C kernel."""
     u = x.to(tl.uint32, bitcast=True)
-    a = u & 0x7FFFFFFF
     if ty == tl.bfloat16:
-        bits = tl.where(a >= 0x7F800000, _bits_to_bf16_rne(u), (u + (r >> 16)) >> 16)
+        # The top 16 random bits carry into the kept 16 with the wanted probability. Infinities stay
+        # infinite (the added bits stay below their kept bits); NaN becomes the quiet NaN 0x7FC0, as
+        # rounding to nearest gives.
+        bits = tl.where(x != x, 0x7FC0, (u + _random_top16(index, k0, k1, INDEX32)) >> 16)
     else:
+        r = _random_bits(index, k0, k1, INDEX32)
+        a = u & 0x7FFFFFFF
         sign = (u >> 16) & 0x8000
         kept = (a + (r >> 19)) & 0xFFFFE000  # fp16's normal range: 13 dropped bits
         normal = sign | _bits_to_f16_rne(kept)
@@ -176,8 +215,13 @@ def _round_stochastically(x, ty: tl.constexpr, r):
 
 
 @triton.jit
-def _round_to(x, ty: tl.constexpr):
-    """``x`` (fp32) rounded to nearest even into ``ty`` (bf16 or fp16)."""
+def _round_to(x, ty: tl.constexpr, HARDWARE: tl.constexpr):
+    """``x`` (fp32) rounded to nearest even into ``ty`` (bf16 or fp16). With ``HARDWARE`` (a compiled
+    kernel) the GPU's conversion does it, two numbers to an instruction; the same values, except that a
+    NaN may keep another payload. Otherwise (Triton's interpreter, whose own conversions truncate) the
+    integer arithmetic of the C kernel."""
+    if HARDWARE:
+        return x.to(ty, fp_downcast_rounding="rtne")
     u = x.to(tl.uint32, bitcast=True)
     if ty == tl.bfloat16:
         bits = _bits_to_bf16_rne(u)
@@ -219,7 +263,7 @@ def _load_block(
     if NDIM == 1:
         a = tl.load(prev_ptr + offs, mask=ok, other=0.0)
     else:
-        a = tl.load(prev_ptr + rows, mask=row_ok, other=float("inf"))
+        a = tl.load(prev_ptr + rows, mask=row_ok, other=0.0)
     return g, m, p, a
 
 
@@ -257,17 +301,21 @@ def fusion_step_kernel(
     PER_TENSOR_BETA: tl.constexpr,  # beta_t from the table (step counts differ), else the arguments
     STOCHASTIC: tl.constexpr,  # round p (bf16, fp16) stochastically, with the table's stream keys
     FACTORED: tl.constexpr = False,  # cover="factored": prev = a0 * prod(a_k / S), the sums of nu into slots
+    INDEX32: tl.constexpr = False,  # every element offset inside a tensor (a tile past its end too) < 2**31
+    HARDWARE_ROUNDING: tl.constexpr = False,  # round to nearest with the GPU's conversion (compiled kernels)
 ):
     pid = tl.program_id(0)
     tensor = tl.load(tiles + 3 * pid).to(tl.int64)
-    row_block = tl.load(tiles + 3 * pid + 1).to(tl.int64)
+    row_block = tl.load(tiles + 3 * pid + 1)
+    if not INDEX32:
+        row_block = row_block.to(tl.int64)
     col_block = tl.load(tiles + 3 * pid + 2)
     row = meta + tensor * _META_WIDTH
 
     p_ptr = p_base + _offset(row, _P, P_SHIFT)
     g_ptr = g_base + _offset(row, _G, G_SHIFT)
-    n_rows = tl.load(row + _ROWS)
-    n_cols = _offset(row, _COLS, COLS_SHIFT)
+    n_rows = _size(row, _ROWS, 0, INDEX32)
+    n_cols = _size(row, _COLS, COLS_SHIFT, INDEX32)
     if STOCHASTIC:
         round_k0 = tl.load(row + _ROUND_K0).to(tl.uint32)
         round_k1 = tl.load(row + _ROUND_K1).to(tl.uint32)
@@ -282,7 +330,7 @@ def fusion_step_kernel(
     col_ok = cols < n_cols
     if NDIM == 1:
         v_ptr = f32_base + _offset(row, _ACC0_OLD, V_SHIFT)
-        numel = _offset(row, _NUMEL, COLS_SHIFT)  # for a dense tensor COLS_SHIFT says how numel divides
+        numel = _size(row, _NUMEL, COLS_SHIFT, INDEX32)  # for a dense tensor COLS_SHIFT says how numel divides
         prev_ptr = v_ptr
     else:
         v_ptr = f32_base  # unused
@@ -306,6 +354,8 @@ def fusion_step_kernel(
                 col_prev = tl.minimum(col_prev, tl.load(acc_k + index, mask=col_ok, other=float("inf")))
         if FACTORED:
             col_prev = tl.where(scale > 0, col_prev, 0.0)
+        else:
+            col_prev = tl.where(col_ok, col_prev, 0.0)
         col_acc = tl.zeros([BR, BC], tl.float32)
     if CENTRALIZE:
         mean_ptr = f32_base + _offset(row, _MEAN, 0)
@@ -314,7 +364,8 @@ def fusion_step_kernel(
     else:
         m_ptr = m_base  # unused
 
-    bad_acc = tl.zeros([BR, BC], tl.int32)  # 1 where an entry was not a usable number
+    # The largest |g| met at each place, NaN once a NaN was met: not a usable number anywhere <=> not < the limit
+    bad_acc = tl.zeros([BR, BC], tl.float32)
     row_start = row_block * ROWS_PER_TILE
     row_end = tl.minimum(row_start + ROWS_PER_TILE, n_rows)
     if PREFETCH:  # the first block's loads; each iteration then issues the next block's before its own work
@@ -340,33 +391,41 @@ def fusion_step_kernel(
                 r0, row_end, cols, col_ok, n_cols, numel, g_ptr, m_ptr, p_ptr, prev_ptr, NDIM, HAS_MOMENTUM, BR
             )
 
-        g = g.to(tl.float32) * grad_unscale
+        g = g.to(tl.float32)
+        if grad_unscale != 1.0:  # uniform: no multiply unless GradScaler's scale is set
+            g = g * grad_unscale
         if CENTRALIZE:
             g = g - tl.load(mean_ptr + rows, mask=row_ok, other=0.0)[:, None] * grad_unscale
         if MAXIMIZE:
             g = -g
         magnitude = tl.abs(g)
         usable = magnitude < _GRAD_LIMIT  # False for NaN
-        bad_acc = tl.maximum(bad_acc, tl.where(usable, 0, 1))
+        bad_acc = tl.maximum(bad_acc, magnitude, propagate_nan=tl.PropagateNan.ALL)
         keep = (magnitude > eps) & usable
         g = tl.where(keep, g, 0.0)
 
+        # Outside the tensor every load gave 0 (rows, columns and g), so there prev is 0 and, g being 0 and
+        # not kept, nu is 0: neutral for the sums and (every nu being >= +0.0) for the maxima. Centralized,
+        # g there is minus its row's mean, so nu is set to 0 there explicitly.
         if NDIM == 1:
             prev = a
-        elif FACTORED:  # rows outside the tensor load as inf: 0 instead, so no inf * 0 is formed
-            prev = tl.where(row_ok, a, 0.0)[:, None] * col_prev[None, :]
+        elif FACTORED:
+            prev = a[:, None] * col_prev[None, :]
         else:
             prev = tl.minimum(a[:, None], col_prev[None, :])
         nu = tl.where(keep, prev * beta + one_minus_beta * (g * g), prev)
+        if CENTRALIZE and NDIM >= 2:
+            nu_ok = tl.where(ok, nu, 0.0)
+        else:
+            nu_ok = nu
         if NDIM == 1:
             tl.store(v_ptr + offs, nu, mask=ok)
         elif FACTORED:  # this program's sums: its rows over its columns, and (below) its columns over its rows
-            nu_ok = tl.where(ok, nu, 0.0)
             row_sum = tl.sum(nu_ok, axis=1).to(tl.int32, bitcast=True)
             tl.store(acc0_new + col_block * n_rows + rows, row_sum, mask=row_ok)
             col_acc = col_acc + nu_ok
         else:
-            nu_max = tl.where(ok, nu, 0.0)  # 0 is neutral for the maxima: every nu is >= +0.0
+            nu_max = nu_ok
             row_max = tl.max(nu_max, axis=1)
             tl.atomic_max(acc0_new + rows, row_max.to(tl.int32, bitcast=True), mask=row_ok, sem="relaxed")
             col_acc = tl.maximum(col_acc, nu_max)
@@ -378,12 +437,16 @@ def fusion_step_kernel(
         if HAS_MOMENTUM:
             m = m.to(tl.float32)
             # torch.lerp's two-sided formula, so the fp32 result matches the reference's m.lerp_(u, w).
+            # (The side is uniform: a branch, not a select per element.)
             diff = u - m
-            m = tl.where(momentum_weight < 0.5, m + momentum_weight * diff, u - diff * (1.0 - momentum_weight))
+            if momentum_weight < 0.5:
+                m = m + momentum_weight * diff
+            else:
+                m = u - diff * (1.0 - momentum_weight)
             if m_ptr.dtype.element_ty == tl.float32:
                 m_stored = m
             else:
-                m_stored = _round_to(m, m_ptr.dtype.element_ty)
+                m_stored = _round_to(m, m_ptr.dtype.element_ty, HARDWARE_ROUNDING)
             tl.store(m_ptr + offs, m_stored, mask=ok)
             u = m_stored.to(tl.float32)  # the update uses the momentum as stored
         p = p.to(tl.float32) * decay
@@ -391,12 +454,12 @@ def fusion_step_kernel(
         if p_ptr.dtype.element_ty == tl.float32:
             tl.store(p_ptr + offs, p, mask=ok)
         elif STOCHASTIC:
-            r = _random_bits(offs, round_k0, round_k1)
-            tl.store(p_ptr + offs, _round_stochastically(p, p_ptr.dtype.element_ty, r), mask=ok)
+            rounded = _round_stochastically(p, p_ptr.dtype.element_ty, offs, round_k0, round_k1, INDEX32)
+            tl.store(p_ptr + offs, rounded, mask=ok)
         else:
-            tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty), mask=ok)
+            tl.store(p_ptr + offs, _round_to(p, p_ptr.dtype.element_ty, HARDWARE_ROUNDING), mask=ok)
 
-    bad = tl.max(tl.max(bad_acc, axis=1), axis=0)
+    bad = tl.max(tl.max(tl.where(bad_acc < _GRAD_LIMIT, 0, 1), axis=1), axis=0)
     tl.store(flags + tl.load(row + _FLAG), bad, mask=bad > 0)
     if FACTORED:
         col_sum = tl.sum(col_acc, axis=0).to(tl.int32, bitcast=True)

@@ -37,6 +37,8 @@ _MAX_PLANS = 16  # plans of whole lists (a step() of a param group): a few per o
 # needs N of them every step. A plan's device memory is its table and O(n+m) scratch, so even thousands
 # of one-tensor plans hold about as much as the SM3 accumulators they serve.
 _MAX_SINGLE_PLANS = 4096
+# The largest element offset the kernel may form in 32-bit arithmetic (tests lower it to run the 64-bit path)
+INDEX32_LIMIT = 2**31 - 1
 _FINISH_BLOCK = 1024  # numbers per program of the factored cover's scale and finishing kernels
 
 
@@ -171,6 +173,9 @@ class _Plan:
         p_off, g_off, f_off = _Offsets(p0), _Offsets(g0), _Offsets(h0 if dense else h0[0])
         m_off = _Offsets(m0) if self.has_momentum else None
         cols_aligned = True
+        # INDEX32: every element offset the kernel forms inside a tensor, a block of rows past the last
+        # row included (those lanes are masked), fits an int32, so the kernel's index arithmetic is 32-bit.
+        self.index32 = True
         table: list[int] = []
         grid_rows, grid_cols = [], []
         self.copy_src, self.mean_jobs = [], []
@@ -212,6 +217,7 @@ class _Plan:
                     self.mean_jobs.append((rows, cols, self.means[mean_pos : mean_pos + rows]))
                     mean_pos += rows
             row[tk.ROWS], row[tk.COLS], row[tk.NUMEL] = rows, cols, p.numel()
+            self.index32 &= (rows + self.rows_per_tile + self.br) * cols <= INDEX32_LIMIT
             table.extend(row)
             grid_rows.append(-(-rows // self.rows_per_tile))
             grid_cols.append(-(-cols // bc))
@@ -311,6 +317,8 @@ class _Plan:
             PER_TENSOR_BETA=beta is None,
             STOCHASTIC=stochastic,
             FACTORED=self.factored,
+            INDEX32=self.index32,
+            HARDWARE_ROUNDING=not _interpreting(),
             **self.shifts,
         )
         compiled = tk.fusion_step_kernel[self.grid](*args, **constexprs, num_warps=self.num_warps)
@@ -339,6 +347,15 @@ class _Plan:
         elif self.new_accs is not None:  # the new maxima over the accumulators; zero for the next step
             torch._foreach_copy_([a for h in hessians for a in h], self.copy_src)
             self.new_accs.zero_()
+
+
+def _interpreting() -> bool:
+    """Whether the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when they were
+    defined), whose float conversions do not round to nearest: the kernel then rounds with integer
+    arithmetic."""
+    import triton
+
+    return not isinstance(_kernels().fusion_step_kernel, triton.runtime.JITFunction)
 
 
 def _kernels():
