@@ -437,6 +437,7 @@ def main() -> None:
             dict(rows_per_tile=rpt, block_cols=bc, elems_per_iter=epi, num_warps=nw, prefetch=pf)
             for rpt, bc, epi, nw, pf in [
                 (256, 128, 2048, 4, True),
+                (256, 128, 1024, 4, True),
                 (256, 128, 2048, 4, False),
                 (256, 256, 2048, 4, True),
             ]
@@ -470,15 +471,14 @@ def main() -> None:
     if args.sweep_bf16 and not fused_reason:
         default = fused_cuda.CONFIG
         for rpt, bc, epi, nw, pf in [
-            (256, 128, 2048, 4, True),
             (256, 128, 1024, 4, True),
-            (256, 128, 2048, 8, True),
-            (512, 128, 4096, 8, True),
+            (256, 128, 2048, 4, True),
+            (256, 128, 512, 4, True),
             (128, 128, 1024, 4, True),
-            (256, 128, 2048, 8, False),
-            (256, 256, 2048, 4, True),
+            (256, 128, 1024, 8, True),
+            (256, 128, 1024, 4, False),
         ]:
-            cfg = dict(rows_per_tile=rpt, block_cols=bc, elems_per_iter=epi, num_warps=nw, prefetch=pf)
+            cfg = dict(rows_per_tile=rpt, block_cols=bc, elems_per_iter_16bit=epi, num_warps=nw, prefetch=pf)
             fused_cuda.CONFIG = fused_cuda.KernelConfig(**cfg)
             label = f"sweep bf16 SR {cfg}"
             try:

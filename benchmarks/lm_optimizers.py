@@ -495,6 +495,20 @@ def _fusion_dense(model, lr, wd, **kw):
     return OptimizerChain(*parts)
 
 
+def _fusion_factored_dense_ends(model, lr, wd, **kw):
+    """The factored cover on the 2-D weights inside the blocks; a dense second moment (as 1-D tensors keep)
+    on the rest: the token embedding (tied to the output head), the position embedding, biases and gains."""
+    from benchmarks.optimizers import DenseSecondMomentFusion
+
+    hidden, rest = hidden_matrices(model)
+    options = {"use_rms": True, **kw}
+    parts = [fusedbun.FusionOptimizer([{"params": hidden, "Lambda": wd}], lr=lr, cover="factored", **options)]
+    for params, decay in (([p for p in rest if p.dim() >= 2], wd), ([p for p in rest if p.dim() < 2], 0.0)):
+        if params:
+            parts.append(DenseSecondMomentFusion(params, lr=lr, Lambda=decay, **options))
+    return OptimizerChain(*parts)
+
+
 def _fusion_variant(**fixed):
     def build(model, lr, wd, **kw):
         return FusionVariant(fusedbun.param_groups_no_decay(model, Lambda=wd), lr=lr, **{**fixed, **kw})
@@ -710,6 +724,16 @@ _SPECS = [
         _fusion_dense,
         ablation=True,
         note="benchmarks.optimizers.DenseSecondMomentFusion: the SM3 cover replaced by a per-element EMA (Adam-sized)",
+    ),
+    _spec(
+        "fusion_factored_dense_ends",
+        "ablation: factored cover inside the blocks, dense second moment for the embeddings and head",
+        _FUSION,
+        1e-3,
+        _fusion_factored_dense_ends,
+        ablation=True,
+        note="fusion_rms_factored on the blocks' matrices; the tied token embedding and head and the position "
+        "embedding (1.5% of the parameters) keep a per-element second moment, as 1-D tensors do",
     ),
     _spec(
         "fusion_maxprod",
