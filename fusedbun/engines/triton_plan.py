@@ -44,16 +44,16 @@ _FINISH_BLOCK = 1024  # numbers per program of the factored cover's scale and fi
 
 class KernelConfig:
     """Tile shape of the kernel: a program owns ``rows_per_tile`` rows by ``block_cols`` columns and walks
-    them ``elems_per_iter // block_cols`` rows at a time (``elems_per_iter_16bit`` for bf16 and fp16
-    parameters); 0-D and 1-D tensors are cut into rows of ``dense_cols`` numbers. ``prefetch`` issues the
-    next rows' loads before working on the current ones.
+    them ``elems_per_iter // block_cols`` rows at a time (``elems_per_iter_16bit`` when the parameter, the
+    gradient or the momentum is bf16 or fp16); 0-D and 1-D tensors are cut into rows of ``dense_cols``
+    numbers. ``prefetch`` issues the next rows' loads before working on the current ones.
 
     The defaults were the fastest of sweeps on an H100 and an H200 (``benchmarks/gpu_step.py --sweep`` and
     ``--sweep-bf16``): with 128 columns a warp holds whole rows, so a row's maximum needs no exchange between
     warps, and with the next rows' loads in flight while a block is worked on, the kernel keeps the memory
-    busy. A 16-bit parameter moves half the bytes per element, so its step has half the time per element
-    to do the same arithmetic: smaller blocks need fewer registers, so more programs share a multiprocessor
-    and hide each other's latency."""
+    busy. With 16-bit tensors a step moves fewer bytes per element, so it has less time per element for
+    the same arithmetic: smaller blocks need fewer registers, so more programs share a multiprocessor and
+    hide each other's latency."""
 
     def __init__(
         self,
@@ -151,7 +151,8 @@ class _Plan:
         device = p0.device
         dense = ndim == 1
         self.ndim, self.bc, self.centralize = ndim, bc, centralize and not dense
-        per_iter = config.elems_per_iter_16bit if p0.element_size() == 2 else config.elems_per_iter
+        narrow = any(t is not None and t.element_size() == 2 for t in (p0, g0, m0))
+        per_iter = config.elems_per_iter_16bit if narrow else config.elems_per_iter
         self.br = max(1, per_iter // bc)
         self.rows_per_tile = max(config.rows_per_tile, self.br)
         self.num_warps, self.prefetch, self.direct_launch = config.num_warps, config.prefetch, config.direct_launch
