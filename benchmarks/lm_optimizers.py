@@ -218,6 +218,22 @@ def _mean_reduce_(accumulators: list[Tensor], nu: Tensor) -> None:
         acc.copy_(nu.mean(dim=dims[:k] + dims[k + 1 :], keepdim=True))
 
 
+def _split(accumulators: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    half = len(accumulators) // 2
+    return accumulators[:half], accumulators[half:]
+
+
+def _capped_bound(accumulators: list[Tensor]) -> Tensor:
+    means, maxima = _split(accumulators)
+    return torch.minimum(_mean_bound(means), sm3_min(maxima))
+
+
+def _capped_reduce_(accumulators: list[Tensor], nu: Tensor) -> None:
+    means, maxima = _split(accumulators)
+    _mean_reduce_(means, nu)
+    sm3_reduce_(maxima, nu)
+
+
 COVERS: dict[str, Cover] = {
     "sm3": Cover(sm3_min, sm3_reduce_, "SM3: the minimum of the per-dimension maxima, an upper bound"),
     "maxprod": Cover(
@@ -230,6 +246,12 @@ COVERS: dict[str, Cover] = {
         _mean_bound,
         _mean_reduce_,
         "Adafactor's factorization: the per-dimension means multiplied and divided by the tensor's mean^(K-1)",
+    ),
+    "factored_capped": Cover(
+        _capped_bound,
+        _capped_reduce_,
+        "the factored estimate, never above SM3's bound: both kept (per-dimension means and maxima, twice the "
+        "n + m numbers), the smaller taken",
     ),
 }
 """The second-moment covers an ablation can take (``FusionVariant(cover=...)``)."""
@@ -281,11 +303,13 @@ class FusionVariant(Optimizer):
         &\nu_t \leftarrow M_t\,?\ \beta_t\,\mathrm{prev} + (1-\beta_t) g_t^2 : \mathrm{prev}
             \quad(\mathrm{prev} = v_{t-1} \text{ for 0-D/1-D, } \min_k a^{(k)}_{t-1} \text{ otherwise}) \\
         &\text{(cover="maxprod": } \mathrm{prev} = \prod_k a^{(k)} / (\max a^{(0)})^{K-1}\text{; "factored": }
-            \prod_k a^{(k)} / (\mathrm{mean}\, a^{(0)})^{K-1}\text{, the accumulators then means of } \nu) \\
+            \prod_k a^{(k)} / (\mathrm{mean}\, a^{(0)})^{K-1}\text{, the accumulators then means of } \nu\text{;} \\
+        &\quad\text{"factored\_capped": the smaller of that and SM3's bound, both kept)} \\
         &d_t \leftarrow \sqrt{\nu_t / b^{\nu}_t} + \epsilon,\quad b^{\nu}_t = 1 - \beta_2^t
             \text{ with } \beta_2 \text{, else } 1 \\
         &\textbf{after (default): } x_t = g_t / d_t;\ m_t \leftarrow \beta_m m_{t-1} + (1-\beta_m) x_t;\
             u_t = \hat m_t \\
+        &\text{with update\_clip } c\text{ (after only): } x_t \leftarrow x_t / \max(1, \mathrm{RMS}(x_t) / c) \\
         &\textbf{before (Adam's order): } x_t = g_t;\ m_t \text{ as above};\ u_t = \hat m_t / d_t \\
         &\hat m_t = m_t / b_t,\quad b_t = 1 - \beta_m^t \text{ with bias correction, else } 1 \\
         &\textbf{nesterov: } \hat m_t = (\beta_m m_t + (1-\beta_m) x_t) / b'_t,\quad
@@ -312,7 +336,10 @@ class FusionVariant(Optimizer):
         beta2: float | None = None,
         cover: str = "sm3",
         momentum_bits: int | None = None,
+        update_clip: float | None = None,
     ) -> None:
+        if update_clip is not None and not update_clip > 0:
+            raise ValueError(f"Invalid update_clip: {update_clip!r}; it must be > 0 or None")
         if momentum_bits not in (None, 8):
             raise ValueError(f"Invalid momentum_bits: {momentum_bits!r}; it must be None (fp32) or 8")
         if cover not in COVERS:
@@ -337,6 +364,7 @@ class FusionVariant(Optimizer):
             beta2=beta2,
             cover=cover,
             momentum_bits=momentum_bits,
+            update_clip=update_clip,
         )
         super().__init__(params, defaults)
 
@@ -354,8 +382,11 @@ class FusionVariant(Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
+                    copies = 2 if group["cover"] == "factored_capped" else 1
                     state["exp_hessian"] = (
-                        torch.zeros_like(p, dtype=torch.float32) if p.dim() <= 1 else sm3_accumulators(p)
+                        torch.zeros_like(p, dtype=torch.float32)
+                        if p.dim() <= 1
+                        else [a for _ in range(copies) for a in sm3_accumulators(p)]
                     )
                     if group["momentum_bits"] == 8:
                         state["momentum_codes"] = BlockInt8(p)
@@ -380,6 +411,10 @@ class FusionVariant(Optimizer):
                     nu = nu / (1.0 - group["beta2"] ** t)
                 denom = nu.sqrt().add_(eps)
                 x = g / denom if group["momentum"] == "after" else g
+                if group["update_clip"] is not None and group["momentum"] == "after":
+                    # Adafactor's update clipping, on the normalized gradient: its RMS at most update_clip
+                    rms = x.square().mean().sqrt()
+                    x = x / torch.clamp(rms / group["update_clip"], min=1.0)
                 if group["momentum_bits"] == 8:
                     q = state["momentum_codes"]
                     m = q.get().lerp_(x, 1.0 - bm)
@@ -826,6 +861,24 @@ _SPECS = [
         _fusion_variant(beta2=0.95),
         ablation=True,
         note="the second moment's decay fixed at AdamW's 0.95 with Adam's bias correction, instead of 1 - t^-0.8",
+    ),
+    _spec(
+        "fusion_factored_capped",
+        "ablation: factored cover capped by SM3's bound",
+        _FUSION,
+        1e-3,
+        _fusion_variant(cover="factored_capped"),
+        ablation=True,
+        note=COVERS["factored_capped"].note,
+    ),
+    _spec(
+        "fusion_factored_clip",
+        "ablation: factored cover with Adafactor's update clipping",
+        _FUSION,
+        1e-3,
+        _fusion_variant(cover="factored", update_clip=1.0),
+        ablation=True,
+        note="fusion_factored with the normalized gradient's RMS clipped to 1 per tensor before the momentum",
     ),
     _spec(
         "fusion_factored_mom_before",

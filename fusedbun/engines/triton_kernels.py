@@ -217,8 +217,8 @@ def _round_stochastically(x, ty: tl.constexpr, index, k0, k1, INDEX32: tl.conste
 @triton.jit
 def _round_to(x, ty: tl.constexpr, HARDWARE: tl.constexpr):
     """``x`` (fp32) rounded to nearest even into ``ty`` (bf16 or fp16). With ``HARDWARE`` (a compiled
-    kernel) the GPU's conversion does it, two numbers to an instruction; the same values, except that a
-    NaN may keep another payload. Otherwise (Triton's interpreter, whose own conversions truncate) the
+    kernel) the GPU's conversion instruction does it: the same values, except that a NaN may keep another
+    payload. Otherwise (Triton's interpreter, whose own conversions truncate) the
     integer arithmetic of the C kernel."""
     if HARDWARE:
         return x.to(ty, fp_downcast_rounding="rtne")
