@@ -191,6 +191,7 @@ class Cover:
     bound: Callable[[list[Tensor]], Tensor]
     reduce_: Callable[[list[Tensor], Tensor], None]
     note: str
+    copies: int = 1  # sets of per-dimension accumulators it keeps (SM3's layout each)
 
 
 def _product(accumulators: list[Tensor], scale: Tensor) -> Tensor:
@@ -252,6 +253,7 @@ COVERS: dict[str, Cover] = {
         _capped_reduce_,
         "the factored estimate, never above SM3's bound: both kept (per-dimension means and maxima, twice the "
         "n + m numbers), the smaller taken",
+        copies=2,
     ),
 }
 """The second-moment covers an ablation can take (``FusionVariant(cover=...)``)."""
@@ -382,7 +384,7 @@ class FusionVariant(Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    copies = 2 if group["cover"] == "factored_capped" else 1
+                    copies = COVERS[group["cover"]].copies
                     state["exp_hessian"] = (
                         torch.zeros_like(p, dtype=torch.float32)
                         if p.dim() <= 1

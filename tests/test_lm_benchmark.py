@@ -315,14 +315,17 @@ def test_the_tighter_covers_are_exact_for_an_outer_product_and_maxprod_never_exc
         bounds = {}
         for name, cover in COVERS.items():
             acc = [torch.zeros([n if d == k else 1 for d in range(len(shape))], dtype=torch.float64)
-                   for k, n in enumerate(shape)]  # fmt: skip
+                   for _ in range(cover.copies) for k, n in enumerate(shape)]  # fmt: skip
             cover.reduce_(acc, nu)
             bounds[name] = cover.bound(acc).expand(shape)
         assert (bounds["sm3"] >= nu).all()  # SM3's is an upper bound
         assert (bounds["maxprod"] <= bounds["sm3"] * (1 + 1e-12)).all()
+        # capped: the factored estimate, never above SM3's bound
+        torch.testing.assert_close(bounds["factored_capped"], torch.minimum(bounds["factored"], bounds["sm3"]))
         if nu is outer:
             torch.testing.assert_close(bounds["maxprod"], nu)
             torch.testing.assert_close(bounds["factored"], nu)
+            torch.testing.assert_close(bounds["factored_capped"], nu)
     with pytest.raises(ValueError, match="cover"):
         FusionVariant([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, cover="dense")
 
