@@ -178,28 +178,16 @@ def _random_bits(index, k0, k1, INDEX32: tl.constexpr):
 
 
 @triton.jit
-def _random_top16(index, k0, k1, INDEX32: tl.constexpr):
-    """The top 16 bits of :func:`_random_bits`, as a uint32 below 2**16: the finalizer's last step
-    (``h ^= h >> 16``) leaves the top half of the word as it is, so it is skipped."""
-    h = _counter(index, INDEX32) * (k1 | 1) + k0
-    h ^= h >> 16
-    h *= 0x85EBCA6B
-    h ^= h >> 13
-    h *= 0xC2B2AE35
-    return h >> 16
-
-
-@triton.jit
 def _round_stochastically(x, ty: tl.constexpr, index, k0, k1, INDEX32: tl.constexpr):
     """``x`` (fp32) into ``ty`` (bf16 or fp16), away from zero with probability equal to its fractional
     distance between the two neighbours, the random word of each element's flat ``index`` in the stream
     ``(k0, k1)`` deciding; as the C kernel."""
     u = x.to(tl.uint32, bitcast=True)
     if ty == tl.bfloat16:
-        # The top 16 random bits carry into the kept 16 with the wanted probability. Infinities stay
-        # infinite (the added bits stay below their kept bits); NaN becomes the quiet NaN 0x7FC0, as
-        # rounding to nearest gives.
-        bits = tl.where(x != x, 0x7FC0, (u + _random_top16(index, k0, k1, INDEX32)) >> 16)
+        # The top 16 random bits carry into the kept 16 with the wanted probability (the compiler drops
+        # the finalizer's last step, which leaves them as they are). Infinities stay infinite (the added
+        # bits stay below their kept bits); NaN becomes the quiet NaN 0x7FC0, as rounding to nearest gives.
+        bits = tl.where(x != x, 0x7FC0, (u + (_random_bits(index, k0, k1, INDEX32) >> 16)) >> 16)
     else:
         r = _random_bits(index, k0, k1, INDEX32)
         a = u & 0x7FFFFFFF
