@@ -34,6 +34,7 @@ from torch.optim import Optimizer
 
 import fusedbun
 from fusedbun.adalite import GRAD_LIMIT
+from fusedbun.factored import factored_reduce_
 from fusedbun.sm3 import sm3_accumulators, sm3_min, sm3_reduce_
 
 __all__ = [
@@ -211,14 +212,6 @@ def _mean_bound(accumulators: list[Tensor]) -> Tensor:
     return _product(accumulators, accumulators[0].mean())
 
 
-def _mean_reduce_(accumulators: list[Tensor], nu: Tensor) -> None:
-    if nu.numel() == 0:
-        return
-    dims = tuple(range(nu.dim()))
-    for k, acc in enumerate(accumulators):
-        acc.copy_(nu.mean(dim=dims[:k] + dims[k + 1 :], keepdim=True))
-
-
 def _split(accumulators: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     half = len(accumulators) // 2
     return accumulators[:half], accumulators[half:]
@@ -231,7 +224,7 @@ def _capped_bound(accumulators: list[Tensor]) -> Tensor:
 
 def _capped_reduce_(accumulators: list[Tensor], nu: Tensor) -> None:
     means, maxima = _split(accumulators)
-    _mean_reduce_(means, nu)
+    factored_reduce_(means, nu)
     sm3_reduce_(maxima, nu)
 
 
@@ -245,7 +238,7 @@ COVERS: dict[str, Cover] = {
     ),
     "factored": Cover(
         _mean_bound,
-        _mean_reduce_,
+        factored_reduce_,
         "Adafactor's factorization: the per-dimension means multiplied and divided by the tensor's mean^(K-1)",
     ),
     "factored_capped": Cover(
