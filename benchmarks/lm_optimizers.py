@@ -286,6 +286,19 @@ class BlockInt8:
         self.codes.copy_(codes.view(-1)[: self.codes.numel()].to(torch.int8))
 
 
+DENSE = "dense"
+"""``FusionVariant(cover=DENSE)``: a per-element second moment for every tensor, as AdamW keeps (not O(n+m))."""
+
+
+def _random_round_bf16(x: Tensor) -> Tensor:
+    """Stochastic rounding of finite fp32 values into bf16 with torch's generator (a prototype: the package's
+    :mod:`fusedbun.rounding` uses a counter hash instead): 16 random bits added below the kept bits, then
+    truncated."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
 class FusionVariant(Optimizer):
     r"""FusionOptimizer's ``use_rms=True`` rule in plain torch (one tensor at a time), with the momentum
     and the second-moment decay changeable. An ablation prototype: with ``momentum="after"``,
@@ -313,7 +326,10 @@ class FusionVariant(Optimizer):
         \end{aligned}
 
     The Nesterov look-ahead is the momentum one step further with the same input, so its bias correction
-    is that of step :math:`t+1`. The arithmetic is fp32; parameters are fp32.
+    is that of step :math:`t+1`. ``cover="dense"`` keeps a per-element :math:`v` for every tensor, as 0-D/1-D
+    tensors do (AdamW's layout, not O(n+m)). ``state_dtype=torch.bfloat16`` stores the momentum (rounded to
+    nearest) and a dense :math:`v` (rounded stochastically, or to nearest with ``hessian_rounding="nearest"``)
+    in bf16, and the step uses the stored values. The arithmetic is fp32; parameters are fp32.
     """
 
     def __init__(
@@ -332,13 +348,19 @@ class FusionVariant(Optimizer):
         cover: str = "sm3",
         momentum_bits: int | None = None,
         update_clip: float | None = None,
+        state_dtype: torch.dtype = torch.float32,
+        hessian_rounding: str = "stochastic",
     ) -> None:
+        if state_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r}; it must be torch.float32 or torch.bfloat16")
+        if hessian_rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"Invalid hessian_rounding: {hessian_rounding!r}; it must be 'stochastic' or 'nearest'")
         if update_clip is not None and not update_clip > 0:
             raise ValueError(f"Invalid update_clip: {update_clip!r}; it must be > 0 or None")
         if momentum_bits not in (None, 8):
             raise ValueError(f"Invalid momentum_bits: {momentum_bits!r}; it must be None (fp32) or 8")
-        if cover not in COVERS:
-            raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join(COVERS)}")
+        if cover not in COVERS and cover != DENSE:
+            raise ValueError(f"Invalid cover: {cover!r}; it must be one of {', '.join([*COVERS, DENSE])}")
         if momentum not in ("after", "before"):
             raise ValueError(f"Invalid momentum: {momentum!r}; it must be 'after' or 'before'")
         if not 0 < momentum_beta < 1:
@@ -360,6 +382,8 @@ class FusionVariant(Optimizer):
             cover=cover,
             momentum_bits=momentum_bits,
             update_clip=update_clip,
+            state_dtype=state_dtype,
+            hessian_rounding=hessian_rounding,
         )
         super().__init__(params, defaults)
 
@@ -375,18 +399,19 @@ class FusionVariant(Optimizer):
                 if p.grad is None:
                     continue
                 state = self.state[p]
+                dense = p.dim() <= 1 or group["cover"] == DENSE
+                sdtype = group["state_dtype"]
                 if not state:
                     state["step"] = 0
-                    copies = COVERS[group["cover"]].copies
                     state["exp_hessian"] = (
-                        torch.zeros_like(p, dtype=torch.float32)
-                        if p.dim() <= 1
-                        else [a for _ in range(copies) for a in sm3_accumulators(p)]
+                        torch.zeros_like(p, dtype=sdtype)
+                        if dense
+                        else [a for _ in range(COVERS[group["cover"]].copies) for a in sm3_accumulators(p)]
                     )
                     if group["momentum_bits"] == 8:
                         state["momentum_codes"] = BlockInt8(p)
                     else:
-                        state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                        state["momentum_buffer"] = torch.zeros_like(p, dtype=sdtype)
                 state["step"] += 1
                 t = state["step"]
                 g = p.grad.to(torch.float32)
@@ -395,13 +420,15 @@ class FusionVariant(Optimizer):
                 g = torch.where(mask, g, 0.0)
                 beta = group["beta2"] if group["beta2"] is not None else 1.0 - t ** (-group["beta_decay"])
                 hess = state["exp_hessian"]
-                cover = COVERS[group["cover"]]
-                prev = hess if p.dim() <= 1 else cover.bound(hess).expand(g.shape)
+                prev = hess.float() if dense else COVERS[group["cover"]].bound(hess).expand(g.shape)
                 nu = torch.where(mask, prev * beta + (1.0 - beta) * g * g, prev)
-                if p.dim() <= 1:
+                if not dense:
+                    COVERS[group["cover"]].reduce_(hess, nu)
+                elif hess.dtype == torch.float32:
                     hess.copy_(nu)
-                else:
-                    cover.reduce_(hess, nu)
+                else:  # stored in bf16: the step goes on with what is stored
+                    hess.copy_(_random_round_bf16(nu) if group["hessian_rounding"] == "stochastic" else nu)
+                    nu = hess.float()
                 if group["beta2"] is not None:
                     nu = nu / (1.0 - group["beta2"] ** t)
                 denom = nu.sqrt().add_(eps)
@@ -415,8 +442,12 @@ class FusionVariant(Optimizer):
                     m = q.get().lerp_(x, 1.0 - bm)
                     q.set_(m)
                     m = q.get()  # the step uses what is stored, as with any momentum dtype
-                else:
+                elif sdtype == torch.float32:
                     m = state["momentum_buffer"].lerp_(x, 1.0 - bm)
+                else:  # bf16, rounded to nearest as the package's momentum_dtype does; the step uses what is stored
+                    buf = state["momentum_buffer"]
+                    buf.copy_(buf.float().lerp_(x, 1.0 - bm))
+                    m = buf.float()
                 if group["nesterov"]:
                     u = m * bm + x * (1.0 - bm)
                     correction = 1.0 - bm ** (t + 1)
@@ -754,6 +785,36 @@ _SPECS = [
         _fusion_dense,
         ablation=True,
         note="benchmarks.optimizers.DenseSecondMomentFusion: the SM3 cover replaced by a per-element EMA (Adam-sized)",
+    ),
+    _spec(
+        "fusion_dense_bf16m",
+        "ablation: dense second moment, bf16 momentum",
+        _FUSION,
+        1e-3,
+        _fusion_dense,
+        ablation=True,
+        options=dict(momentum_dtype=torch.bfloat16),
+        note="fusion_dense with the momentum stored in bfloat16 (the package's momentum_dtype): 6 bytes per parameter",
+    ),
+    _spec(
+        "fusion_dense_bf16",
+        "ablation: dense second moment and momentum, both in bf16",
+        _FUSION,
+        1e-3,
+        _fusion_variant(cover=DENSE, state_dtype=torch.bfloat16),
+        ablation=True,
+        note="FusionVariant with a per-element second moment stored in bfloat16, rounded stochastically, and the "
+        "momentum in bfloat16, rounded to nearest: 4 bytes per parameter, half of AdamW's",
+    ),
+    _spec(
+        "fusion_dense_bf16_rne",
+        "ablation: dense second moment and momentum in bf16, both rounded to nearest",
+        _FUSION,
+        1e-3,
+        _fusion_variant(cover=DENSE, state_dtype=torch.bfloat16, hessian_rounding="nearest"),
+        ablation=True,
+        note="fusion_dense_bf16 with the second moment rounded to nearest: increments below half a bf16 unit "
+        "are lost once beta_t is close to 1",
     ),
     _spec(
         "fusion_factored_dense_ends",
