@@ -807,6 +807,15 @@ _SPECS = [
         "momentum in bfloat16, rounded to nearest: 4 bytes per parameter, half of AdamW's",
     ),
     _spec(
+        "fusion_dense_bf16_clip",
+        "ablation: dense second moment and momentum in bf16, with Adafactor's update clipping",
+        _FUSION,
+        1e-3,
+        _fusion_variant(cover=DENSE, state_dtype=torch.bfloat16, update_clip=1.0),
+        ablation=True,
+        note="fusion_dense_bf16 with the normalized gradient's RMS clipped to 1 per tensor before the momentum",
+    ),
+    _spec(
         "fusion_dense_bf16_rne",
         "ablation: dense second moment and momentum in bf16, both rounded to nearest",
         _FUSION,
