@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fusedbun.hessian import masked_ema
+from fusedbun.hessian import COVERS, masked_ema
 
 __all__ = [
     "COVERS",
@@ -44,9 +44,6 @@ __all__ = [
     "factored_column_means_",
     "factored_second_moment_",
 ]
-
-COVERS = ("sm3", "factored")
-"""The values of ``FusionOptimizer(cover=...)``: how a tensor of 2+ dims keeps its second moment."""
 
 
 def factored_rest(accumulators: Sequence[Tensor], scale: Tensor | None = None) -> Tensor:

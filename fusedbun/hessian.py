@@ -13,7 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["hessian_decay", "masked_ema", "dense_second_moment_"]
+from fusedbun.rounding import ROUNDED_DTYPES, stochastic_round_at
+
+__all__ = ["hessian_decay", "masked_ema", "dense_second_moment_", "store_dense_", "HESSIAN_DTYPES", "COVERS"]
+
+COVERS = ("sm3", "factored", "dense")
+"""The values of ``FusionOptimizer(cover=...)``: how a tensor of 2+ dims keeps its second moment. ``"sm3"``
+and ``"factored"`` keep O(sum of its dims) numbers (:mod:`fusedbun.sm3`, :mod:`fusedbun.factored`);
+``"dense"`` keeps one per element, as 0-D and 1-D tensors always do (and as AdamW does)."""
+
+HESSIAN_DTYPES = (torch.float32, torch.bfloat16)
+"""The dtypes a dense second moment can be stored in (``FusionOptimizer(hessian_dtype=...)``)."""
 
 
 def hessian_decay(step: float | Tensor, *, beta_decay: float) -> float | Tensor:
@@ -48,20 +58,40 @@ def masked_ema(prev: Tensor, grad: Tensor, mask: Tensor, *, beta: float | Tensor
     return torch.where(mask, torch.mul(prev, beta).addcmul_(g32, g32, value=1.0 - beta), prev)
 
 
-def dense_second_moment_(exp_hessian: Tensor, grad: Tensor, mask: Tensor, *, beta: float) -> Tensor:
-    r"""One masked EMA step of the dense second moment (used for 0-D and 1-D parameters), in place.
+def store_dense_(exp_hessian: Tensor, nu: Tensor, *, rounding: tuple[tuple, Tensor] | None = None) -> Tensor:
+    """Store the new dense statistic ``nu`` into ``exp_hessian`` and return what the step goes on with:
+    ``exp_hessian`` itself when it is fp32 (or fp64); for a bf16 one, ``nu`` rounded stochastically into
+    bf16 with ``rounding = (keys, index)`` (:func:`fusedbun.rounding.stochastic_round_at`), read back as a
+    new fp32 tensor, so that the update uses the statistic as stored."""
+    if exp_hessian.dtype not in ROUNDED_DTYPES:
+        return exp_hessian.copy_(nu)
+    if rounding is None:
+        raise ValueError("a second moment stored in bf16 is rounded stochastically: it needs its stream's keys")
+    keys, index = rounding
+    exp_hessian.copy_(stochastic_round_at(nu, exp_hessian.dtype, keys, index))
+    return exp_hessian.to(torch.float32)
+
+
+def dense_second_moment_(
+    exp_hessian: Tensor, grad: Tensor, mask: Tensor, *, beta: float, rounding: tuple[tuple, Tensor] | None = None
+) -> Tensor:
+    r"""One masked EMA step of the dense second moment (0-D and 1-D parameters, every parameter with
+    ``cover="dense"``), in place.
 
     .. math::
         v \leftarrow \begin{cases} \beta_t v + (1-\beta_t)\, g^2 & \text{where mask} \\
                                    v & \text{elsewhere (carried over, not decayed)} \end{cases}
 
     Args:
-        exp_hessian: :math:`v`, fp32, shaped like the parameter; updated in place.
+        exp_hessian: :math:`v`, fp32 or bf16 (:func:`store_dense_`), shaped like the parameter; updated in place.
         grad: the (masked) gradient :math:`g`, any float dtype.
         mask: where the entry is kept, ``eps < |g| < 2**64`` (:func:`fusedbun.eps_mask`), boolean.
         beta: :math:`\beta_t` from :func:`hessian_decay`.
+        rounding: ``(keys, index)`` of the stochastic rounding of a bf16 ``exp_hessian``.
 
     Returns:
-        ``exp_hessian`` itself, which is :math:`\nu` for a dense parameter.
+        :math:`\nu` as the step uses it: ``exp_hessian`` itself, or for a bf16 one its value in fp32.
     """
-    return exp_hessian.copy_(masked_ema(exp_hessian, grad, mask, beta=beta))
+    return store_dense_(
+        exp_hessian, masked_ema(exp_hessian.to(torch.float32), grad, mask, beta=beta), rounding=rounding
+    )

@@ -20,7 +20,7 @@ from torch.optim.optimizer import Optimizer, required
 
 from fusedbun.engines.common import StepHyper, StepTensors, is_dtensor
 from fusedbun.engines.dispatch import step_tensors
-from fusedbun.factored import COVERS
+from fusedbun.hessian import COVERS, HESSIAN_DTYPES
 from fusedbun.nonfinite import MODES as _NONFINITE_MODES
 from fusedbun.nonfinite import NonfiniteReports, finite_gradients
 from fusedbun.sm3 import sm3_accumulators
@@ -80,10 +80,18 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
     if not 0 <= seed < 2**63:
         raise ValueError(f"Invalid rounding_seed: {seed!r}; it must be an int in [0, 2**63)")
     _check_cover(group["cover"])
+    _check_hessian_dtype(group["hessian_dtype"])
+
+
+def _check_hessian_dtype(dtype: Any) -> None:
+    """Raise ``ValueError`` naming ``hessian_dtype`` and its values (:data:`fusedbun.hessian.HESSIAN_DTYPES`)."""
+    if dtype is not None and dtype not in HESSIAN_DTYPES:
+        valid = ", ".join(f"torch.{str(d).removeprefix('torch.')}" for d in HESSIAN_DTYPES)
+        raise ValueError(f"Invalid hessian_dtype: {dtype!r}; it must be None, {valid}")
 
 
 def _check_cover(cover: Any) -> None:
-    """Raise ``TypeError`` or ``ValueError`` naming ``cover`` and its values (:data:`fusedbun.factored.COVERS`)."""
+    """Raise ``TypeError`` or ``ValueError`` naming ``cover`` and its values (:data:`fusedbun.hessian.COVERS`)."""
     valid = ", ".join(map(repr, COVERS))
     if not isinstance(cover, str):
         raise TypeError(f"Invalid cover: {cover!r}; it must be one of {valid}")
@@ -159,17 +167,27 @@ class FusionOptimizer(Optimizer):
             entry. ``"factored"``: the per-dimension *means* of :math:`\nu`, multiplied back as in
             Adafactor, :math:`\mathrm{prev} = a^{(0)} \prod_{k \ge 1} a^{(k)} / \operatorname{mean}(a^{(0)})^{d-1}`
             (:mod:`fusedbun.factored`): exact for a rank-one second moment and closer to AdamW's dense
-            one in training, with the same state. 0-D and 1-D tensors keep their dense ``v`` either way.
+            one in training, with the same state. ``"dense"``: one :math:`v` per element for every tensor,
+            updated as 0-D and 1-D tensors always are (AdamW's layout: the state is no longer O(n+m), and
+            the rule is step 4's dense one; centralization is unchanged). 0-D and 1-D tensors keep their
+            dense ``v`` whatever the cover.
+        hessian_dtype: dtype of the dense second moments (0-D and 1-D tensors, and every tensor with
+            ``cover="dense"``): ``None`` or ``torch.float32`` (default) or ``torch.bfloat16``, which halves
+            them. A bf16 :math:`v` is computed in fp32 from the stored value, rounded stochastically into bf16
+            (an EMA whose increments fall below half a bf16 unit would stop moving if rounded to nearest:
+            :math:`1-\beta_t` is below :math:`2^{-8}` from step 1000 on), on a random stream of its own
+            (:func:`fusedbun.rounding.hessian_key`, seeded by ``rounding_seed``), and the step normalizes by
+            the value as stored. SM3's and the factored accumulators stay fp32 (O(n+m) numbers).
 
     With ``torch.amp.GradScaler``, ``scaler.step(opt)`` hands the loss scale to :meth:`step`, which divides
     it out inside the engines' pass and skips the whole step (parameters, state and step counts) when the
     scaler found Inf or NaN. :func:`fusedbun.step_in_backward` steps each parameter during backward instead.
 
-    State per parameter: ``step`` (a float32 tensor), ``exp_hessian`` (for 0-D and 1-D parameters a fp32
-    tensor shaped like the parameter; otherwise a list of fp32 accumulators, the k-th shaped
-    ``[1, ..., n_k, ..., 1]``, so an (n, m) weight keeps n + m numbers) and ``momentum_buffer`` when
-    ``momentum_beta > 0``. Low-precision parameters are updated with fp32 arithmetic and rounded once.
-    Complex parameters are refused.
+    State per parameter: ``step`` (a float32 tensor), ``exp_hessian`` (for 0-D and 1-D parameters, and
+    every parameter with ``cover="dense"``, a tensor of ``hessian_dtype`` shaped like the parameter;
+    otherwise a list of fp32 accumulators, the k-th shaped ``[1, ..., n_k, ..., 1]``, so an (n, m) weight
+    keeps n + m numbers) and ``momentum_buffer`` when ``momentum_beta > 0``. Low-precision parameters are
+    updated with fp32 arithmetic and rounded once. Complex parameters are refused.
     """
 
     def __init__(
@@ -191,6 +209,7 @@ class FusionOptimizer(Optimizer):
         stochastic_rounding: bool = False,
         rounding_seed: int = 0,
         cover: str = "sm3",
+        hessian_dtype: torch.dtype | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -208,6 +227,7 @@ class FusionOptimizer(Optimizer):
             stochastic_rounding=stochastic_rounding,
             rounding_seed=rounding_seed,
             cover=cover,
+            hessian_dtype=hessian_dtype,
         )
         _check_hyperparameters(defaults)
         self._nonfinite_reports = NonfiniteReports()
@@ -270,8 +290,9 @@ class FusionOptimizer(Optimizer):
                         "for a complex parameter optimize torch.view_as_real(p) instead"
                     )
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                if p.dim() <= 1:
-                    state["exp_hessian"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                if p.dim() <= 1 or group["cover"] == "dense":
+                    dtype = group["hessian_dtype"] or torch.float32
+                    state["exp_hessian"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 elif is_dtensor(p):  # sharded parameter: accumulators are DTensors that follow its sharding
                     from fusedbun.distributed import dtensor_sm3_accumulators
 
@@ -392,8 +413,8 @@ class FusionOptimizer(Optimizer):
 
     def _rounding_keys(self, group_index: int, group: dict[str, Any], params: list[Tensor]) -> list[int] | None:
         """Each parameter's position in the optimizer (the numbering of ``state_dict()``), which keys its
-        stochastic rounding; ``None`` where the group rounds to nearest."""
-        if not group["stochastic_rounding"]:
+        stochastic rounding and that of a bf16 second moment; ``None`` where the group needs neither."""
+        if not group["stochastic_rounding"] and group.get("hessian_dtype") in (None, torch.float32):
             return None
         if self._positions is None:
             positions, k = {}, 0
@@ -529,6 +550,7 @@ def fusion(
     fused: bool | None = None,
     find_nonfinite: bool = False,
     cover: str = "sm3",
+    rounding_seed: int = 0,
 ) -> list[Tensor] | None:
     r"""Functional form of one FusionOptimizer step over lists of tensors (see :class:`FusionOptimizer`).
 
@@ -540,7 +562,8 @@ def fusion(
     :func:`fusedbun.adalite.eps_mask`). With ``find_nonfinite``, returns one 0-d bool tensor per
     parameter, in order, on its engine's device: True where its gradient held such an entry. Reading
     them is left to the caller (for CUDA tensors a read waits for the step to finish). ``cover`` is the
-    class's option of that name.
+    class's option of that name. A dense ``exp_hessian`` given in bf16 is rounded stochastically on the
+    stream of ``rounding_seed`` with the parameter's position in ``params`` as its key.
     """
     _check_cover(cover)
     hyper = StepHyper(
@@ -553,9 +576,13 @@ def fusion(
         use_rms=use_rms,
         maximize=maximize,
         cover=cover,
+        rounding_seed=rounding_seed,
     )
+    bf16 = any(isinstance(h, Tensor) and h.dtype != torch.float32 for h in exp_hessians)
     pairs = step_tensors(
-        StepTensors(params, grads, momentum_buffers, exp_hessians, state_steps),
+        StepTensors(
+            params, grads, momentum_buffers, exp_hessians, state_steps, list(range(len(params))) if bf16 else None
+        ),
         hyper,
         foreach=foreach,
         fused=fused,

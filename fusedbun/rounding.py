@@ -11,7 +11,9 @@ no state to keep or advance. The same inputs give the same bits on every engine 
 run is reproducible for its seed, data-parallel replicas (which see the same gradients) stay bit-identical,
 and a resumed run continues exactly. In :class:`fusedbun.FusionOptimizer` the key of a parameter is its
 position in the optimizer (the numbering of ``state_dict()``), the step is its step count after the step's
-increment, and the index is the element's flat row-major position in the whole parameter.
+increment, and the index is the element's flat row-major position in the whole parameter. A second moment
+stored in bf16 (``hessian_dtype=torch.bfloat16``) is rounded the same way, on a stream of its own: its key
+is the parameter's plus :data:`HESSIAN_STREAM`.
 
 The hash is built from MurmurHash3's 32-bit finalizer :math:`f` (a bijection of 32-bit words with good
 avalanche):
@@ -47,9 +49,25 @@ __all__ = [
     "random_bits",
     "flat_index",
     "ROUNDED_DTYPES",
+    "HESSIAN_STREAM",
+    "hessian_key",
 ]
 
 ROUNDED_DTYPES = (torch.bfloat16, torch.float16)
+
+HESSIAN_STREAM = 2**63
+"""Added to a parameter's key for the stream that rounds its second moment when that is stored in bf16
+(``FusionOptimizer(hessian_dtype=torch.bfloat16)``): the parameter's own rounding and its statistic's never
+share random bits."""
+
+
+def hessian_key(key: int) -> int:
+    """The key of the random stream that rounds the bf16 second moment of the parameter keyed ``key``."""
+    if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < HESSIAN_STREAM:
+        raise ValueError(f"a parameter's key must be an int in [0, 2**63), got {key!r}")
+    return key + HESSIAN_STREAM
+
+
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 _C1, _C2 = 0x85EBCA6B, 0xC2B2AE35  # MurmurHash3's finalizer constants

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from fusedbun.hessian import hessian_decay
-from fusedbun.rounding import ROUNDED_DTYPES, rounding_keys, rounding_keys_at
+from fusedbun.rounding import ROUNDED_DTYPES, hessian_key, rounding_keys, rounding_keys_at
 
 __all__ = [
     "StepHyper",
@@ -32,7 +32,7 @@ class StepHyper:
     The names are the constructor's (see :class:`fusedbun.FusionOptimizer`); ``lr`` is a float, or a
     0-d tensor under ``torch.compile``. ``grad_unscale`` multiplies every gradient before the rule (the
     reciprocal of a loss scale, as ``torch.amp.GradScaler`` hands it over; 1 otherwise). ``cover`` is how
-    a tensor of 2+ dims keeps its second moment (:data:`fusedbun.factored.COVERS`).
+    a tensor of 2+ dims keeps its second moment (:data:`fusedbun.hessian.COVERS`).
     """
 
     lr: float | Tensor
@@ -53,6 +53,11 @@ class StepHyper:
         """Whether tensors of 2+ dims take the factored second moment (:mod:`fusedbun.factored`)."""
         return self.cover == "factored"
 
+    def dense(self, param: Tensor) -> bool:
+        """Whether ``param`` keeps a dense (per-element) second moment: 0-D and 1-D tensors always, every
+        tensor with ``cover="dense"``."""
+        return param.dim() <= 1 or self.cover == "dense"
+
     @classmethod
     def from_group(cls, group: dict[str, Any], **override: Any) -> StepHyper:
         """The step's hyperparameters from a param group (``override`` replaces entries, e.g. ``lr``)."""
@@ -66,6 +71,17 @@ class StepHyper:
         parameter)."""
         if not self.stochastic_rounding or param.dtype not in ROUNDED_DTYPES:
             return None
+        return self._keys(key, step)
+
+    def hessian_rounding(self, exp_hessian: Tensor | list, key: int | None, step: Tensor | float) -> tuple | None:
+        """The keys of the random stream that rounds a dense second moment stored in bf16 at this step
+        (``hessian_dtype=torch.bfloat16``; always stochastic, whatever ``stochastic_rounding`` says), or
+        ``None`` for an fp32 statistic or a list of accumulators (always fp32)."""
+        if not isinstance(exp_hessian, Tensor) or exp_hessian.dtype == torch.float32:
+            return None
+        return self._keys(None if key is None else hessian_key(key), step)
+
+    def _keys(self, key: int | None, step: Tensor | float) -> tuple:
         if key is None:
             raise ValueError("stochastic rounding needs each parameter's key (its position in the optimizer)")
         if not isinstance(step, Tensor):
@@ -79,9 +95,11 @@ class StepTensors(NamedTuple):
     """The tensors of one step, as parallel lists (position ``i`` of each list belongs to ``params[i]``).
 
     ``momentum_buffers[i]`` is ``None`` when ``momentum_beta == 0``; ``exp_hessians[i]`` is a tensor shaped
-    like ``params[i]`` (0-D, 1-D) or its list of SM3 accumulators; ``state_steps[i]`` is a float32 0-d
+    like ``params[i]`` (0-D, 1-D, or any shape with ``cover="dense"``; fp32 or bf16) or its list of SM3 (or
+    factored) accumulators; ``state_steps[i]`` is a float32 0-d
     tensor, which the engine increments. ``keys[i]`` is the parameter's position in the optimizer (the
-    numbering of ``state_dict()``), which keys its stochastic rounding; ``None`` where nothing needs it.
+    numbering of ``state_dict()``), which keys its stochastic rounding and that of a bf16 second moment;
+    ``None`` where nothing needs it.
     """
 
     params: list[Tensor]

@@ -129,8 +129,10 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
         g, mask = eps_mask(g, eps=eps)
 
         # 4: the second moment nu from the previous (local slices of the) accumulators.
-        if param.dim() <= 1:
-            nu = dense_second_moment_(_local(hess), g, mask, beta=beta)
+        if hyper.dense(param):  # 0-D, 1-D, or cover="dense": v is sharded as the parameter is
+            hessian_keys = hyper.hessian_rounding(hess, tensors.key(i), step)
+            rounding = None if hessian_keys is None else (hessian_keys, _global_index(param))
+            nu = dense_second_moment_(_local(hess), g, mask, beta=beta, rounding=rounding)
         elif hyper.factored:
             accs = [_local(a) for a in hess]
             prev = (accs[0] * factored_rest(accs, scales[i])).expand(g.shape)

@@ -10,8 +10,8 @@ arithmetic of :mod:`~fusedbun.engines.single_tensor` and changes only the order 
   accumulators are running maxima across blocks, committed after the last block (their previous values
   are still needed for ``prev``). With ``cover="factored"`` the accumulators are means: the dim-0 one is
   again local to a block, and the others come from running column sums, added block after block in row
-  order (an order fixed by the shape), then divided once. Extra memory is a few blocks, not a
-  parameter's size. On a GPU a
+  order (an order fixed by the shape), then divided once. With ``cover="dense"`` each block reads and
+  writes its own rows of ``v``. Extra memory is a few blocks, not a parameter's size. On a GPU a
   block is ``DEVICE_BLOCK_ELEMS`` numbers: there the cost is kernel launches, not cache misses, so
   blocks are as large as the peak-memory budget allows. Under ``torch.compile`` a tensor is one block:
   the compiler fuses the ops itself, and a loop over blocks would only unroll into a larger graph.
@@ -27,7 +27,7 @@ from torch import Tensor
 from fusedbun.adalite import GRAD_LIMIT, decoupled_weight_decay_, momentum_
 from fusedbun.engines.common import StepHyper, StepTensors, compute_dtype, stack_flags, step_decay
 from fusedbun.factored import factored_column_means_, factored_rest
-from fusedbun.hessian import masked_ema
+from fusedbun.hessian import masked_ema, store_dense_
 from fusedbun.rounding import stochastic_round_at
 
 __all__ = ["foreach_fusion", "BLOCK_ELEMS", "DEVICE_BLOCK_ELEMS"]
@@ -75,8 +75,7 @@ def _update_block(
     q.add_(g, alpha=-lr)
     if rounding is not None:
         keys, first = rounding
-        index = torch.arange(first, first + q.numel(), dtype=torch.int64, device=q.device).view(q.shape)
-        p.copy_(stochastic_round_at(q, p.dtype, keys, index))
+        p.copy_(stochastic_round_at(q, p.dtype, keys, _block_index(first, q)))
     elif q is not p:
         p.copy_(q)
     return usable
@@ -155,12 +154,54 @@ def _factored_tensor_(
     return torch.stack(usable_blocks).all().logical_not() if find else None
 
 
+def _block_index(first: int, like: Tensor) -> Tensor:
+    """The flat positions, in the whole parameter, of a block's elements (``first`` on, shaped like it)."""
+    return torch.arange(first, first + like.numel(), dtype=torch.int64, device=like.device).view(like.shape)
+
+
+def _store_v(v: Tensor, nu: Tensor, keys, first: int) -> Tensor:
+    """Store ``nu`` into the dense ``v`` (rounded stochastically with ``keys`` when ``v`` is bf16, its elements
+    those of the parameter from ``first`` on) and return the statistic as stored, as a temporary the block
+    may overwrite."""
+    if keys is None:
+        v.copy_(nu)
+        return nu
+    return store_dense_(v, nu, rounding=(keys, _block_index(first, v)))
+
+
+def _dense_tensor_(
+    p, g, m, v: Tensor, *, beta: float, find: bool, hyper: StepHyper, keys=None, hessian_keys=None
+) -> Tensor | None:
+    """Blocked step for a tensor of 2 or more dims with a dense second moment ``v`` (``cover="dense"``);
+    ``hessian_keys`` round a bf16 ``v`` stochastically. The arguments and the result are those of
+    :func:`_sm3_tensor_`."""
+    if p.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=p.device) if find else None
+    row_len = p[0].numel()
+    per_block = max(1, _block_elems(p) // max(1, row_len))
+    usable_blocks = []
+    for r0 in range(0, p.shape[0], per_block):
+        rs = slice(r0, r0 + per_block)
+        vb = v[rs]
+
+        def second_moment(gb: Tensor, mask: Tensor, beta: float, vb: Tensor = vb, first: int = r0 * row_len) -> Tensor:
+            return _store_v(vb, masked_ema(vb.to(torch.float32), gb, mask, beta=beta), hessian_keys, first)
+
+        rounding = None if keys is None else (keys, r0 * row_len)
+        usable = _update_block(
+            p[rs], g[rs], None if m is None else m[rs], second_moment, beta=beta, hyper=hyper, rounding=rounding
+        )
+        if find:
+            usable_blocks.append(usable.all())
+    return torch.stack(usable_blocks).all().logical_not() if find else None
+
+
 def _dense_flat_(
-    params, grads, bufs, hessians, *, beta: float, find: bool, hyper: StepHyper, keys=None
+    params, grads, bufs, hessians, *, beta: float, find: bool, hyper: StepHyper, keys=None, hessian_keys=None
 ) -> list[Tensor]:
     """Step 0-D and 1-D tensors together as one flat vector per chunk of at most a block of numbers;
     with ``find``, returns per tensor whether its gradient held an entry that is not a usable number.
-    ``keys`` (one tensor only) rounds it stochastically."""
+    ``keys`` (one tensor only) rounds it stochastically, ``hessian_keys`` (one tensor only) its bf16 ``v``."""
     found = []
     chunks, chunk, size = [], [], 0
     limit = max(_block_elems(p) for p in params) if torch.compiler.is_compiling() else _block_elems(params[0])
@@ -181,9 +222,7 @@ def _dense_flat_(
         m = None if bufs[idx[0]] is None else torch.cat([bufs[i].reshape(-1) for i in idx])
 
         def second_moment(gb: Tensor, mask: Tensor, beta: float, v: Tensor = v) -> Tensor:
-            nu = masked_ema(v, gb, mask, beta=beta)
-            v.copy_(nu)
-            return nu
+            return _store_v(v, masked_ema(v.to(torch.float32), gb, mask, beta=beta), hessian_keys, 0)
 
         usable = _update_block(
             p, g, m, second_moment, beta=beta, hyper=hyper, rounding=None if keys is None else (keys, 0)
@@ -212,28 +251,35 @@ def foreach_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
     betas = [step_decay(s, beta_decay=hyper.beta_decay) for s in state_steps]
 
     roundings = [hyper.rounding(p, tensors.key(i), s) for i, (p, s) in enumerate(zip(params, state_steps))]
+    hessian_roundings = [
+        hyper.hessian_rounding(h, tensors.key(i), s) for i, (h, s) in enumerate(zip(exp_hessians, state_steps))
+    ]
 
     flat: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         if p.dim() >= 2:
-            found[i] = (_factored_tensor_ if hyper.factored else _sm3_tensor_)(
-                p,
-                grads[i],
-                momentum_buffers[i],
-                exp_hessians[i],
-                beta=betas[i],
-                find=find_nonfinite,
-                hyper=hyper,
-                keys=roundings[i],
-            )
+            kw = dict(beta=betas[i], find=find_nonfinite, hyper=hyper, keys=roundings[i])
+            if hyper.cover == "dense":
+                tensor_step, kw["hessian_keys"] = _dense_tensor_, hessian_roundings[i]
+            else:
+                tensor_step = _factored_tensor_ if hyper.factored else _sm3_tensor_
+            found[i] = tensor_step(p, grads[i], momentum_buffers[i], exp_hessians[i], **kw)
         else:
             buf = momentum_buffers[i]
             # Tensors that share a beta are stepped as one flat vector. Under torch.compile beta is a
             # tensor, not a value to group by: each tensor is its own group (the compiler fuses them). A
-            # tensor rounded stochastically has a random stream of its own: it is its own group too.
-            own = roundings[i] is not None or not isinstance(betas[i], float)
+            # tensor rounded stochastically (its parameter or its bf16 v) has a random stream of its own:
+            # it is its own group too.
+            own = roundings[i] is not None or hessian_roundings[i] is not None or not isinstance(betas[i], float)
             beta_key = ("own", i) if own else betas[i]
-            key = (p.device, p.dtype, grads[i].dtype, None if buf is None else buf.dtype, beta_key)
+            key = (
+                p.device,
+                p.dtype,
+                grads[i].dtype,
+                None if buf is None else buf.dtype,
+                exp_hessians[i].dtype,
+                beta_key,
+            )
             flat.setdefault(key, []).append(i)
 
     for idx in flat.values():
@@ -246,6 +292,7 @@ def foreach_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
             find=find_nonfinite,
             hyper=hyper,
             keys=roundings[idx[0]],
+            hessian_keys=hessian_roundings[idx[0]],
         )
         for i, flag in zip(idx, flags):
             found[i] = flag

@@ -202,7 +202,7 @@ def _dtype_codes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> tuple[int, int
         m_code = codes.get(m.dtype)
         if m_code is None or not (m.is_cpu and m.shape == p.shape and m.is_contiguous()):
             return None
-    if p.dim() <= 1:
+    if isinstance(hess, Tensor):  # a dense v: 0-D, 1-D, or any shape with cover="dense"
         hess = (hess,)
     elif len(hess) != p.dim():
         return None
@@ -247,11 +247,14 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     lr, momentum_beta = float(hyper.lr), hyper.momentum_beta
     with_momentum = momentum_beta > 0
     fused, other = [], []  # fused: (list position, dtype codes)
+    # A dense v of 2+ dims (cover="dense") takes the kernel's dense kind, which does not centralize: such a
+    # tensor goes to the multi-tensor engine when the group centralizes.
+    centralize_dense = hyper.centralize and hyper.cover == "dense"
     for i, p in enumerate(params):
         m = momentum_buffers[i] if with_momentum else None
         if with_momentum and m is None:
             raise ValueError("momentum_beta > 0 but a momentum buffer is None")
-        codes = _dtype_codes(p, grads[i], m, exp_hessians[i])
+        codes = None if centralize_dense and p.dim() >= 2 else _dtype_codes(p, grads[i], m, exp_hessians[i])
         if codes is None:
             other.append(i)
         else:
@@ -278,10 +281,11 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     for (i, (p_code, g_code, m_code)), count in zip(fused, counts):
         p, m, hess = params[i], momentum_buffers[i] if with_momentum else None, exp_hessians[i]
         dim = p.dim()
+        dense = isinstance(hess, Tensor)
         written.append(p)
         if m is not None:
             written.append(m)
-        if dim <= 1:
+        if dense:
             written.append(hess)
         else:
             written += hess
@@ -292,7 +296,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         if beta is None:
             beta = betas[count] = hessian_decay(count, beta_decay=hyper.beta_decay)
         rounding = hyper.rounding(p, tensors.key(i), count) if stochastic else None
-        if dim <= 1:
+        if dense:
             kind, rows, row_len = _DENSE, numel, 1
             acc, rest_ptr, colmax_ptr = hess.data_ptr(), None, None
         elif factored:

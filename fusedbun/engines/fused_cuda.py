@@ -93,7 +93,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     for flags in plan.flags.values():
         flags.zero_()
     if plan.fallback:
-        lists = StepTensors(params, grads, momentum_buffers, exp_hessians, state_steps)
+        lists = StepTensors(params, grads, momentum_buffers, exp_hessians, state_steps, tensors.keys)
         found = foreach_fusion(lists.select(plan.fallback), hyper, find_nonfinite=find_nonfinite)
         if find_nonfinite:
             for i, flag in zip(plan.fallback, found.unbind()):

@@ -38,9 +38,12 @@ def single_tensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfini
             found.append(nonfinite_entries(g).any())
         g, mask = eps_mask(g, eps=eps)
 
-        # 4: the second moment nu; dense for 0-D/1-D, SM3's (or the factored) accumulators for 2-D and up.
-        if param.dim() <= 1:
-            nu = dense_second_moment_(hess, g, mask, beta=beta)
+        # 4: the second moment nu; dense for 0-D/1-D (and with cover="dense"), SM3's (or the factored)
+        # accumulators for 2-D and up. A bf16 v is rounded stochastically on its own stream.
+        if hyper.dense(param):
+            keys = hyper.hessian_rounding(hess, tensors.key(i), step)
+            rounding = None if keys is None else (keys, flat_index(param.shape, param.device))
+            nu = dense_second_moment_(hess, g, mask, beta=beta, rounding=rounding)
         elif hyper.factored:
             nu = factored_second_moment_(hess, g, mask, beta=beta)
         else:

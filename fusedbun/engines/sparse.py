@@ -89,10 +89,16 @@ def _sparse_step_(
     found = nonfinite_entries(g).any() if find_nonfinite else None
     g, mask = eps_mask(g, eps=eps)
 
-    if param.dim() <= 1:
-        prev = exp_hessian[rows]
+    row_len = math.prod(param.shape[1:])
+    if hyper.dense(param):  # a dense v (0-D, 1-D, or cover="dense"): its present rows, as the parameter's
+        prev = exp_hessian[rows].to(torch.float32)
         nu = masked_ema(prev, g, mask, beta=beta)
-        exp_hessian[rows] = nu
+        hessian_keys = hyper.hessian_rounding(exp_hessian, key, step)
+        if hessian_keys is None:
+            exp_hessian[rows] = nu
+        else:  # bf16: each present element rounded at its index in the whole tensor; the step uses it as stored
+            exp_hessian[rows] = stochastic_round_at(nu, exp_hessian.dtype, hessian_keys, _row_index(rows, nu, row_len))
+            nu = exp_hessian[rows].to(torch.float32)
     elif hyper.factored:
         nu = _factored_rows_(exp_hessian, rows, g, mask, beta=beta)
     else:
@@ -121,10 +127,13 @@ def _sparse_step_(
     if keys is None:
         param[rows] = p.to(param.dtype)
     else:  # each present element at its index in the whole parameter, as a dense step would round it
-        row_len = p[0].numel() if p.dim() > 1 else 1
-        index = rows.view(-1, *[1] * (p.dim() - 1)) * row_len + flat_index(p.shape[1:], p.device)
-        param[rows] = stochastic_round_at(p, param.dtype, keys, index)
+        param[rows] = stochastic_round_at(p, param.dtype, keys, _row_index(rows, p, row_len))
     return found
+
+
+def _row_index(rows: Tensor, values: Tensor, row_len: int) -> Tensor:
+    """The flat position in the whole tensor of each element of the gathered ``rows`` (shaped like ``values``)."""
+    return rows.view(-1, *[1] * (values.dim() - 1)) * row_len + flat_index(values.shape[1:], values.device)
 
 
 def _factored_rows_(acc: list[Tensor], rows: Tensor, g: Tensor, mask: Tensor, *, beta: float | Tensor) -> Tensor:

@@ -429,7 +429,12 @@ class _StepPlan:
     def __init__(
         self, params, grads, momentum_buffers, exp_hessians, *, centralize: bool, config: KernelConfig, factored=False
     ):
-        takes = [kernel_takes(p, g, m, h) for p, g, m, h in zip(params, grads, momentum_buffers, exp_hessians)]
+        # A dense v of 2+ dims (cover="dense") takes the dense path, which does not centralize: such a tensor
+        # goes to the multi-tensor engine when the group centralizes.
+        takes = [
+            kernel_takes(p, g, m, h) and not (centralize and p.dim() >= 2 and isinstance(h, Tensor))
+            for p, g, m, h in zip(params, grads, momentum_buffers, exp_hessians)
+        ]
         self.fallback = [i for i, ok in enumerate(takes) if not ok]
         self.kernel_positions = [i for i, ok in enumerate(takes) if ok]
         groups: dict[tuple, list[int]] = {}
@@ -437,7 +442,7 @@ class _StepPlan:
             p, g, m = params[i], grads[i], momentum_buffers[i]
             if p.numel() == 0:
                 continue  # nothing to update; its accumulators cover nothing (as in the reference)
-            if p.dim() <= 1:
+            if isinstance(exp_hessians[i], Tensor):  # a dense v: 0-D, 1-D, or any shape with cover="dense"
                 ndim, bc = 1, config.dense_cols
             else:
                 ndim, bc = p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
