@@ -327,7 +327,7 @@ def test_the_tighter_covers_are_exact_for_an_outer_product_and_maxprod_never_exc
             torch.testing.assert_close(bounds["factored"], nu)
             torch.testing.assert_close(bounds["factored_capped"], nu)
     with pytest.raises(ValueError, match="cover"):
-        FusionVariant([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, cover="dense")
+        FusionVariant([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, cover="sm4")
 
 
 def test_block_int8_keeps_each_value_within_half_a_code_of_its_block_and_zeros_exactly():
