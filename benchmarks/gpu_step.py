@@ -362,6 +362,15 @@ def main() -> None:
                 20,
             ),
             (
+                # per element: read p, g (fp32), m, v (bf16); write p, m, v: 20 bytes, as SM3's cover with fp32 momentum
+                "fusedbun fused bf16 momentum, cover='dense', bf16 second moment (step)",
+                lambda ps: FusionOptimizer(
+                    ps, lr=lr, fused=True, cover="dense", momentum_dtype=torch.bfloat16, hessian_dtype=torch.bfloat16
+                ),
+                k,
+                20,
+            ),
+            (
                 "fusedbun fused fp32 momentum, nonfinite='skip' (step)",
                 lambda ps: FusionOptimizer(ps, lr=lr, fused=True, nonfinite="skip"),
                 k,
@@ -412,6 +421,15 @@ def main() -> None:
                 ),
                 dict(**k, **bf16),
                 10,
+            ),
+            (
+                # read p, g, m, v, write p, m, v, all bf16: 14 bytes, as AdamW on bf16 parameters
+                "fusedbun fused bf16 p/g/m, stochastic rounding, cover='dense', bf16 second moment (step)",
+                lambda ps: FusionOptimizer(
+                    ps, lr=lr, fused=True, stochastic_rounding=True, cover="dense", hessian_dtype=torch.bfloat16
+                ),
+                dict(**k, **bf16),
+                14,
             ),
             (
                 "fusedbun fused bf16 p/g/m, stochastic rounding (engine)",

@@ -691,6 +691,23 @@ _SPECS = [
         note="as fusion_bf16_sr_sib with the factored second moment: 4 persistent bytes per parameter",
     ),
     _spec(
+        "fusion_dense_bf16_sr_sib",
+        'FusionOptimizer (use_rms=True, cover="dense", bf16 second moment) on bf16 parameters, stochastic rounding, '
+        "bf16 momentum, step in backward",
+        _FUSION,
+        1e-3,
+        _fusion,
+        options=dict(
+            use_rms=True,
+            cover="dense",
+            hessian_dtype=torch.bfloat16,
+            momentum_dtype=torch.bfloat16,
+            stochastic_rounding=True,
+        ),
+        recipe=dict(param_dtype="bf16", step_in_backward=True, clip_per_param=STEP_IN_BACKWARD_CLIP),
+        note="as fusion_factored_bf16_sr_sib with the dense second moment in bf16: 6 persistent bytes per parameter",
+    ),
+    _spec(
         "adafactor",
         "Adafactor (torch)",
         "torch",
