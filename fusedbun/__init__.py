@@ -4,7 +4,8 @@
 Adalite's gradient centralization, momentum, decoupled weight decay and RMS normalization, and masks
 entries at or below ``eps`` out of each update (sparse updates); the second moment is an EMA of squared
 gradients with Adafactor's decay schedule. With ``cover="factored"`` the same O(n+m) numbers hold Adafactor's
-rank-one fit of the second moment instead of SM3's bound.
+rank-one fit of the second moment instead of SM3's bound; ``cover="dense"`` keeps one number per element, as
+AdamW does, and ``hessian_dtype=torch.bfloat16`` stores it in bf16 with stochastic rounding.
 """
 
 from fusedbun.adalite import (

@@ -37,7 +37,7 @@ from torch import Tensor
 from fusedbun.hessian import COVERS, masked_ema
 
 __all__ = [
-    "COVERS",
+    "COVERS",  # defined in fusedbun.hessian, with the other covers; re-exported here, where it first lived
     "factored_rest",
     "factored_prev",
     "factored_reduce_",
