@@ -462,10 +462,10 @@ class FusionOptimizer(Optimizer):
                     f"a param group of the state dict has {len(sg['params'])} parameters, "
                     f"the optimizer's has {len(g['params'])}"
                 )
-            pairs.extend(zip(sg["params"], g["params"]))
-        for pid, p in pairs:
+            pairs.extend((pid, p, sg.get("cover", "sm3")) for pid, p in zip(sg["params"], g["params"]))
+        for pid, p, cover in pairs:
             if pid in saved_state:
-                _check_saved_state(saved_state[pid], p)
+                _check_saved_state(saved_state[pid], p, cover)
         # The hooks already ran (pre) or run below (post): the base class must not run them again.
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = (
             OrderedDict(),
@@ -479,7 +479,7 @@ class FusionOptimizer(Optimizer):
                 post_hooks,
             )
         # torch.optim casts floating state to the parameter's dtype; restore the saved dtypes exactly.
-        for pid, p in pairs:
+        for pid, p, _ in pairs:
             if pid not in saved_state:
                 continue
             state = self.state[p]
@@ -495,15 +495,16 @@ class FusionOptimizer(Optimizer):
             post_hook(self)
 
 
-def _check_saved_state(saved: dict[str, Any], p: Tensor) -> None:
-    """Refuse a saved state that cannot belong to ``p`` (another optimizer's, or another layout's)."""
+def _check_saved_state(saved: dict[str, Any], p: Tensor, cover: str = "sm3") -> None:
+    """Refuse a saved state that cannot belong to ``p`` under the saved group's ``cover`` (another
+    optimizer's, or another layout's)."""
     if "step" not in saved or "exp_hessian" not in saved:
         raise ValueError(
             f"the state dict does not look like FusionOptimizer's: a parameter's state has keys "
             f"{sorted(saved)}, expected 'step', 'exp_hessian' and, with momentum, 'momentum_buffer'"
         )
     hess = saved["exp_hessian"]
-    if p.dim() <= 1:
+    if p.dim() <= 1 or cover == "dense":
         ok = isinstance(hess, Tensor) and hess.shape == p.shape
         expected = f"a tensor of shape {tuple(p.shape)}"
     else:

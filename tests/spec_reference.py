@@ -8,7 +8,7 @@ Every line below names the contract's rule it implements.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,14 @@ import torch
 F64 = torch.float64
 
 Hessian = torch.Tensor | list[torch.Tensor]
+
+COVERS = ("sm3", "factored", "dense")
+"""The covers of a tensor of 2 or more dims: SM3's maxima, the factored means, or a dense ``v`` (rule 4's
+0-D/1-D rule applied to every tensor)."""
+
+Store = Callable[[torch.Tensor], torch.Tensor]
+"""How a dense second moment is stored: the float64 ``nu`` of the kept entries in, the value as stored (as
+float64) out. ``None`` stands for fp32 storage, modelled in float64 like every other fp32 number here."""
 
 
 @dataclass
@@ -31,7 +39,7 @@ class RefStep:
     """What one step produces, in float64."""
 
     param: torch.Tensor
-    exp_hessian: Hessian  # dense v for dim <= 1, list of a_k for dim >= 2
+    exp_hessian: Hessian  # dense v for dim <= 1 (every dim with cover="dense"), list of a_k for dim >= 2
     momentum_buffer: torch.Tensor | None  # None when momentum_beta == 0
     mask: torch.Tensor  # rule 3
     nu: torch.Tensor  # rule 4 (full size, temporary)
@@ -48,6 +56,23 @@ def beta_t(t: int, beta_decay: float) -> float:
 def accumulator_shape(shape: Sequence[int], k: int) -> list[int]:
     """the contract's a_k: ``[1, ..., shape[k], ..., 1]``."""
     return [n if i == k else 1 for i, n in enumerate(shape)]
+
+
+def dense_second_moment(
+    v: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, b: float, store: Store | None = None
+) -> torch.Tensor:
+    """Rule 4's dense ``v`` (0-D/1-D tensors, and every tensor with ``cover="dense"``):
+    ``v = where(mask, beta_t * v + (1 - beta_t) * g**2, v)``, and ``nu = v``.
+
+    ``store`` (``hessian_dtype=torch.bfloat16``): ``prev = v`` as stored, ``nu32`` the rule's value from it,
+    and the new ``v`` is ``store(nu32)`` on the kept entries, the previous ``v`` exactly on the masked ones;
+    the rest of the step uses ``nu = v`` as stored."""
+    nu = torch.where(mask, b * v + (1.0 - b) * g * g, v)
+    if store is not None:
+        stored = store(nu).to(F64)
+        assert tuple(stored.shape) == tuple(nu.shape), "store must keep the shape"
+        nu = torch.where(mask, stored, v)
+    return nu
 
 
 def sm3_prev(accumulators: Sequence[torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
@@ -99,11 +124,18 @@ def reference_step(
     use_rms: bool = False,
     maximize: bool = False,
     cover: str = "sm3",
+    store_v: Store | None = None,
 ) -> RefStep:
     """One step of the contract's "One step, for one parameter p with dense gradient g, at step t", in float64.
 
-    ``cover`` (dim >= 2 only): ``"sm3"`` (min of the accumulators, maxima kept) or ``"factored"`` (the
-    product of the accumulators over ``mean(a_0)**(d-1)``, means kept; an empty parameter keeps its state)."""
+    ``cover`` (dim >= 2 only): ``"sm3"`` (min of the accumulators, maxima kept), ``"factored"`` (the
+    product of the accumulators over ``mean(a_0)**(d-1)``, means kept; an empty parameter keeps its state)
+    or ``"dense"`` (a dense ``v`` shaped like the parameter, the 0-D/1-D rule).
+
+    ``store_v``: how a dense ``v`` is stored (see :func:`dense_second_moment`); ``None``: fp32. SM3's and the
+    factored accumulators are fp32 whatever it is."""
+    if cover not in COVERS:
+        raise ValueError(f"unknown cover {cover!r}")
     p = param.detach().to(F64).clone()
     g = grad.detach().to(F64).clone()
     if g.is_sparse:
@@ -121,9 +153,9 @@ def reference_step(
     g = g * mask
     # 4. Second moment.
     b = beta_t(t, beta_decay)
-    if p.dim() <= 1:
+    if p.dim() <= 1 or cover == "dense":
         v = state.exp_hessian.to(F64).clone() if state.exp_hessian is not None else torch.zeros_like(p)
-        v = torch.where(mask, b * v + (1.0 - b) * g * g, v)
+        v = dense_second_moment(v, g, mask, b, store_v)
         nu = v
         new_hessian: Hessian = v
     else:
@@ -139,7 +171,7 @@ def reference_step(
             prev = factored_prev(acc, p.shape)
             nu = torch.where(mask, b * prev + (1.0 - b) * g * g, prev)
             new_hessian = factored_cover(nu) if p.numel() > 0 else acc
-        else:
+        else:  # pragma: no cover (checked above)
             raise ValueError(f"unknown cover {cover!r}")
     # 5. RMS normalization.
     u = g / (nu.sqrt() + eps) if use_rms else g
