@@ -331,7 +331,10 @@ def test_misaligned_and_fallback_layouts_match_reference(kernel_device):
         assert_same_state(ref, fused, ref_params, fused_params, what=f"step {t + 1}")
 
 
-def make_engine_inputs(shapes, *, dtype, grad_dtype, momentum_dtype, gen, steps_at: list[float], device: str):
+def make_engine_inputs(
+    shapes, *, dtype, grad_dtype, momentum_dtype, gen, steps_at: list[float], device: str, dense_v=None
+):
+    """Inputs of the functional step; ``dense_v`` (a dtype) gives every tensor a dense v of it (cover="dense")."""
     params, grads, bufs, hess, steps = [], [], [], [], []
     for s, count in zip(shapes, steps_at):
         p = torch.randn(s, device=device, generator=gen).to(dtype)
@@ -340,7 +343,9 @@ def make_engine_inputs(shapes, *, dtype, grad_dtype, momentum_dtype, gen, steps_
         bufs.append(
             None if momentum_dtype is None else (0.1 * torch.randn(s, device=device, generator=gen)).to(momentum_dtype)
         )
-        if p.dim() <= 1:
+        if dense_v is not None:
+            hess.append(torch.rand(s, device=device, generator=gen).to(dense_v))
+        elif p.dim() <= 1:
             hess.append(torch.rand(s, device=device, generator=gen))
         else:
             hess.append([a.copy_(torch.rand(a.shape, device=device, generator=gen)) for a in sm3_accumulators(p)])
@@ -403,23 +408,27 @@ def test_gradients_of_another_dtype_per_tensor_step_counts_and_flags(kernel_devi
 
 
 @needs_gpu
-def test_step_counts_on_the_device_give_the_same_step():
-    # torch.compile moves step counts to the parameters' device; the engine then computes beta_t there.
+@pytest.mark.parametrize("dense_v", [None, torch.bfloat16], ids=["sm3", "dense-bf16v"])
+def test_step_counts_on_the_device_give_the_same_step(dense_v):
+    # torch.compile moves step counts to the parameters' device; the engine then computes beta_t there, and
+    # the keys of a bf16 v's stochastic rounding too.
     gen = torch.Generator(device="cuda").manual_seed(6)
     shapes = [(20, 30), (30,), ()]
     inputs = make_engine_inputs(
         shapes,
-        dtype=torch.float32,
+        dtype=torch.float32 if dense_v is None else torch.bfloat16,
         grad_dtype=torch.float32,
         momentum_dtype=torch.float32,
         gen=gen,
         steps_at=[3.0, 9.0, 1.0],
         device="cuda",
+        dense_v=dense_v,
     )
     host, device = clone_inputs(inputs), clone_inputs(inputs)
     device[4] = [s.to("cuda") for s in device[4]]
-    fusion(*host, **HYPER_ALL, fused=True)
-    fusion(*device, **HYPER_ALL, fused=True)
+    hyper = HYPER_ALL if dense_v is None else {**HYPER_ALL, "centralize": False, "cover": "dense", "rounding_seed": 4}
+    fusion(*host, **hyper, fused=True)
+    fusion(*device, **hyper, fused=True)
     for seq_a, seq_b in zip(host[:4], device[:4]):
         for x, y in zip(seq_a, seq_b):
             for u, v in zip(x if isinstance(x, list) else [x], y if isinstance(y, list) else [y]):
@@ -550,11 +559,13 @@ def test_stepping_inside_backward_builds_each_launch_plan_once(kernel_device, mo
     assert len(built) == first, f"{len(built) - first} plans rebuilt after the first step"
 
 
-@pytest.mark.parametrize("cover", ["sm3", "factored"])
+@pytest.mark.parametrize("cover", ["sm3", "factored", "dense"])
 def test_the_64_bit_index_path_gives_the_bits_of_the_32_bit_one(kernel_device, monkeypatch, cover):
     # A launch whose offsets all fit an int32 does its index arithmetic (addresses, the rounding's element
     # counter) in 32 bits; otherwise in 64. Forcing the 64-bit path (no tensor counts as small) must change
-    # nothing: every number stored, the parameters' stochastically rounded bits included, is the same.
+    # nothing: every number stored, the parameters' stochastically rounded bits included, is the same
+    # (with cover="dense" the v of every tensor is bf16, rounded stochastically in the kernel's dense path,
+    # which does not centralize).
     from fusedbun.engines import triton_plan
 
     gen = torch.Generator().manual_seed(23)
@@ -571,11 +582,12 @@ def test_the_64_bit_index_path_gives_the_bits_of_the_32_bit_one(kernel_device, m
             lr=0.01,
             fused=True,
             use_rms=True,
-            centralize=True,
+            centralize=cover != "dense",
             momentum_dtype=torch.bfloat16,
             stochastic_rounding=True,
             rounding_seed=3,
             cover=cover,
+            hessian_dtype=torch.bfloat16 if cover == "dense" else None,
         )
         for step_grads in grads:
             for p, g in zip(params, step_grads):
@@ -592,3 +604,189 @@ def test_the_64_bit_index_path_gives_the_bits_of_the_32_bit_one(kernel_device, m
             pairs = zip(value, other) if isinstance(value, list) else [(value, other)]
             for u, v in pairs:
                 assert torch.equal(u, v), f"parameter {k}: {key}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a dense second moment for every tensor (cover="dense"), in fp32 or in bf16 (hessian_dtype)
+# ----------------------------------------------------------------------------------------------------------
+
+DENSE_SHAPES = {
+    "cuda": [(), (7,), (4099,), (5, 37), (64, 64), (3, 4, 5), (300, 513), (2, 3, 1, 4, 5)],
+    "cpu": [(), (7,), (1100,), (5, 37), (3, 4, 5), (2, 3, 1, 2, 5)],
+}
+
+
+def fresh_plans(monkeypatch):
+    """An empty cache of launch plans for the test, returned so that the test can look at the plans."""
+    from fusedbun.engines import triton_plan
+
+    plans = triton_plan.OrderedDict()
+    monkeypatch.setattr(triton_plan, "_STEP_PLANS", plans)
+    return plans
+
+
+def assert_bits_of_the_multi_tensor_engine(ref, fused, ref_params, fused_params, *, what: str) -> None:
+    """Parameters and state of ``fused`` as those of ``ref`` (the multi-tensor engine): 16-bit tensors bit
+    for bit, but for rare elements; fp32 ones within :func:`tolerance`.
+
+    The fp32 arithmetic of the two sides cannot agree to the bit: torch's kernels fuse some multiply-adds
+    (on the CPU ``lerp``, ``add`` with ``alpha``, ``addcmul``) that the interpreter's NumPy rounds twice, and
+    the compiled kernel contracts others that torch's CUDA kernels round twice, so parameters, momentum and
+    ``nu`` may differ in their last bits. A 16-bit value rounded from two such fp32 values differs only where
+    a rounding boundary (a tie of the rounding to nearest, or the carry of the stochastic rounding) falls
+    between them, about one element in 2**16 of those: then by one unit in the last place (ulp), or, where
+    ``p - lr * u`` cancels to nearly zero, by a few fp32 ulps of the operands (on an H200, 7.5e-11 against
+    0.0 from a weight of -5e-3), many 16-bit ulps of so small a result. The bound allows one element per
+    8192 of a tensor, plus one, each one ulp apart or within 2**-21 of the tensor's largest magnitude."""
+    for k, (pr, pf) in enumerate(zip(ref_params, fused_params)):
+        where = f"{what}, parameter {k} of shape {tuple(pr.shape)}"
+        sr, sf = ref.state.get(pr, {}), fused.state.get(pf, {})
+        assert sr.keys() == sf.keys(), where
+        for key, x, y in [("param", pr.detach(), pf.detach())] + [(key, sr[key], sf[key]) for key in sr]:
+            assert x.dtype == y.dtype and x.shape == y.shape, f"{where}: {key}"
+            if x.dtype == torch.float32:
+                torch.testing.assert_close(y, x, **tolerance(x.dtype), msg=lambda m, w=where, k=key: f"{w}: {k}: {m}")
+                continue
+            differ = x != y
+            ulps = (x.view(torch.int16).int() - y.view(torch.int16).int()).abs()
+            cancelled = (x.float() - y.float()).abs() <= 2.0**-21 * x.float().abs().max()
+            odd = int((differ & (ulps > 1) & ~cancelled).sum())
+            count = int(differ.sum())
+            assert odd == 0 and count <= 1 + x.numel() // 8192, f"{where}: {key}: {count} elements differ, {odd} far"
+
+
+@pytest.mark.parametrize("dtype, momentum_dtype", DTYPES)
+@pytest.mark.parametrize("hyper", [HYPER[0], HYPER[3]])
+def test_a_dense_v_of_fp32_matches_the_reference_in_the_kernels_dense_path(
+    kernel_device, dtype, momentum_dtype, hyper, monkeypatch
+):
+    # cover="dense": tensors of 2+ dims take the kernel's dense path, as 0-D and 1-D tensors always do.
+    plans = fresh_plans(monkeypatch)
+    hyper = {**hyper, "cover": "dense"}
+    run_side_by_side(DENSE_SHAPES[kernel_device], dtype, momentum_dtype, hyper, device=kernel_device)
+    assert all(not plan.fallback for plan in plans.values())
+    assert {launch.rounds_v for plan in plans.values() for launch, _ in plan.launches} == {False}
+
+
+BF16_V = [
+    pytest.param(torch.float32, None, dict(use_rms=True), id="fp32-rms"),
+    pytest.param(torch.float32, torch.bfloat16, dict(maximize=True), id="fp32-bf16m"),
+    pytest.param(torch.bfloat16, None, dict(use_rms=True, Lambda=0.0), id="bf16-bf16m-nearest-rms"),
+    pytest.param(torch.bfloat16, torch.float32, dict(use_rms=True, stochastic_rounding=True), id="bf16-stochastic-rms"),
+    pytest.param(
+        torch.bfloat16, None, dict(momentum_beta=0.0, stochastic_rounding=True), id="bf16-stochastic-nomomentum"
+    ),
+    pytest.param(torch.float32, None, dict(momentum_beta=0.0, use_rms=True, beta_decay=0.5), id="fp32-nomomentum-rms"),
+    pytest.param(torch.float32, torch.bfloat16, dict(use_rms=True, centralize=True), id="fp32-bf16m-centralize"),
+]
+
+
+@pytest.mark.parametrize("dtype, momentum_dtype, hyper", BF16_V)
+def test_a_dense_v_of_bf16_is_stepped_in_the_kernel_as_by_the_multi_tensor_engine(
+    kernel_device, dtype, momentum_dtype, hyper, monkeypatch
+):
+    # hessian_dtype=torch.bfloat16: the kernel widens v, rounds nu into it stochastically on the v's own
+    # stream and normalizes by the value as stored. The second tensor has no gradient at the first step, so
+    # from then on one launch holds tensors at two step counts (beta_t and the v's keys from the table).
+    # Centralized, the tensors of 2+ dims go to the multi-tensor engine (the dense path does not
+    # centralize), their keys with them. Each step starts both from the multi-tensor engine's state.
+    dev = kernel_device
+    shapes = DENSE_SHAPES[dev]
+    plans = fresh_plans(monkeypatch)
+    gen = torch.Generator(device=dev).manual_seed(8)
+    init = [torch.randn(s, device=dev, generator=gen).to(dtype) for s in shapes]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    fused_params = [torch.nn.Parameter(t.clone()) for t in init]
+    options = dict(lr=0.05, cover="dense", hessian_dtype=torch.bfloat16, rounding_seed=11, **hyper)
+    ref = FusionOptimizer(ref_params, foreach=True, momentum_dtype=momentum_dtype, **options)
+    fused = FusionOptimizer(fused_params, fused=True, momentum_dtype=momentum_dtype, **options)
+    for t in range(3):
+        for k, (pr, pf) in enumerate(zip(ref_params, fused_params)):
+            scale = 10.0 ** torch.randint(-3, 1, (), generator=gen, device=dev)
+            g = (torch.randn(pr.shape, device=dev, generator=gen) * scale).to(dtype)
+            pr.grad, pf.grad = (None, None) if t == 0 and k == 1 else (g, g.clone())
+        if t > 0:
+            copy_state(ref, fused, ref_params, fused_params)
+        ref.step()
+        fused.step()
+        assert_bits_of_the_multi_tensor_engine(ref, fused, ref_params, fused_params, what=f"step {t + 1}")
+    assert [fused.state[p]["step"].item() for p in fused_params] == [3.0, 2.0] + [3.0] * (len(shapes) - 2)
+    assert all(fused.state[p]["exp_hessian"].dtype == torch.bfloat16 for p in fused_params)
+    plan = next(reversed(plans.values()))  # the last step's: every tensor
+    assert plan.fallback == ([i for i, s in enumerate(shapes) if len(s) >= 2] if hyper.get("centralize") else [])
+    (launch, idx), *others = plan.launches
+    assert not others and launch.rounds_v and idx == plan.kernel_positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_a_dense_v_of_bf16_is_exactly_stochastic_round_of_its_first_step(kernel_device, dtype):
+    # At step 1 beta_t is 0, so nu = g * g, exact in fp32 for a gradient that bf16 holds: the stored v is
+    # fusedbun.rounding.stochastic_round_at of it, bit for bit, on the stream of the v (the parameter's
+    # key, its position, through hessian_key), whatever the parameter's own rounding.
+    from fusedbun.rounding import flat_index, hessian_key, rounding_keys, stochastic_round_at
+
+    gen = torch.Generator().manual_seed(24)
+    shapes = [(), (7,), (1100,), (5, 3), (2, 3, 4)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(kernel_device)) for s in shapes]
+    options = dict(eps=0.0, cover="dense", hessian_dtype=torch.bfloat16, rounding_seed=5, stochastic_rounding=True)
+    opt = FusionOptimizer(params, lr=0.01, fused=True, **options)
+    grads = [torch.randn(s, generator=gen).to(torch.bfloat16).float() for s in shapes]
+    for p, g in zip(params, grads):
+        p.grad = g.to(dtype).to(kernel_device)
+    opt.step()
+    for k, (p, g) in enumerate(zip(params, grads)):
+        keys = rounding_keys(5, hessian_key(k), 1)
+        expected = stochastic_round_at(g * g, torch.bfloat16, keys, flat_index(g.shape))
+        v = opt.state[p]["exp_hessian"].cpu()
+        assert torch.equal(v.view(torch.int16), expected.view(torch.int16)), f"parameter {k}"
+
+
+def test_stepping_inside_backward_with_a_dense_v_of_bf16(kernel_device, monkeypatch):
+    # fusedbun.step_in_backward steps each tensor on its own, in a launch of its own, keyed by its position
+    # in the optimizer: a bf16 model (momentum and v in bf16 too) steps as the multi-tensor engine's
+    # optimizer.step() steps it, each step from the same state.
+    from fusedbun import step_in_backward
+
+    plans = fresh_plans(monkeypatch)
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)]
+    model = torch.nn.Sequential(*layers).to(kernel_device, torch.bfloat16)
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    twin = twin.to(kernel_device, torch.bfloat16)
+    twin.load_state_dict(model.state_dict())
+    options = dict(lr=1e-2, use_rms=True, cover="dense", hessian_dtype=torch.bfloat16, stochastic_rounding=True)
+    opt = FusionOptimizer(model.parameters(), fused=True, **options)
+    ref = FusionOptimizer(twin.parameters(), foreach=True, **options)
+    x = torch.randn(16, 8, device=kernel_device).to(torch.bfloat16)
+    with step_in_backward(opt):
+        for step in range(3):
+            if step > 0:
+                copy_state(ref, opt, list(twin.parameters()), list(model.parameters()))
+            model(x).square().mean().backward()
+            twin(x).square().mean().backward()
+            ref.step()
+            ref.zero_grad()
+            ref_params, params = list(twin.parameters()), list(model.parameters())
+            assert_bits_of_the_multi_tensor_engine(ref, opt, ref_params, params, what=f"step {step + 1}")
+    assert len(plans) == 4 and all(not plan.fallback and plan.launches[0][0].rounds_v for plan in plans.values())
+
+
+def test_the_plan_of_a_dense_v_depends_on_its_dtype(kernel_device, monkeypatch):
+    # A bf16 v at the address of an fp32 one must not reuse its plan (the cache key holds the v's dtype), and
+    # tensors whose v differ in dtype go to launches of their own (the kernel is compiled for one).
+    from fusedbun.engines.triton_plan import step_plan
+
+    plans = fresh_plans(monkeypatch)
+    dev = kernel_device
+    params = [torch.randn(40, device=dev) for _ in range(2)]
+    grads = [torch.randn(40, device=dev) for _ in range(2)]
+    storage = torch.zeros(80, device=dev)
+    both_fp32 = [storage[:40], storage[40:]]
+    mixed = [storage[:40], storage.view(torch.bfloat16)[80:120]]  # the second at the address of the fp32 one
+    assert mixed[1].data_ptr() == both_fp32[1].data_ptr()
+    kw = dict(centralize=False, config=fused_cuda.CONFIG)
+    a = step_plan(params, grads, [None, None], both_fp32, **kw)
+    b = step_plan(params, grads, [None, None], mixed, **kw)
+    assert a is not b and len(plans) == 2 and not a.fallback and not b.fallback
+    assert [launch.rounds_v for launch, _ in a.launches] == [False]
+    assert sorted((launch.rounds_v, idx) for launch, idx in b.launches) == [(False, [0]), (True, [1])]

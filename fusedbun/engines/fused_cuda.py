@@ -22,6 +22,9 @@ whatever the number of tensors, driven by a table of element offsets and sizes o
   (an extra read of its gradient), in fp32.
 - fp32, bf16 and fp16 parameters, gradients and momentum in any combination; arithmetic in fp32; each
   store rounds to nearest even once; the update uses the momentum as stored.
+- A dense second moment (0-D and 1-D tensors, every tensor with ``cover="dense"``) in fp32 or bf16
+  (``hessian_dtype``): a bf16 one is rounded stochastically in the same pass, on its own random stream,
+  and the update normalizes by it as stored, as in the reference.
 - Tensors the kernel does not take (fp64 parameters, non-contiguous tensors or accumulators, more than
   ``MAX_NDIM`` dims, other dtypes) are stepped by the multi-tensor engine in the same call.
 - With ``cover="factored"`` (:mod:`fusedbun.factored`) the same pass forms ``prev = a0 * prod_k (a_k / S)``
@@ -115,10 +118,13 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             beta = hessian_decay(counts[idx[0]], beta_decay=beta_decay)
         else:
             launch.set_betas([hessian_decay(counts[i], beta_decay=beta_decay) for i in idx], None, idx)
+        after = counts if on_host else state_steps  # the counts after this step's increment key the random streams
         stochastic = hyper.stochastic_rounding and params[idx[0]].dtype in ROUNDED_DTYPES
-        if stochastic:  # the step counts after this step's increment key the random stream
-            after = counts if on_host else {i: state_steps[i] for i in idx}
+        if stochastic:
             launch.set_rounding([hyper.rounding(params[i], tensors.key(i), after[i]) for i in idx])
+        if launch.rounds_v:  # a bf16 v, rounded stochastically whatever stochastic_rounding says
+            keys = [hyper.hessian_rounding(exp_hessians[i], tensors.key(i), after[i]) for i in idx]
+            launch.set_rounding(keys, hessian=True)
         i0 = idx[0]
         device = params[i0].device
         switch = device.type == "cuda" and device.index != torch.cuda.current_device()

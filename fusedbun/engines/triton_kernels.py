@@ -36,8 +36,13 @@ stores the sums of ``nu`` over its columns for each of its rows (one slot per ro
 over its rows for each of its columns (one slot per column and row block), each reduced in a fixed order
 inside the program; :func:`factored_finish_kernel` then adds the slots in order and divides.
 
-A 0-D or 1-D tensor keeps a dense ``v``: ``prev = v``, and ``nu`` is written back in place. It is viewed as
-rows of ``BC`` numbers (the last row masked), so the same walk serves.
+A 0-D or 1-D tensor (any tensor with ``cover="dense"``) keeps a dense ``v``: ``prev = v``, and ``nu`` is
+written back in place. It is viewed as rows of ``BC`` numbers (the last row masked), so the same walk
+serves, and an element's offset is its flat index. A ``v`` stored in bf16 (``hessian_dtype``) is widened
+to fp32 on load and ``nu`` is rounded into it stochastically, on the stream whose keys the table holds for
+the tensor's ``v`` (:func:`fusedbun.rounding.hessian_key`), with the same hash as the parameter's rounding;
+the update then normalizes by the value as stored. The pointer's dtype selects that code at compile time,
+so the kernel of an fp32 ``v`` is the same as without it.
 
 Each block's loads (g, m, p and the previous second moment) are issued before any of its work, and with
 ``PREFETCH`` the next block's loads are issued before the current block is worked on: the row maxima
@@ -68,6 +73,8 @@ from fusedbun.engines.triton_plan import (
     ROUND_K1,
     ROWS,
     SCALE,
+    V_ROUND_K0,
+    V_ROUND_K1,
     G,
     M,
     P,
@@ -80,6 +87,7 @@ _BETA, _ONE_MINUS_BETA, _ACC0_OLD, _ACC0_NEW, _FLAG = (
     tl.constexpr(v) for v in (BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG)
 )
 _ROUND_K0, _ROUND_K1 = tl.constexpr(ROUND_K0), tl.constexpr(ROUND_K1)
+_V_ROUND_K0, _V_ROUND_K1 = tl.constexpr(V_ROUND_K0), tl.constexpr(V_ROUND_K1)
 _SCALE, _COL_SUMS = tl.constexpr(SCALE), tl.constexpr(COL_SUMS)
 _GRAD_LIMIT = tl.constexpr(GRAD_LIMIT)
 _DIM_BASE, _DIM_SLOTS, _META_WIDTH = tl.constexpr(DIM_BASE), tl.constexpr(DIM_SLOTS), tl.constexpr(META_WIDTH)
@@ -235,7 +243,7 @@ def _load_block(
     BR: tl.constexpr,
 ):
     """Load the block of rows r0 .. r0 + BR: g, m, p as stored, and the previous second moment from
-    ``prev_ptr`` (the dense v for NDIM == 1, else the rows' a0)."""
+    ``prev_ptr`` (the dense v for NDIM == 1, as stored, else the rows' a0)."""
     rows = r0 + tl.arange(0, BR)
     row_ok = rows < row_end
     offs = rows[:, None] * n_cols + cols[None, :]
@@ -262,7 +270,7 @@ def fusion_step_kernel(
     p_base,
     g_base,
     m_base,
-    f32_base,  # accumulators, dense v and row means
+    f32_base,  # accumulators and row means (fp32), or the dense v (fp32 or bf16)
     i32_base,  # the new SM3 accumulators, as int32 bit patterns for atomic max
     flags,  # int32 per tensor (at its FLAG position): set to 1 where a gradient entry was masked as non-finite
     lr,
@@ -320,6 +328,9 @@ def fusion_step_kernel(
         v_ptr = f32_base + _offset(row, _ACC0_OLD, V_SHIFT)
         numel = _size(row, _NUMEL, COLS_SHIFT, INDEX32)  # for a dense tensor COLS_SHIFT says how numel divides
         prev_ptr = v_ptr
+        if v_ptr.dtype.element_ty != tl.float32:  # the keys of the stream that rounds v stochastically
+            v_k0 = tl.load(row + _V_ROUND_K0).to(tl.uint32)
+            v_k1 = tl.load(row + _V_ROUND_K1).to(tl.uint32)
     else:
         v_ptr = f32_base  # unused
         numel = 0  # unused
@@ -396,7 +407,7 @@ def fusion_step_kernel(
         # not kept, nu is 0: neutral for the sums and (every nu being >= +0.0) for the maxima. Centralized,
         # g there is minus its row's mean, so nu is set to 0 there explicitly.
         if NDIM == 1:
-            prev = a
+            prev = a.to(tl.float32)
         elif FACTORED:
             prev = a[:, None] * col_prev[None, :]
         else:
@@ -406,8 +417,12 @@ def fusion_step_kernel(
             nu_ok = tl.where(ok, nu, 0.0)
         else:
             nu_ok = nu
-        if NDIM == 1:
+        if NDIM == 1 and v_ptr.dtype.element_ty == tl.float32:
             tl.store(v_ptr + offs, nu, mask=ok)
+        elif NDIM == 1:  # rounded stochastically (offs is the flat index); the update uses v as stored
+            v_stored = _round_stochastically(nu, v_ptr.dtype.element_ty, offs, v_k0, v_k1, INDEX32)
+            tl.store(v_ptr + offs, v_stored, mask=ok)
+            nu = v_stored.to(tl.float32)
         elif FACTORED:  # this program's sums: its rows over its columns, and (below) its columns over its rows
             row_sum = tl.sum(nu_ok, axis=1).to(tl.int32, bitcast=True)
             tl.store(acc0_new + col_block * n_rows + rows, row_sum, mask=row_ok)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from fusedbun.factored import factored_column_means_
+from fusedbun.hessian import HESSIAN_DTYPES
 
 __all__ = ["KernelConfig", "CONFIG", "MAX_NDIM", "META_WIDTH", "step_plan", "kernel_takes"]
 
@@ -26,7 +27,9 @@ __all__ = ["KernelConfig", "CONFIG", "MAX_NDIM", "META_WIDTH", "step_plan", "ker
 P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA, ACC0_OLD, ACC0_NEW, FLAG, ROUND_K0, ROUND_K1 = range(14)
 # cover="factored": where the tensor's S = mean(a0) is written for the step, and where its column sums go
 SCALE, COL_SUMS = 14, 15
-DIM_BASE = 16  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
+# A dense v of 16 bits (hessian_dtype=torch.bfloat16): the keys of the stream that rounds it stochastically
+V_ROUND_K0, V_ROUND_K1 = 16, 17
+DIM_BASE = 18  # then, for each dim k >= 1: size n_k, stride s_k (within a row), old a_k, new a_k
 DIM_SLOTS = 4
 MAX_NDIM = 6
 META_WIDTH = DIM_BASE + DIM_SLOTS * (MAX_NDIM - 1)
@@ -94,14 +97,18 @@ def _f32_bits(x: float) -> int:
 
 
 def kernel_takes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> bool:
+    """Whether the kernel steps this tensor: contiguous tensors of its dtypes on one device, at most
+    ``MAX_NDIM`` dims; a dense ``v`` in fp32 or bf16 (:data:`fusedbun.hessian.HESSIAN_DTYPES`; the kernel
+    rounds a bf16 one stochastically), accumulators in fp32."""
     if p.dtype not in _KERNEL_DTYPES or g.dtype not in _KERNEL_DTYPES or p.dim() > MAX_NDIM:
         return False
     if m is not None and (m.dtype not in _KERNEL_DTYPES or not m.is_contiguous() or m.device != p.device):
         return False
     if g.device != p.device or not (p.is_contiguous() and g.is_contiguous()):
         return False
-    accs = (hess,) if isinstance(hess, Tensor) else hess
-    return all(a.is_contiguous() and a.dtype == torch.float32 and a.device == p.device for a in accs)
+    if isinstance(hess, Tensor):
+        return hess.is_contiguous() and hess.dtype in HESSIAN_DTYPES and hess.device == p.device
+    return all(a.is_contiguous() and a.dtype == torch.float32 and a.device == p.device for a in hess)
 
 
 def _block_cols(n_cols: int, cap: int) -> int:
@@ -158,6 +165,8 @@ class _Plan:
         self.num_warps, self.prefetch, self.direct_launch = config.num_warps, config.prefetch, config.direct_launch
         self.compiled: dict[tuple, object] = {}
         self.has_momentum = m0 is not None
+        # A dense v of 16 bits is rounded stochastically on a stream of its own: its keys go into the table
+        self.rounds_v = dense and h0.dtype != torch.float32
         self.flags = flags  # int32, one per tensor of the step's list; the kernel sets a tensor's at its position
         self.new_accs = self.means = None
         # factored (cover="factored"): per tensor its S, its slots of row sums (one per row and column block)
@@ -262,15 +271,17 @@ class _Plan:
             self.meta[:, tk.BETA] = device_betas[0][at].view(torch.int32).to(torch.int64)
             self.meta[:, tk.ONE_MINUS_BETA] = device_betas[1][at].view(torch.int32).to(torch.int64)
 
-    def set_rounding(self, keys: list) -> None:
+    def set_rounding(self, keys: list, *, hessian: bool = False) -> None:
         """Per-tensor keys of the stochastic rounding's random stream into the table (they change every
-        step): host ints (one small copy) or 0-d device tensors (step counts kept on the device)."""
+        step): host ints (one small copy) or 0-d device tensors (step counts kept on the device). The keys
+        of the parameters' stream, or with ``hessian`` those of their bf16 ``v``'s."""
         tk = _LAYOUT
+        k0 = tk.V_ROUND_K0 if hessian else tk.ROUND_K0
         if all(isinstance(k, int) for pair in keys for k in pair):
             src = torch.tensor(keys, dtype=torch.int64, pin_memory=self.meta.is_cuda)
-            self.meta[:, tk.ROUND_K0 : tk.ROUND_K0 + 2].copy_(src, non_blocking=True)
+            self.meta[:, k0 : k0 + 2].copy_(src, non_blocking=True)
         else:
-            self.meta[:, tk.ROUND_K0 : tk.ROUND_K0 + 2] = torch.stack(
+            self.meta[:, k0 : k0 + 2] = torch.stack(
                 [torch.stack([torch.as_tensor(k, device=self.meta.device) for k in pair]) for pair in keys]
             )
 
@@ -292,7 +303,8 @@ class _Plan:
             g0,
             m0 if self.has_momentum else p0,
             f32_base,
-            (f32_base if self.new_accs is None else self.new_accs).view(torch.int32),
+            # The dense path has no new accumulators: any int32 tensor serves (a bf16 v may have no int32 view)
+            self.flags if self.new_accs is None else self.new_accs.view(torch.int32),
             self.flags,
             lr,
             1.0 - lr * hyper.Lambda,
@@ -395,6 +407,7 @@ class _Layout:
 
     P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA = P, G, M, MEAN, ROWS, COLS, NUMEL, BETA, ONE_MINUS_BETA
     ROUND_K0, ROUND_K1, SCALE, COL_SUMS = ROUND_K0, ROUND_K1, SCALE, COL_SUMS
+    V_ROUND_K0, V_ROUND_K1 = V_ROUND_K0, V_ROUND_K1
     ACC0_OLD, ACC0_NEW, FLAG, DIM_BASE, DIM_SLOTS, META_WIDTH = (
         ACC0_OLD,
         ACC0_NEW,
@@ -442,11 +455,12 @@ class _StepPlan:
             p, g, m = params[i], grads[i], momentum_buffers[i]
             if p.numel() == 0:
                 continue  # nothing to update; its accumulators cover nothing (as in the reference)
-            if isinstance(exp_hessians[i], Tensor):  # a dense v: 0-D, 1-D, or any shape with cover="dense"
-                ndim, bc = 1, config.dense_cols
+            h = exp_hessians[i]
+            if isinstance(h, Tensor):  # a dense v: 0-D, 1-D, or any shape with cover="dense"; fp32 or bf16
+                ndim, bc, v_dtype = 1, config.dense_cols, h.dtype
             else:
-                ndim, bc = p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols)
-            key = (p.device, p.dtype, g.dtype, None if m is None else m.dtype, bc, ndim)
+                ndim, bc, v_dtype = p.dim(), _block_cols(p.numel() // p.shape[0], config.block_cols), None
+            key = (p.device, p.dtype, g.dtype, None if m is None else m.dtype, v_dtype, bc, ndim)
             groups.setdefault(key, []).append(i)
         self.launches = []
         # Per device, one flag per tensor of the list (the kernel sets those of its tensors; zeroed per step).
@@ -492,7 +506,7 @@ def step_plan(
         tuple(g.dtype for g in grads),
         tuple(map(Tensor.is_contiguous, grads)),
         tuple(0 if m is None else (m.data_ptr(), m.dtype) for m in momentum_buffers),
-        tuple(h.data_ptr() if isinstance(h, Tensor) else tuple(map(data_ptr, h)) for h in exp_hessians),
+        tuple((h.data_ptr(), h.dtype) if isinstance(h, Tensor) else tuple(map(data_ptr, h)) for h in exp_hessians),
     )
     plan = _STEP_PLANS.get(key)
     if plan is None:
