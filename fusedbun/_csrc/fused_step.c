@@ -9,10 +9,12 @@
  *   g    = (maximize ? -1 : 1) * grad_unscale * g - (centralize ? row mean : 0)
  *   mask = eps < |g| < 2^64 (false for NaN and Inf, and where g^2 would overflow fp32);  g = mask ? g : 0
  *          a task's `nonfinite` is set when an entry fails the upper bound (fusedbun.adalite.eps_mask)
- *   prev = SM3: min(a0[i], rest[j]) (all >= 0)  factored: a0[i] * rest[j]  dense (0-D/1-D): v[i]
+ *   prev = SM3: min(a0[i], rest[j]) (all >= 0)  factored: a0[i] * rest[j]  dense (0-D/1-D, cover="dense"): v[i]
  *   nu   = mask ? beta * prev + (1 - beta) * g^2 : prev
  *          SM3: new a0[i] = max_j nu, column maxima max_i nu -> colmax[j]    dense: v[i] = nu
  *          factored: new a0[i] = mean_j nu, column sums sum_i nu -> colmax[j] (see below)
+ *          a dense v stored in bf16 is read widened and written rounded stochastically, with the stream of
+ *          (v_k0, v_k1) and the element's flat index; nu is then the value as stored
  *   u    = use_rms ? g / (sqrt(nu) + eps) : g
  *   m    = lerp(m, u, 1 - momentum_beta), rounded to m's dtype;  u = m (the momentum as stored)
  *   p    = p * (1 - lr * Lambda) - lr * u, rounded once to p's dtype (to nearest even, or stochastically
@@ -73,7 +75,8 @@ typedef struct {
     void *p;
     const void *g;
     void *m;            /* NULL without momentum */
-    float *acc;         /* SM3, factored: a0, one number per row; dense: v, one number per element */
+    float *acc;         /* SM3, factored: a0, one number per row; dense: v, one number per element, of v_dtype
+                           (FB_F32, or FB_BF16: then read as uint16_t) */
     const float *rest;  /* SM3: min of the other accumulators, row_len numbers; factored: their product
                            over S^(d-1); dense: NULL */
     float *colmax;      /* SM3: out, max of nu over the rows, row_len numbers; factored: out, the sum of nu
@@ -81,11 +84,14 @@ typedef struct {
                            numbers (the blocks' sums); dense: NULL */
     int64_t rows;       /* SM3, factored: size of dim 0; dense: number of elements */
     int64_t row_len;    /* SM3, factored: product of the other dims; dense: 1 */
-    int32_t p_dtype, g_dtype, m_dtype, kind;
+    int32_t p_dtype, g_dtype, m_dtype;
+    int32_t v_dtype;    /* dense: FB_F32 or FB_BF16; SM3, factored: FB_F32 */
+    int32_t kind;
     float beta, one_minus_beta;
     int32_t nonfinite;  /* out: set to 1 when the gradient held NaN, Inf or |g| >= 2^64 (masked) */
     int32_t stochastic; /* 1: round p (bf16, fp16) stochastically with the stream of (round_k0, round_k1) */
     uint32_t round_k0, round_k1;
+    uint32_t v_k0, v_k1; /* the stream that rounds a bf16 v (always stochastically), a stream of its own */
 } fb_task;
 
 typedef struct {
@@ -172,12 +178,13 @@ static inline uint32_t fb_random(int64_t index, uint32_t k0, uint32_t k1) {
     return fb_fmix32(counter * (k1 | 1u) + k0);
 }
 
-/* Up with probability equal to the dropped 16 bits: add the top 16 random bits below the kept ones. */
+/* Up with probability equal to the dropped 16 bits: add the top 16 random bits below the kept ones. Branch
+ * free, so that it vectorizes: every bf16 store rounded stochastically (p and v) goes through here. */
 static inline uint16_t f32_to_bf16_sr(float f, uint32_t r) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) >= 0x7f800000u) return f32_to_bf16(f); /* NaN, Inf: as to nearest */
-    return (uint16_t)((u + (r >> 16)) >> 16);
+    const uint32_t up = (u + (r >> 16)) >> 16; /* also exact for +-Inf: the added bits stay below the kept */
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : up); /* NaN as f32_to_bf16 gives it */
 }
 
 static inline uint16_t f32_to_f16_sr(float f, uint32_t r) {
@@ -198,15 +205,10 @@ static inline uint16_t f32_to_f16_sr(float f, uint32_t r) {
 }
 
 /* The common case of store_f32_sr for bf16, as one vector loop: the counter of fb_random is base + j. */
-static void store_bf16_sr_run(uint16_t *restrict d, const uint32_t *restrict bits, int n, uint32_t base, uint32_t mult,
+static void store_bf16_sr_run(uint16_t *restrict d, const float *restrict src, int n, uint32_t base, uint32_t mult,
                               uint32_t k0) {
 #pragma omp simd
-    for (int j = 0; j < n; j++) {
-        const uint32_t u = bits[j];
-        const uint32_t r = fb_fmix32((base + (uint32_t)j) * mult + k0);
-        const uint32_t up = (u + (r >> 16)) >> 16; /* also exact for +-Inf: the added bits stay below the kept */
-        d[j] = (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : up); /* NaN as f32_to_bf16 gives it */
-    }
+    for (int j = 0; j < n; j++) d[j] = f32_to_bf16_sr(src[j], fb_fmix32((base + (uint32_t)j) * mult + k0));
 }
 
 static void store_f32_sr(void *dst, int32_t dtype, int64_t offset, const float *restrict src, int n, uint32_t k0,
@@ -215,7 +217,7 @@ static void store_f32_sr(void *dst, int32_t dtype, int64_t offset, const float *
     const uint32_t hi = (uint32_t)((uint64_t)offset >> 32);
     if (dtype == FB_BF16 && hi == (uint32_t)((uint64_t)(offset + n - 1) >> 32)) {
         /* fb_random's counter with the tile's high index word folded in once (the tile stays in one 2^32 block) */
-        store_bf16_sr_run(d, (const uint32_t *)src, n, (uint32_t)offset + 0x9e3779b9u * hi, k1 | 1u, k0);
+        store_bf16_sr_run(d, src, n, (uint32_t)offset + 0x9e3779b9u * hi, k1 | 1u, k0);
         return;
     }
     for (int j = 0; j < n; j++) {
@@ -353,18 +355,20 @@ static inline const float *grad_tile(const fb_task *t, int64_t off, int n, float
 
 /* The common cases in one loop per tile: p and g both fp32 or both bf16 (a bf16 p rounded to nearest or
  * stochastically), momentum absent, fp32 or bf16, and the lerp form of weights below 0.5 (momentum_beta >
- * 0.5). kind (dense, SM3, factored), use_rms, mom, shift (maximize, centralize or a loss scale), half
- * (bf16 p and g) and sr are constants at each call site, so each of the 108 variants compiles to its own
- * vector loop, with the row maximum (SM3) or the row sum (factored) as a vector reduction. Same arithmetic as second_moment_tile + update_tile, element by element,
+ * 0.5). kind (dense, SM3, factored), v16 (a dense v in bf16), use_rms, mom, shift (maximize, centralize or a
+ * loss scale), half (bf16 p and g) and sr are constants at each call site, so each of the 144 variants
+ * compiles to its own vector loop, with the row maximum (SM3) or the row sum (factored) as a vector
+ * reduction. Same arithmetic as second_moment_tile + update_tile (+ dense_v16_tile), element by element,
  * so a tile gives the same bits on either path: a bf16 load is exact, and the stores are the integer
- * rounding of f32_to_bf16 and of store_bf16_sr_run. With sr, `sr_base` is fb_random's counter of the
- * tile's first element, its high index word folded in (the caller keeps the tile in one 2^32 block). */
+ * rounding of f32_to_bf16 and f32_to_bf16_sr. `sr_base` is fb_random's counter of the tile's first element,
+ * its high index word folded in (with sr or v16 the caller keeps the tile in one 2^32 block): the streams
+ * of p and of v count the same flat indices. */
 enum { FB_MOM_NONE = 0, FB_MOM_F32 = 1, FB_MOM_BF16 = 2 };
 
 static inline __attribute__((always_inline)) float fast_tile_variant(
     const fb_task *t, const fb_hyper *h, int64_t off, int n, float sign, float mean, float a0,
     const float *restrict rest, float *restrict col, int *restrict bad_out, uint32_t sr_base, const int kind,
-    const int use_rms, const int mom, const int shift, const int half, const int sr, const int plain) {
+    const int v16, const int use_rms, const int mom, const int shift, const int half, const int sr, const int plain) {
     const int sm3 = kind == FB_SM3, factored = kind == FB_FACTORED;
     const float *restrict g32 = half ? NULL : (const float *)t->g + off;
     const uint16_t *restrict g16 = half ? (const uint16_t *)t->g + off : NULL;
@@ -372,13 +376,14 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
     uint16_t *restrict p16 = half ? (uint16_t *)t->p + off : NULL;
     float *restrict m32 = mom == FB_MOM_F32 ? (float *)t->m + off : NULL;
     uint16_t *restrict m16 = mom == FB_MOM_BF16 ? (uint16_t *)t->m + off : NULL;
-    float *restrict v = kind == FB_DENSE ? t->acc + off : NULL;
+    float *restrict v = kind == FB_DENSE && !v16 ? t->acc + off : NULL;
+    uint16_t *restrict v16p = v16 ? (uint16_t *)(void *)t->acc + off : NULL;
     const float eps = h->eps, beta = t->beta, omb = t->one_minus_beta;
     const float w = h->momentum_weight, decay = h->decay, neg_lr = h->neg_lr;
     /* fb_random's argument of the element, (sr_base + j) * mult + k0, as a linear induction variable: one
-     * vector add per step instead of a multiply (unused, and removed, without sr) */
-    const uint32_t mult = t->round_k1 | 1u;
-    uint32_t x = sr_base * mult + t->round_k0;
+     * vector add per step instead of a multiply (unused, and removed, without sr); xv the same in v's stream */
+    const uint32_t mult = t->round_k1 | 1u, vmult = t->v_k1 | 1u;
+    uint32_t x = sr_base * mult + t->round_k0, xv = sr_base * vmult + t->v_k0;
     /* One line FB_AHEAD bytes ahead in each streamed array. The hardware prefetchers stop at the 4 KiB pages,
      * whose translations (after a step of another tensor, not cached) then cost a page walk out of memory
      * each time a stream enters a page; touching each page well before the stream reaches it overlaps those
@@ -390,7 +395,7 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
     if (mom == FB_MOM_BF16) __builtin_prefetch((const void *)((uintptr_t)m16 + FB_AHEAD), 0, 3);
     float rowmax = -INFINITY, rowsum = 0.0f;
     int bad = 0;
-#pragma omp simd reduction(max : rowmax) reduction(+ : rowsum) reduction(| : bad) linear(x : mult)
+#pragma omp simd reduction(max : rowmax) reduction(+ : rowsum) reduction(| : bad) linear(x : mult) linear(xv : vmult)
     for (int j = 0; j < n; j++) {
         const float graw = half ? bf16_to_f32(g16[j]) : g32[j];
         float gj = shift ? sign * graw - mean : graw;
@@ -405,7 +410,7 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
         } else if (factored) {
             prev = a0 * rest[j];
         } else {
-            prev = v[j];
+            prev = v16 ? bf16_to_f32(v16p[j]) : v[j];
         }
         float ema = beta * prev + omb * (gj * gj);
         float nu = keep ? ema : prev;
@@ -416,6 +421,10 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
         } else if (factored) {
             col[j] += nu;
             rowsum += nu;
+        } else if (v16) {
+            const uint16_t stored = f32_to_bf16_sr(nu, fb_fmix32(xv));
+            v16p[j] = stored;
+            nu = bf16_to_f32(stored); /* the step normalizes by v as stored */
         } else {
             v[j] = nu;
         }
@@ -444,14 +453,11 @@ static inline __attribute__((always_inline)) float fast_tile_variant(
             p32[j] = pj;
         } else if (!sr) {
             p16[j] = f32_to_bf16(pj);
-        } else { /* store_bf16_sr_run's rounding */
-            uint32_t bits;
-            memcpy(&bits, &pj, sizeof bits);
-            const uint32_t r = fb_fmix32(x);
-            const uint32_t up = (bits + (r >> 16)) >> 16;
-            p16[j] = (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : up);
+        } else {
+            p16[j] = f32_to_bf16_sr(pj, fb_fmix32(x));
         }
         x += mult;
+        xv += vmult;
     }
     *bad_out |= bad;
     return factored ? rowsum : rowmax;
@@ -466,9 +472,11 @@ static int fast_tile_applies(const fb_task *t, const fb_hyper *h) {
 }
 
 /* The tile of n elements at flat index off can take the fast loop: its task can (fast_tile_applies), and
- * with stochastic rounding it lies in one 2^32 block of indices, so that one counter base covers it. */
+ * with stochastic rounding (of p, or of a bf16 v) it lies in one 2^32 block of indices, so that one counter
+ * base covers it. */
 static inline int fast_tile_fits(const fb_task *t, int fast, int64_t off, int n) {
-    if (!fast || !t->stochastic || t->p_dtype == FB_F32) return fast;
+    const int rounds = (t->stochastic && t->p_dtype != FB_F32) || t->v_dtype == FB_BF16;
+    if (!fast || !rounds) return fast;
     return (uint64_t)off >> 32 == (uint64_t)(off + n - 1) >> 32;
 }
 
@@ -485,27 +493,29 @@ static float fast_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, 
     const int mom = t->m == NULL ? FB_MOM_NONE : t->m_dtype == FB_F32 ? FB_MOM_F32 : FB_MOM_BF16;
     const uint32_t hi = (uint32_t)((uint64_t)off >> 32);
     const uint32_t sr_base = (uint32_t)off + 0x9e3779b9u * hi; /* fb_random's counter at off */
-    /* precision (0: fp32; 1, 2: bf16 to nearest, stochastically; 3, 4: the same without decay), then the
-     * flags: a dense switch */
+    /* precision (0: fp32; 1, 2: bf16 to nearest, stochastically; 3, 4: the same without decay), the form of
+     * the second moment (the kind, or 3: dense with a bf16 v), then the flags: a dense switch */
     const int prec = half ? 1 + sr + 2 * plain : 0;
-    const int variant = (((prec * 3 + kind) * 2 + rms) * 2 + shift) * 3 + mom;
+    const int form = kind == FB_DENSE && t->v_dtype == FB_BF16 ? 3 : kind;
+    const int variant = (((prec * 4 + form) * 2 + rms) * 2 + shift) * 3 + mom;
     switch (variant) {
-#define FB_CASE(PREC, KIND, RMS, SHIFT, MOM)                                                           \
-    case (((PREC * 3 + KIND) * 2 + RMS) * 2 + SHIFT) * 3 + MOM:                                       \
-        return fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, bad, sr_base, KIND, RMS, MOM, SHIFT, \
-                                 PREC > 0, PREC == 2 || PREC == 4, PREC >= 3);
-#define FB_CASES(PREC, KIND, RMS, SHIFT) \
-    FB_CASE(PREC, KIND, RMS, SHIFT, 0) FB_CASE(PREC, KIND, RMS, SHIFT, 1) FB_CASE(PREC, KIND, RMS, SHIFT, 2)
-#define FB_KIND(PREC, KIND) \
-    FB_CASES(PREC, KIND, 0, 0) FB_CASES(PREC, KIND, 0, 1) FB_CASES(PREC, KIND, 1, 0) FB_CASES(PREC, KIND, 1, 1)
-#define FB_KIND_HALF(PREC, KIND) FB_CASES(PREC, KIND, 0, 1) FB_CASES(PREC, KIND, 1, 1)
-#define FB_PREC(PREC) FB_KIND(PREC, 0) FB_KIND(PREC, 1) FB_KIND(PREC, 2)
-#define FB_PREC_HALF(PREC) FB_KIND_HALF(PREC, 0) FB_KIND_HALF(PREC, 1) FB_KIND_HALF(PREC, 2)
+#define FB_CASE(PREC, FORM, RMS, SHIFT, MOM)                                                          \
+    case (((PREC * 4 + FORM) * 2 + RMS) * 2 + SHIFT) * 3 + MOM:                                      \
+        return fast_tile_variant(t, h, off, n, sign, mean, a0, rest, col, bad, sr_base,               \
+                                 FORM == 3 ? FB_DENSE : FORM, FORM == 3, RMS, MOM, SHIFT, PREC > 0,   \
+                                 PREC == 2 || PREC == 4, PREC >= 3);
+#define FB_CASES(PREC, FORM, RMS, SHIFT) \
+    FB_CASE(PREC, FORM, RMS, SHIFT, 0) FB_CASE(PREC, FORM, RMS, SHIFT, 1) FB_CASE(PREC, FORM, RMS, SHIFT, 2)
+#define FB_FORM(PREC, FORM) \
+    FB_CASES(PREC, FORM, 0, 0) FB_CASES(PREC, FORM, 0, 1) FB_CASES(PREC, FORM, 1, 0) FB_CASES(PREC, FORM, 1, 1)
+#define FB_FORM_HALF(PREC, FORM) FB_CASES(PREC, FORM, 0, 1) FB_CASES(PREC, FORM, 1, 1)
+#define FB_PREC(PREC) FB_FORM(PREC, 0) FB_FORM(PREC, 1) FB_FORM(PREC, 2) FB_FORM(PREC, 3)
+#define FB_PREC_HALF(PREC) FB_FORM_HALF(PREC, 0) FB_FORM_HALF(PREC, 1) FB_FORM_HALF(PREC, 2) FB_FORM_HALF(PREC, 3)
         FB_PREC(0) FB_PREC_HALF(1) FB_PREC_HALF(2) FB_PREC_HALF(3) FB_PREC_HALF(4)
 #undef FB_PREC_HALF
 #undef FB_PREC
-#undef FB_KIND_HALF
-#undef FB_KIND
+#undef FB_FORM_HALF
+#undef FB_FORM
 #undef FB_CASES
 #undef FB_CASE
     }
@@ -616,6 +626,23 @@ static void factored_row(const fb_task *t, const fb_hyper *h, int64_t i) {
     if (bad) flag_nonfinite(t);
 }
 
+/* Second moment and normalization of a dense tile whose v is stored in bf16, off the fast loop: v widened,
+ * nu from second_moment_tile (with u the masked gradient), v rounded stochastically from it, then u
+ * normalized by v as stored. */
+static void dense_v16_tile(const fb_task *t, const fb_hyper *h, int64_t off, int n, const float *restrict g, float sign,
+                           float *restrict ubuf, int *restrict bad) {
+    float vbuf[FB_TILE];
+    load_f32(vbuf, t->acc, FB_BF16, off, n);
+    second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, vbuf, NULL, ubuf, bad,
+                       FB_DENSE, 0);
+    store_f32_sr(t->acc, FB_BF16, off, vbuf, n, t->v_k0, t->v_k1);
+    if (h->flags & FB_USE_RMS) {
+        load_f32(vbuf, t->acc, FB_BF16, off, n);
+        const float eps = h->eps;
+        for (int j = 0; j < n; j++) ubuf[j] = ubuf[j] / (sqrtf(vbuf[j]) + eps);
+    }
+}
+
 static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int64_t end) {
     float gbuf[FB_TILE], ubuf[FB_TILE];
     const float sign = ((h->flags & FB_MAXIMIZE) ? -1.0f : 1.0f) * h->grad_unscale;
@@ -628,7 +655,9 @@ static void dense_range(const fb_task *t, const fb_hyper *h, int64_t begin, int6
             continue;
         }
         const float *g = grad_tile(t, c, n, gbuf);
-        if (h->flags & FB_USE_RMS)
+        if (t->v_dtype == FB_BF16)
+            dense_v16_tile(t, h, c, n, g, sign, ubuf, &bad);
+        else if (h->flags & FB_USE_RMS)
             second_moment_tile(n, g, sign, 0.0f, h->eps, t->beta, t->one_minus_beta, 0.0f, NULL, NULL, t->acc + c,
                                NULL, ubuf, &bad, FB_DENSE, 1);
         else
@@ -795,9 +824,9 @@ int64_t fb_layout(int64_t *out, int64_t n) {
         sizeof(fb_task), offsetof(fb_task, p), offsetof(fb_task, g), offsetof(fb_task, m),
         offsetof(fb_task, acc), offsetof(fb_task, rest), offsetof(fb_task, colmax), offsetof(fb_task, rows),
         offsetof(fb_task, row_len), offsetof(fb_task, p_dtype), offsetof(fb_task, g_dtype),
-        offsetof(fb_task, m_dtype), offsetof(fb_task, kind), offsetof(fb_task, beta),
+        offsetof(fb_task, m_dtype), offsetof(fb_task, v_dtype), offsetof(fb_task, kind), offsetof(fb_task, beta),
         offsetof(fb_task, one_minus_beta), offsetof(fb_task, nonfinite), offsetof(fb_task, stochastic),
-        offsetof(fb_task, round_k0), offsetof(fb_task, round_k1),
+        offsetof(fb_task, round_k0), offsetof(fb_task, round_k1), offsetof(fb_task, v_k0), offsetof(fb_task, v_k1),
         sizeof(fb_hyper), offsetof(fb_hyper, neg_lr), offsetof(fb_hyper, decay), offsetof(fb_hyper, eps),
         offsetof(fb_hyper, momentum_weight), offsetof(fb_hyper, flags), offsetof(fb_hyper, nthreads),
         offsetof(fb_hyper, grad_unscale),

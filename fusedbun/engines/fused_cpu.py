@@ -18,18 +18,23 @@ Whole-tensor PyTorch ops move several times that. This engine runs the step as o
   rows, each block summed in row order, then the blocks in block order, so the result does not depend on
   the thread count (threads take whole blocks). The new ``a_k``, ``k >= 1``, of a tensor of 3 or more
   dims are their means here (O(R)).
-- A 0-D or 1-D tensor has a dense second moment ``v``: ``prev = v``, and ``nu`` is written back.
+- A 0-D or 1-D tensor (any tensor with ``cover="dense"``) has a dense second moment ``v``: ``prev = v``,
+  and ``nu`` is written back. A ``v`` stored in bf16 (``hessian_dtype=torch.bfloat16``) is widened when read
+  and rounded stochastically when written, on its own stream (:meth:`StepHyper.hessian_rounding
+  <fusedbun.engines.common.StepHyper.hessian_rounding>`, the same bits as
+  :func:`fusedbun.rounding.stochastic_round_at`), and the step normalizes by the value as stored.
 - Rows are split among ``torch.get_num_threads()`` threads inside the C call, in contiguous ranges of
   about equal element counts. The kernel is built with ``-fopenmp`` and must then bind to the OpenMP
   runtime that torch has loaded (``libgomp.so.1`` in torch's wheels): it uses torch's own worker threads,
   which are already awake after torch's last parallel region. If loading it would bring in a second
   OpenMP runtime (two thread pools fighting over the cores), or the compiler has no OpenMP, a build that
   starts POSIX threads per step is used instead (:func:`threading_backend` says which).
-- fp32, bf16 and fp16 parameters and gradients, fp32/bf16/fp16 momentum; the arithmetic is fp32, the
-  stores round to nearest even (a bf16 or fp16 parameter stochastically, with ``stochastic_rounding``:
-  :mod:`fusedbun.rounding`), the update uses the momentum as stored. Other tensors (fp64 parameters,
-  non-contiguous tensors, other dtypes or devices) are stepped by the multi-tensor engine
-  (:func:`fusedbun.engines.foreach.foreach_fusion`) in the same call, so any input gives the same rule.
+- fp32, bf16 and fp16 parameters and gradients, fp32/bf16/fp16 momentum, fp32/bf16 dense ``v``; the
+  arithmetic is fp32, the stores round to nearest even (a bf16 or fp16 parameter stochastically, with
+  ``stochastic_rounding``, and a bf16 ``v`` always: :mod:`fusedbun.rounding`), the update uses the momentum
+  as stored. Other tensors (fp64 parameters, non-contiguous tensors, other dtypes or devices) are stepped
+  by the multi-tensor engine (:func:`fusedbun.engines.foreach.foreach_fusion`) in the same call, so any
+  input gives the same rule.
 - Results match the reference engine to fp32 rounding, not bit for bit: a multiply and an add may fuse
   into one FMA (as in torch's own vector kernels) and the row mean is summed in another order; a bf16 or
   fp16 result may then differ by one unit in the last place. They do not depend on the thread count.
@@ -70,11 +75,12 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).resolve().parent.parent / "_csrc" / "fused_step.c"
-ABI_VERSION = 7
+ABI_VERSION = 8
 """The version of the C interface (the structs and functions below); the build must report the same."""
 _MIN_ELEMS_PER_THREAD = 1 << 16  # below this a thread costs more to start than it saves
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_V_CODES = {torch.float32: 0, torch.bfloat16: 1}  # a dense v (fusedbun.hessian.HESSIAN_DTYPES)
 _DENSE, _SM3, _FACTORED, _FACTORED_2D = 0, 1, 2, 3
 SUM_ROWS = 32
 """Rows per block of a factored tensor's column sums (the kernel's ``FB_SUM_ROWS``): its scratch is
@@ -97,6 +103,7 @@ class _Task(ctypes.Structure):
         ("p_dtype", ctypes.c_int32),
         ("g_dtype", ctypes.c_int32),
         ("m_dtype", ctypes.c_int32),
+        ("v_dtype", ctypes.c_int32),
         ("kind", ctypes.c_int32),
         ("beta", ctypes.c_float),
         ("one_minus_beta", ctypes.c_float),
@@ -104,6 +111,8 @@ class _Task(ctypes.Structure):
         ("stochastic", ctypes.c_int32),
         ("round_k0", ctypes.c_uint32),
         ("round_k1", ctypes.c_uint32),
+        ("v_k0", ctypes.c_uint32),
+        ("v_k1", ctypes.c_uint32),
     ]
 
 
@@ -188,9 +197,10 @@ def library_path() -> Path | None:
     return LIBRARY.load()[2]
 
 
-def _dtype_codes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> tuple[int, int, int] | None:
-    """The kernel's dtype codes of ``p``, ``g`` and ``m`` (0 without momentum) when it can step this tensor;
-    ``None`` sends it to the multi-tensor engine."""
+def _dtype_codes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> tuple[int, int, int, int] | None:
+    """The kernel's dtype codes of ``p``, ``g``, ``m`` (0 without momentum) and a dense ``v`` (fp32 or bf16;
+    0 for the accumulators, always fp32) when it can step this tensor; ``None`` sends it to the multi-tensor
+    engine."""
     codes = _DTYPE_CODES
     p_code, g_code = codes.get(p.dtype), codes.get(g.dtype)
     if p_code is None or g_code is None or not (p.is_cpu and g.is_cpu and g.layout is torch.strided):
@@ -203,13 +213,16 @@ def _dtype_codes(p: Tensor, g: Tensor, m: Tensor | None, hess) -> tuple[int, int
         if m_code is None or not (m.is_cpu and m.shape == p.shape and m.is_contiguous()):
             return None
     if isinstance(hess, Tensor):  # a dense v: 0-D, 1-D, or any shape with cover="dense"
-        hess = (hess,)
-    elif len(hess) != p.dim():
+        v_code = _V_CODES.get(hess.dtype)
+        if v_code is None or not (hess.is_cpu and hess.shape == p.shape and hess.is_contiguous()):
+            return None
+        return p_code, g_code, m_code, v_code
+    if len(hess) != p.dim():
         return None
     for a in hess:
         if a.dtype is not torch.float32 or not a.is_cpu or not a.is_contiguous():
             return None
-    return p_code, g_code, m_code
+    return p_code, g_code, m_code, 0
 
 
 def _increment_steps(steps: list[Tensor]) -> list[float]:
@@ -278,7 +291,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
     positions = []  # the list position of each task
     betas: dict[float, float] = {}
     stochastic = hyper.stochastic_rounding
-    for (i, (p_code, g_code, m_code)), count in zip(fused, counts):
+    for (i, (p_code, g_code, m_code, v_code)), count in zip(fused, counts):
         p, m, hess = params[i], momentum_buffers[i] if with_momentum else None, exp_hessians[i]
         dim = p.dim()
         dense = isinstance(hess, Tensor)
@@ -296,6 +309,7 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
         if beta is None:
             beta = betas[count] = hessian_decay(count, beta_decay=hyper.beta_decay)
         rounding = hyper.rounding(p, tensors.key(i), count) if stochastic else None
+        v_rounding = hyper.hessian_rounding(hess, tensors.key(i), count) if v_code else None
         if dense:
             kind, rows, row_len = _DENSE, numel, 1
             acc, rest_ptr, colmax_ptr = hess.data_ptr(), None, None
@@ -346,12 +360,14 @@ def fused_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bool
             p_code,
             g_code,
             m_code,
+            v_code,
             kind,
             beta,
             1.0 - beta,
             0,
             rounding is not None,
             *(rounding or (0, 0)),
+            *(v_rounding or (0, 0)),
         )
         positions.append(i)
         n += 1
