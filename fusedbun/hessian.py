@@ -92,6 +92,5 @@ def dense_second_moment_(
     Returns:
         :math:`\nu` as the step uses it: ``exp_hessian`` itself, or for a bf16 one its value in fp32.
     """
-    return store_dense_(
-        exp_hessian, masked_ema(exp_hessian.to(torch.float32), grad, mask, beta=beta), rounding=rounding
-    )
+    prev = exp_hessian.to(torch.float32) if exp_hessian.dtype in ROUNDED_DTYPES else exp_hessian  # fp32, fp64 as is
+    return store_dense_(exp_hessian, masked_ema(prev, grad, mask, beta=beta), rounding=rounding)
