@@ -175,7 +175,7 @@ class FusionOptimizer(Optimizer):
             ``cover="dense"``): ``None`` or ``torch.float32`` (default) or ``torch.bfloat16``, which halves
             them. A bf16 :math:`v` is computed in fp32 from the stored value, rounded stochastically into bf16
             (an EMA whose increments fall below half a bf16 unit would stop moving if rounded to nearest:
-            :math:`1-\beta_t` is below :math:`2^{-8}` from step 1000 on), on a random stream of its own
+            :math:`1-\beta_t` is below :math:`2^{-8}` from step 1025 on), on a random stream of its own
             (:func:`fusedbun.rounding.hessian_key`, seeded by ``rounding_seed``), and the step normalizes by
             the value as stored. SM3's and the factored accumulators stay fp32 (O(n+m) numbers).
 
