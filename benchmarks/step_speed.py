@@ -103,6 +103,12 @@ OPTIMIZERS: list[tuple[str, tuple[str, ...], Callable, str]] = [
         _fusion(use_rms=True, cover="factored"),
         "the factored second moment (fusedbun.factored)",
     ),
+    (
+        "FusionOptimizer use_rms, cover='dense', bf16 second moment and momentum",
+        ("foreach", "fused"),
+        _fusion(use_rms=True, cover="dense", hessian_dtype=torch.bfloat16, momentum_dtype=torch.bfloat16),
+        "a per-element second moment in bf16: reads p, g, m, v, writes p, m, v, 20 bytes",
+    ),
     ("AdamW", ("foreach", "fused"), lambda ps, e: torch.optim.AdamW(ps, lr=1e-3, **{e: True}), "torch.optim.AdamW"),
     ("Adafactor", ("default",), lambda ps, e: torch.optim.Adafactor(ps, lr=1e-2), "torch.optim.Adafactor"),
     (
