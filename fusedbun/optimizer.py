@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, required
 
-from fusedbun.engines.common import StepHyper, StepTensors, is_dtensor
+from fusedbun.engines.common import StepHyper, StepTensors, is_dtensor, load_dtensor_type
 from fusedbun.engines.dispatch import step_tensors
 from fusedbun.hessian import COVERS, HESSIAN_DTYPES
 from fusedbun.nonfinite import MODES as _NONFINITE_MODES
@@ -230,6 +230,7 @@ class FusionOptimizer(Optimizer):
             hessian_dtype=hessian_dtype,
         )
         _check_hyperparameters(defaults)
+        load_dtensor_type()  # before any step that torch.compile may trace
         self._nonfinite_reports = NonfiniteReports()
         self._step_calls = 0
         self._in_backward = None  # the StepInBackward handle stepping this optimizer, if any

@@ -163,16 +163,24 @@ def stack_flags(flags: list[Tensor], params: list[Tensor]) -> Tensor:
     return torch.stack([f.to(device) for f in flags])
 
 
-_DTENSOR: type | tuple | None = None  # DTensor, or () where torch has none; looked up on first use
+_DTENSOR: type | tuple | None = None  # DTensor, or () where torch has none; looked up once (load_dtensor_type)
 
 
-def is_dtensor(t: Tensor) -> bool:
-    """Is ``t`` a DTensor (a parameter sharded by FSDP2 or tensor parallelism)?"""
+def load_dtensor_type() -> None:
+    """Look up torch's DTensor class once (about half a second of import). The optimizer calls this when it
+    is built, so that the lookup never happens inside a step that ``torch.compile`` traces: a module global
+    set during the first compiled step would fail its guard at the next one and recompile the step."""
     global _DTENSOR
-    if _DTENSOR is None:  # this runs for every tensor of every step: import once, not per call
+    if _DTENSOR is None:
         try:
             from torch.distributed.tensor import DTensor
         except ImportError:  # a torch built without distributed support has no DTensors
             DTensor = ()
         _DTENSOR = DTensor
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Is ``t`` a DTensor (a parameter sharded by FSDP2 or tensor parallelism)?"""
+    if _DTENSOR is None:  # this runs for every tensor of every step: import once, not per call
+        load_dtensor_type()
     return isinstance(t, _DTENSOR)
