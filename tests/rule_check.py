@@ -182,7 +182,6 @@ def verify(opt, e: Expectation, what: str = "", rows: torch.Tensor | None = None
     nu_rel = 0.0
     if accumulator_rtol is not None and p.dim() >= 2:
         nu_rel = max(accumulator_rtol(p.shape, k) for k in range(p.dim()))
-    sel = (lambda x: x[rows]) if rows is not None else (lambda x: x)
     tag = f"{what}step {e.t}"
     lr, mb = hp["lr"], hp["momentum_beta"]
     rel = 1e-12 if p.dtype == F64 else 1e-6
@@ -207,12 +206,36 @@ def verify(opt, e: Expectation, what: str = "", rows: torch.Tensor | None = None
             rtol = 2e-6 if accumulator_rtol is None else accumulator_rtol(p.shape, k)
             assert_within(f"{tag} exp_hessian a_{k}", a.cpu(), ra, rtol * ra.abs() + centred + 1e-30)
 
-    # momentum
+    check_momentum_and_param(
+        tag, opt.state[p], e, ref, lr=lr, momentum_beta=mb, u_err=u_err, rel=rel, rows=rows, param=p.detach().cpu()
+    )
+
+
+def check_momentum_and_param(
+    tag: str,
+    st: dict,
+    e: Expectation,
+    ref: RefStep,
+    *,
+    lr: float,
+    momentum_beta: float,
+    u_err: torch.Tensor,
+    rel: float,
+    rows: torch.Tensor | None,
+    param: torch.Tensor,
+    param_units: float = 1.01,
+    full=lambda t: t.detach().cpu(),
+) -> None:
+    """Rules 9 to 11 after a step: the momentum buffer (its dtype, and the reference within ``u_err`` plus
+    one rounding into a 16-bit dtype) and the parameter (``param``, on the CPU: one final rounding to its
+    dtype, ``param_units`` half units of it, fp32 arithmetic before it). ``rows`` (row-sparse gradients):
+    both are compared on the present rows and must be unchanged, bit for bit, on the others. ``full`` brings
+    a state tensor to the CPU (a sharded one whole)."""
+    sel = (lambda x: x[rows]) if rows is not None else (lambda x: x)
     m_round = torch.zeros((), dtype=F64)
-    st = opt.state[p]
-    if mb > 0:
-        assert "momentum_buffer" in st, f"{tag}: no momentum_buffer with momentum_beta={mb}"
-        m = st["momentum_buffer"].detach().cpu()
+    if momentum_beta > 0:
+        assert st.get("momentum_buffer") is not None, f"{tag}: no momentum_buffer with momentum_beta={momentum_beta}"
+        m = full(st["momentum_buffer"])
         assert m.dtype == e.momentum_dtype, f"{tag}: momentum_buffer dtype {m.dtype}, expected {e.momentum_dtype}"
         tol_m = u_err.clone()
         if e.momentum_dtype in LOW:
@@ -224,20 +247,18 @@ def verify(opt, e: Expectation, what: str = "", rows: torch.Tensor | None = None
             tol_m = tol_m + 1e-6 * ref.momentum_buffer.abs()
         assert_within(f"{tag} momentum_buffer", sel(m), sel(ref.momentum_buffer), sel(tol_m))
         if rows is not None:
-            assert torch.equal(m.detach().to(F64)[~rows], e.pre_m[~rows]), (
+            assert torch.equal(m.to(F64)[~rows], e.pre_m[~rows]), (
                 f"{tag}: momentum rows absent from the sparse gradient changed"
             )
     else:
         assert st.get("momentum_buffer") is None, f"{tag}: a momentum_buffer exists with momentum_beta=0"
 
-    # parameter: one final rounding to its dtype, fp32 arithmetic before it
-    pc = p.detach().cpu()
     tol_p = rel * (e.pre_p.abs() + ref.param.abs()) + lr * (u_err + m_round)
-    if p.dtype in LOW:
-        tol_p = tol_p + 1.01 * torch.maximum(half_ulp(ref.param, p.dtype), half_ulp(pc, p.dtype))
-    assert_within(f"{tag} param ({p.dtype})", sel(pc), sel(ref.param), sel(tol_p))
+    if param.dtype in LOW:
+        tol_p = tol_p + param_units * torch.maximum(half_ulp(ref.param, param.dtype), half_ulp(param, param.dtype))
+    assert_within(f"{tag} param ({param.dtype})", sel(param), sel(ref.param), sel(tol_p))
     if rows is not None:
-        assert torch.equal(pc.to(F64)[~rows], e.pre_p[~rows]), (
+        assert torch.equal(param.to(F64)[~rows], e.pre_p[~rows]), (
             f"{tag}: param rows absent from the sparse gradient changed"
         )
 

@@ -61,10 +61,10 @@ from rule_check import (
     SPARSE_BATCHES,
     STEP_SCALES,
     assert_within,
+    check_momentum_and_param,
     dtype_id,
     group_hp,
     group_of,
-    half_ulp,
     make_grad,
     set_grad,
     sparse_batch_grad,
@@ -307,37 +307,23 @@ def check(opt, e: DenseExpectation, what: str = "", rows: torch.Tensor | None = 
         if e.cover == "factored" and p.dim() >= 2:
             nu_rel = max(accumulator_rtol(p.shape, k, e.cover) for k in range(p.dim()))
 
-    sel = (lambda x: x[rows]) if rows is not None else (lambda x: x)
-    lr, mb = hp["lr"], hp["momentum_beta"]
-    rel = 1e-6
     u_err = (1e-5 + nu_rel) * (ref.u.abs() + e.pre_m.abs() + ref.direction.abs() + ref.g.abs())
     u_err = u_err + 2 * (dg / (ref.nu.sqrt() + hp["eps"]) if hp["use_rms"] else dg)
-    m_round = torch.zeros((), dtype=F64)
-    if mb > 0:
-        assert st.get("momentum_buffer") is not None, f"{tag}: no momentum_buffer with momentum_beta={mb}"
-        m = _full(st["momentum_buffer"])
-        assert m.dtype == e.momentum_dtype, f"{tag}: momentum_buffer dtype {m.dtype}, expected {e.momentum_dtype}"
-        tol_m = u_err.clone()
-        if e.momentum_dtype in LOW:
-            m_round = 1.01 * torch.maximum(
-                half_ulp(ref.momentum_buffer, e.momentum_dtype), half_ulp(m, e.momentum_dtype)
-            )
-            tol_m = tol_m + m_round
-        else:
-            tol_m = tol_m + 1e-6 * ref.momentum_buffer.abs()
-        assert_within(f"{tag} momentum_buffer", sel(m), sel(ref.momentum_buffer), sel(tol_m))
-        if rows is not None:
-            assert torch.equal(m.to(F64)[~rows], e.pre_m[~rows]), f"{tag}: momentum of absent rows changed"
-    else:
-        assert st.get("momentum_buffer") is None, f"{tag}: a momentum_buffer exists with momentum_beta=0"
-    pc = _full(p)
-    tol_p = rel * (e.pre_p.abs() + ref.param.abs()) + lr * (u_err + m_round)
-    if p.dtype in LOW:  # one rounding to the dtype: half a unit to nearest, up to one unit stochastically
-        units = 2.02 if e.stochastic else 1.01
-        tol_p = tol_p + units * torch.maximum(half_ulp(ref.param, p.dtype), half_ulp(pc, p.dtype))
-    assert_within(f"{tag} param", sel(pc), sel(ref.param), sel(tol_p))
-    if rows is not None:
-        assert torch.equal(pc.to(F64)[~rows], e.pre_p[~rows]), f"{tag}: param rows absent from the gradient changed"
+    # one rounding of the parameter: half a unit to nearest, up to one unit stochastically
+    check_momentum_and_param(
+        tag,
+        st,
+        e,
+        ref,
+        lr=hp["lr"],
+        momentum_beta=hp["momentum_beta"],
+        u_err=u_err,
+        rel=1e-6,
+        rows=rows,
+        param=_full(p),
+        param_units=2.02 if e.stochastic else 1.01,
+        full=_full,
+    )
     if own_tally:
         tally.check(f"{tag}: ")
 
