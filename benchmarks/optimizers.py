@@ -121,6 +121,21 @@ _SPECS = [
         note="as fusion_rms, momentum stored in bfloat16",
     ),
     OptimizerSpec(
+        "fusion_rms_dense_bf16",
+        'FusionOptimizer (use_rms, cover="dense", bf16 second moment and momentum)',
+        "fusedbun",
+        1e-3,
+        lambda m, lr: fusedbun.FusionOptimizer(
+            m.parameters(),
+            lr=lr,
+            use_rms=True,
+            cover="dense",
+            hessian_dtype=torch.bfloat16,
+            momentum_dtype=torch.bfloat16,
+        ),
+        note="the package's dense second moment stored in bfloat16 (rounded stochastically), bf16 momentum",
+    ),
+    OptimizerSpec(
         "fusion_rms_dense",
         "ablation: FusionOptimizer (use_rms), dense 2nd moment",
         "fusedbun",
