@@ -23,6 +23,7 @@ from fusedbun.engines.dispatch import step_tensors
 from fusedbun.hessian import COVERS, HESSIAN_DTYPES
 from fusedbun.nonfinite import MODES as _NONFINITE_MODES
 from fusedbun.nonfinite import NonfiniteReports, finite_gradients
+from fusedbun.rounding import ROUNDED_DTYPES
 from fusedbun.sm3 import sm3_accumulators
 
 __all__ = ["FusionOptimizer", "fusion"]
@@ -580,10 +581,10 @@ def fusion(
         cover=cover,
         rounding_seed=rounding_seed,
     )
-    bf16 = any(isinstance(h, Tensor) and h.dtype != torch.float32 for h in exp_hessians)
+    rounded = any(isinstance(h, Tensor) and h.dtype in ROUNDED_DTYPES for h in exp_hessians)
     pairs = step_tensors(
         StepTensors(
-            params, grads, momentum_buffers, exp_hessians, state_steps, list(range(len(params))) if bf16 else None
+            params, grads, momentum_buffers, exp_hessians, state_steps, list(range(len(params))) if rounded else None
         ),
         hyper,
         foreach=foreach,

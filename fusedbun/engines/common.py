@@ -76,8 +76,9 @@ class StepHyper:
     def hessian_rounding(self, exp_hessian: Tensor | list, key: int | None, step: Tensor | float) -> tuple | None:
         """The keys of the random stream that rounds a dense second moment stored in bf16 at this step
         (``hessian_dtype=torch.bfloat16``; always stochastic, whatever ``stochastic_rounding`` says), or
-        ``None`` for an fp32 statistic or a list of accumulators (always fp32)."""
-        if not isinstance(exp_hessian, Tensor) or exp_hessian.dtype == torch.float32:
+        ``None`` for a statistic rounded to nearest (fp32, fp64) or a list of accumulators (always fp32): the
+        dtypes :func:`fusedbun.hessian.store_dense_` rounds stochastically."""
+        if not isinstance(exp_hessian, Tensor) or exp_hessian.dtype not in ROUNDED_DTYPES:
             return None
         return self._keys(None if key is None else hessian_key(key), step)
 

@@ -129,9 +129,12 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
         g, mask = eps_mask(g, eps=eps)
 
         # 4: the second moment nu from the previous (local slices of the) accumulators.
+        index = None  # the flat positions of the local elements in the whole parameter, when a rounding needs them
         if hyper.dense(param):  # 0-D, 1-D, or cover="dense": v is sharded as the parameter is
             hessian_keys = hyper.hessian_rounding(hess, tensors.key(i), step)
-            rounding = None if hessian_keys is None else (hessian_keys, _global_index(param))
+            if hessian_keys is not None:
+                index = _global_index(param)
+            rounding = None if hessian_keys is None else (hessian_keys, index)
             nu = dense_second_moment_(_local(hess), g, mask, beta=beta, rounding=rounding)
         elif hyper.factored:
             accs = [_local(a) for a in hess]
@@ -169,7 +172,7 @@ def dtensor_fusion(tensors: StepTensors, hyper: StepHyper, *, find_nonfinite: bo
         p.add_(u, alpha=-lr)
         keys = hyper.rounding(p_local, tensors.key(i), step)
         if keys is not None:  # each element at its index in the whole (unsharded) parameter
-            p_local.copy_(stochastic_round_at(p, p_local.dtype, keys, _global_index(param)))
+            p_local.copy_(stochastic_round_at(p, p_local.dtype, keys, _global_index(param) if index is None else index))
         elif p is not p_local:
             p_local.copy_(p)
 
