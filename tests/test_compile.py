@@ -140,35 +140,28 @@ def test_skip_mode_still_compiles_with_its_check_outside_the_graph():
     assert_same_training(compiled, eager, rtol=1e-6, atol=1e-7)
 
 
+# cover="factored": its means are fp32 sums, so eager and compiled agree to fp32 rounding. cover="dense" with a
+# bf16 second moment: its stochastic rounding takes keys from the step counts as tensors under torch.compile
+# (no .item()), and a bf16 v may differ by one unit on rare elements, as between engines.
+COVER_CASES = {
+    "factored": (dict(cover="factored"), dict(rtol=1e-5, atol=1e-7)),
+    "dense-bf16": (dict(cover="dense", hessian_dtype=torch.bfloat16), dict(rtol=1e-2, atol=1e-6)),
+}
+
+
+@pytest.mark.parametrize("case", list(COVER_CASES))
 @pytest.mark.parametrize("foreach", [None, False], ids=["default-engine", "reference-engine"])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_dense_cover_with_a_bf16_second_moment_compiles_as_one_graph_that_never_recompiles(foreach, backend):
-    # cover="dense" with hessian_dtype=bf16: its stochastic rounding takes keys from the step counts as
-    # tensors under torch.compile (no .item()), so one graph serves every step, and the eager step's
-    # numbers come out (bf16 v to one unit on rare elements, as between engines).
-    opts = dict(lr=1e-2, use_rms=True, cover="dense", hessian_dtype=torch.bfloat16, foreach=foreach)
+def test_a_cover_compiles_as_one_graph_that_never_recompiles(case, foreach, backend):
+    # The cover is a hyperparameter like the others: one full graph, no recompiles as the step count grows
+    # (run first in its process, this also catches a global first set inside the traced step), and the
+    # eager step's numbers.
+    options, tolerance = COVER_CASES[case]
+    opts = dict(lr=1e-2, use_rms=True, foreach=foreach, **options)
     compiled, eager, frames = run_compiled(5, backend, opts)
     assert frames[0] >= 1
     assert frames[-1] == frames[0], f"graphs compiled after each step: {frames}"
-    assert_same_training(compiled, eager, rtol=1e-2, atol=1e-6)
-    model = make_model()
-    opt = FusionOptimizer(model.parameters(), **opts)
-    step = torch.compile(opt.step, backend="eager", fullgraph=True)  # raises on any graph break
-    for t in range(2):
-        set_fresh_grads([model], t)
-        step()
-
-
-@pytest.mark.parametrize("foreach", [None, False], ids=["default-engine", "reference-engine"])
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_factored_cover_compiles_as_one_graph_that_never_recompiles(foreach, backend):
-    # cover="factored" is a hyperparameter like the others: the same single graph, no recompiles as the
-    # step count grows, and the eager step's numbers (its means are fp32 sums, so to fp32 rounding).
-    opts = dict(lr=1e-2, use_rms=True, cover="factored", foreach=foreach)
-    compiled, eager, frames = run_compiled(5, backend, opts)
-    assert frames[0] >= 1
-    assert frames[-1] == frames[0], f"graphs compiled after each step: {frames}"
-    assert_same_training(compiled, eager, rtol=1e-5, atol=1e-7)
+    assert_same_training(compiled, eager, **tolerance)
     model = make_model()
     opt = FusionOptimizer(model.parameters(), **opts)
     step = torch.compile(opt.step, backend="eager", fullgraph=True)  # raises on any graph break
